@@ -1,0 +1,41 @@
+"""remax-kernels: fused kernels for ReMax RLHF.
+
+Public API (flat):
+- log-probs: ``token_logprobs``, ``fused_linear_logprobs``
+- losses: ``policy_loss``, ``fused_linear_policy_loss``, ``ReMaxLoss``
+- advantages: ``remax_advantages``, ``reinforce_advantages``, ``rloo_advantages``, ``grpo_advantages``
+- decoding: ``sample_and_greedy``, ``fused_linear_sample_and_greedy``, ``generate_pairs``, ``PairedRollout``
+- Hugging Face helpers: ``remax_kernels.hf``
+
+Every op picks its implementation in ``remax_kernels._dispatch`` (CUDA -> Triton, CPU -> torch, CPU with
+``TRITON_INTERPRET=1`` -> Triton interpreter); pass ``backend="torch"``/``"triton"`` or set
+``REMAX_KERNELS_BACKEND`` to override.
+"""
+
+from __future__ import annotations
+
+from remax_kernels.advantages import grpo_advantages, reinforce_advantages, remax_advantages, rloo_advantages
+from remax_kernels.generation import PairedRollout, generate_pairs
+from remax_kernels.ops.fused_linear_logprobs import fused_linear_logprobs
+from remax_kernels.ops.fused_linear_policy_loss import ReMaxLoss, fused_linear_policy_loss
+from remax_kernels.ops.sampling import fused_linear_sample_and_greedy, sample_and_greedy
+from remax_kernels.ops.token_logprobs import token_logprobs
+from remax_kernels.policy_loss import policy_loss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PairedRollout",
+    "ReMaxLoss",
+    "fused_linear_logprobs",
+    "fused_linear_policy_loss",
+    "fused_linear_sample_and_greedy",
+    "generate_pairs",
+    "grpo_advantages",
+    "policy_loss",
+    "reinforce_advantages",
+    "remax_advantages",
+    "rloo_advantages",
+    "sample_and_greedy",
+    "token_logprobs",
+]

@@ -1,0 +1,69 @@
+"""Per-chunk fp32 math shared by the torch (CPU) paths of the log-prob and loss ops.
+
+The torch paths process a few rows at a time, so only a ``[chunk, V]`` fp32 temporary ever exists; these two
+functions are the math on one chunk. The Triton kernels implement the same formulas blockwise.
+
+With z = logits / T, lse = logsumexp(z), p = softmax(z):
+  logp      = z[target] - lse
+  entropy H = lse - sum_v p_v z_v
+  d logp / d logits_v = (1[v == target] - p_v) / T
+  d H    / d logits_v = -p_v (z_v - lse + H) / T
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def logprobs_entropy_chunk(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float, ignore_index: int, need_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """logits ``[n, V]`` (any float dtype), targets ``[n]`` -> fp32 ``(logp [n], entropy [n] or None, lse [n])``.
+
+    Ignored rows get logp = 0 and entropy = 0; a row with NaN/inf logits gets NaN (unless ignored).
+    """
+    z = logits.float()
+    if temperature != 1.0:
+        z = z / temperature
+    lse = torch.logsumexp(z, dim=-1)
+    valid = targets != ignore_index
+    safe = targets.masked_fill(~valid, 0).long()
+    logp = (z.gather(-1, safe.unsqueeze(-1)).squeeze(-1) - lse).masked_fill(~valid, 0.0)
+    entropy = None
+    if need_entropy:
+        p = torch.exp(z - lse.unsqueeze(-1))
+        entropy = (lse - (p * z).sum(-1)).masked_fill(~valid, 0.0)
+    return logp, entropy, lse
+
+
+def grad_logits_chunk(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor | None,
+    grad_logp: torch.Tensor | None,
+    grad_entropy: torch.Tensor | None,
+    temperature: float,
+    ignore_index: int,
+) -> torch.Tensor:
+    """Gradient of ``sum(grad_logp * logp + grad_entropy * entropy)`` w.r.t. one chunk of logits, fp32 ``[n, V]``.
+
+    ``lse``/``entropy`` are the forward's values for these rows; ignored rows get a zero gradient.
+    """
+    valid = targets != ignore_index
+    z = logits.float()
+    if temperature != 1.0:
+        z = z / temperature
+    p = torch.exp(z - lse.unsqueeze(-1))
+    grad = torch.zeros_like(z)
+    if grad_logp is not None:
+        g = grad_logp.float().masked_fill(~valid, 0.0)
+        grad -= p * g.unsqueeze(-1)
+        safe = targets.masked_fill(~valid, 0).long()
+        grad.scatter_add_(1, safe.unsqueeze(-1), g.unsqueeze(-1))
+    if grad_entropy is not None:
+        ge = grad_entropy.float().masked_fill(~valid, 0.0)
+        grad -= p * (z - lse.unsqueeze(-1) + entropy.unsqueeze(-1)) * ge.unsqueeze(-1)
+    if temperature != 1.0:
+        grad /= temperature
+    return grad

@@ -1,0 +1,71 @@
+"""Input checks shared by the public ops. Each raises TypeError/ValueError with a message naming the argument."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def check_tensor(name: str, value) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_float(name: str, t, dtypes=FLOAT_DTYPES) -> torch.Tensor:
+    check_tensor(name, t)
+    if t.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name}: dtype must be one of {allowed}, got {str(t.dtype).replace('torch.', '')}")
+    return t
+
+
+def check_index(name: str, t) -> torch.Tensor:
+    check_tensor(name, t)
+    if t.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name}: dtype must be int64 or int32, got {str(t.dtype).replace('torch.', '')}")
+    return t
+
+
+def check_same_device(**tensors) -> torch.device:
+    """All given tensors (None entries ignored) must be on one device; returns it."""
+    named = [(n, t) for n, t in tensors.items() if t is not None]
+    device = named[0][1].device
+    for n, t in named[1:]:
+        if t.device != device:
+            raise ValueError(f"{n}: is on {t.device} but {named[0][0]} is on {device}; move them to one device")
+    return device
+
+
+def check_shape(name: str, t: torch.Tensor, expected: tuple, what: str) -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name}: expected shape {tuple(expected)} ({what}), got {tuple(t.shape)}")
+
+
+def check_targets(name: str, targets: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+    """Every target is in [0, vocab_size) or equals ignore_index. Costs one device sync on CUDA."""
+    if targets.numel() == 0:
+        return
+    valid = targets != ignore_index
+    bad_high = (targets >= vocab_size) & valid
+    bad_low = (targets < 0) & valid
+    n_high, n_low = int(bad_high.sum()), int(bad_low.sum())
+    if n_high:
+        raise ValueError(
+            f"{name}: {n_high} values >= vocab size {vocab_size} (max {int(targets[bad_high].max())})"
+        )
+    if n_low:
+        raise ValueError(
+            f"{name}: {n_low} negative values other than ignore_index={ignore_index} (min {int(targets[bad_low].min())})"
+        )
+
+
+def check_temperature(name: str, temperature) -> float:
+    if isinstance(temperature, torch.Tensor):
+        raise TypeError(f"{name}: expected a Python float here, got a tensor")
+    t = float(temperature)
+    if not t > 0 or t != t or t == float("inf"):
+        raise ValueError(f"{name}: must be a finite number > 0, got {temperature!r}")
+    return t
