@@ -25,14 +25,20 @@ def logprobs_entropy_chunk(
     z = logits.float()
     if temperature != 1.0:
         z = z / temperature
-    lse = torch.logsumexp(z, dim=-1)
+    # Work relative to the row max: lse - sum(p * z) cancels catastrophically when |z| ~ 1e3 (3 digits lost in
+    # fp32), while d = z - max is exact for the entries that carry the probability mass.
+    row_max = z.amax(dim=-1, keepdim=True)
+    shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))  # all -inf/NaN rows stay NaN
+    d = z - shift
+    lse_d = torch.logsumexp(d, dim=-1)
     valid = targets != ignore_index
     safe = targets.masked_fill(~valid, 0).long()
-    logp = (z.gather(-1, safe.unsqueeze(-1)).squeeze(-1) - lse).masked_fill(~valid, 0.0)
+    logp = (d.gather(-1, safe.unsqueeze(-1)).squeeze(-1) - lse_d).masked_fill(~valid, 0.0)
     entropy = None
     if need_entropy:
-        p = torch.exp(z - lse.unsqueeze(-1))
-        entropy = (lse - (p * z).sum(-1)).masked_fill(~valid, 0.0)
+        p = torch.exp(d - lse_d.unsqueeze(-1))
+        entropy = (lse_d - (p * d).sum(-1)).masked_fill(~valid, 0.0)
+    lse = lse_d + shift.squeeze(-1)
     return logp, entropy, lse
 
 

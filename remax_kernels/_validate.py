@@ -53,13 +53,11 @@ def check_targets(name: str, targets: torch.Tensor, vocab_size: int, ignore_inde
     bad_low = (targets < 0) & valid
     n_high, n_low = int(bad_high.sum()), int(bad_low.sum())
     if n_high:
-        raise ValueError(
-            f"{name}: {n_high} values >= vocab size {vocab_size} (max {int(targets[bad_high].max())})"
-        )
+        top = int(targets[bad_high].max())
+        raise ValueError(f"{name}: {n_high} values >= vocab size {vocab_size} (max {top})")
     if n_low:
-        raise ValueError(
-            f"{name}: {n_low} negative values other than ignore_index={ignore_index} (min {int(targets[bad_low].min())})"
-        )
+        low = int(targets[bad_low].min())
+        raise ValueError(f"{name}: {n_low} negative values other than ignore_index={ignore_index} (min {low})")
 
 
 def check_temperature(name: str, temperature) -> float:

@@ -1,5 +1,464 @@
-"""PLACEHOLDER: being written in this session; replaced before commit."""
+"""Per-token log-probs (and entropy) of the taken tokens, straight from logits, with a one-pass Triton kernel.
+
+``token_logprobs(logits, targets)`` returns ``log_softmax(logits / T)[targets]`` without materializing the
+``[N, V]`` log-softmax, in fp32, and optionally the entropy of the same distribution. Its backward makes one more
+pass over the logits and writes ``d/d logits`` directly (optionally into the logits' own storage).
+
+In this file, in order: the Triton kernels, the launcher (block sizes, grid, row layout), the autograd Functions
+(Triton and a chunked torch path for CPU tensors), and the public function.
+
+Row layout. The kernels address row ``r`` of a ``[..., V]`` tensor at ``(r // T1) * s0 + (r % T1) * s1`` elements
+from its data pointer, so a view such as ``logits[:, :-1]`` of a ``[B, T, V]`` tensor (rows of one sequence are
+``V`` apart, sequences ``T * V`` apart) is read in place. Leading dimensions are collapsed first where their
+strides allow; only a view that still needs three or more leading strides, or whose last dimension is not
+contiguous, is copied (documented in ``token_logprobs``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from remax_kernels._dispatch import resolve_backend
+from remax_kernels._torch_math import grad_logits_chunk, logprobs_entropy_chunk
+from remax_kernels._validate import (
+    check_float,
+    check_index,
+    check_same_device,
+    check_shape,
+    check_targets,
+    check_temperature,
+)
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the torch path (CPU tensors) needs no Triton; resolve_backend refuses "triton" then
+    triton = None
+
+# Largest vocabulary block one program holds in registers per loop step (fp32: 16 values per thread at 8 warps).
+_MAX_BLOCK_V = 4096
+# The torch path materializes at most about this many fp32 elements per temporary (16 MiB): rows are processed
+# in chunks of max(1, _TORCH_CHUNK_ELEMENTS // V).
+_TORCH_CHUNK_ELEMENTS = 1 << 22
 
 
-def token_logprobs(*args, **kwargs):
-    raise NotImplementedError
+if triton is not None:
+
+    @triton.jit
+    def _token_logprobs_fwd_kernel(
+        logits_ptr,
+        targets_ptr,
+        logp_ptr,
+        row_max_ptr,
+        log_norm_ptr,
+        entropy_ptr,
+        V,
+        T1,
+        stride_0,
+        stride_1,
+        inv_temperature,
+        ignore_index,
+        BLOCK_V: tl.constexpr,
+        COMPUTE_ENTROPY: tl.constexpr,
+    ):
+        # Per row, with x = logits, m = max(x), d = (x - m) / T, s = sum exp(d):
+        #   logp = d[target] - log(s),  entropy = log(s) - sum exp(d) * d / s    (softmax(x / T) is that of d).
+        # Grid: (N,), one program per row. Memory: ONE pass over the row's logits (plus one scalar load of the
+        # target's logit). Online softmax in fp32: m, s and, for the entropy, w = sum exp(d) * d are rescaled
+        # whenever m grows. Everything stays relative to the max, taken on x before dividing by T, rather than as
+        # lse = logsumexp(x / T) and sum(p * x / T): at |x| ~ 1000 those round to fp32 at |x|'s scale and their
+        # difference loses the digits logp and entropy need; x - m is exact for the entries that matter.
+        # m and log(s) are saved separately for the backward. Ignored rows (target == ignore_index) skip the loop
+        # and get logp = entropy = m = log(s) = 0.
+        row = tl.program_id(0).to(tl.int64)
+        base = (row // T1) * stride_0 + (row % T1) * stride_1
+        target = tl.load(targets_ptr + row).to(tl.int64)
+        valid = target != ignore_index
+        x_target = tl.load(logits_ptr + base + target, mask=valid, other=0.0).to(tl.float32)
+
+        offs = tl.arange(0, BLOCK_V)
+        m = float("-inf")
+        s = 0.0
+        w = 0.0
+        v_end = tl.where(valid, V, 0)
+        for start in range(0, v_end, BLOCK_V):
+            cols = start + offs
+            mask = cols < V
+            x = tl.load(logits_ptr + base + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            # While every value so far is -inf, shift by 0 instead of -inf to avoid inf - inf = NaN.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            shift = tl.where(m == float("-inf"), 0.0, (m - m_safe) * inv_temperature)
+            scale = tl.exp(shift)
+            d = (x - m_safe) * inv_temperature
+            e = tl.exp(d)
+            if COMPUTE_ENTROPY:
+                w = scale * (w + s * shift) + tl.sum(tl.where(mask, e * d, 0.0), axis=0)
+            s = s * scale + tl.sum(e, axis=0)
+            m = m_new
+
+        log_s = tl.log(s)
+        logp = (x_target - m) * inv_temperature - log_s
+        # logp <= 0 and entropy >= 0 hold exactly in real arithmetic (x_target <= m, s >= 1, w <= 0); an approximate
+        # log of s ~ 1 must not make them +1e-7 (positive log-probs broke RL training: verl #2656). tl.where, not
+        # tl.minimum, so that NaN still propagates.
+        logp = tl.where(logp > 0.0, 0.0, logp)
+        tl.store(logp_ptr + row, tl.where(valid, logp, 0.0))
+        tl.store(row_max_ptr + row, tl.where(valid, m, 0.0))
+        tl.store(log_norm_ptr + row, tl.where(valid, log_s, 0.0))
+        if COMPUTE_ENTROPY:
+            entropy = log_s - w / s
+            entropy = tl.where(entropy < 0.0, 0.0, entropy)
+            tl.store(entropy_ptr + row, tl.where(valid, entropy, 0.0))
+
+    @triton.jit
+    def _token_logprobs_bwd_kernel(
+        logits_ptr,
+        targets_ptr,
+        row_max_ptr,
+        log_norm_ptr,
+        entropy_ptr,
+        grad_logp_ptr,
+        grad_entropy_ptr,
+        grad_ptr,
+        V,
+        T1,
+        stride_0,
+        stride_1,
+        grad_T1,
+        grad_stride_0,
+        grad_stride_1,
+        inv_temperature,
+        ignore_index,
+        BLOCK_V: tl.constexpr,
+        HAS_GRAD_LOGP: tl.constexpr,
+        HAS_GRAD_ENTROPY: tl.constexpr,
+    ):
+        # grad = (g_lp * (onehot(target) - p) - g_ent * p * (log p + H)) / T for every vocabulary entry, with
+        # log p = (x - m) / T - log(s) from the forward's saved m and log(s), per-row upstream gradients g_lp,
+        # g_ent and the forward's entropy H (the formulas of _torch_math with z - lse = log p).
+        # Grid: (N,), one program per row. Memory: one read of the logits and one write of the gradient, which
+        # may be the logits' own storage (in-place: each block is read before it is overwritten, by the same
+        # program). Ignored rows do not read the logits and get an all-zero gradient row.
+        row = tl.program_id(0).to(tl.int64)
+        base = (row // T1) * stride_0 + (row % T1) * stride_1
+        grad_base = (row // grad_T1) * grad_stride_0 + (row % grad_T1) * grad_stride_1
+        target = tl.load(targets_ptr + row).to(tl.int64)
+        valid = target != ignore_index
+        m = tl.load(row_max_ptr + row)
+        log_s = tl.load(log_norm_ptr + row)
+        if HAS_GRAD_LOGP:
+            g_logp = tl.load(grad_logp_ptr + row).to(tl.float32)
+        if HAS_GRAD_ENTROPY:
+            g_entropy = tl.load(grad_entropy_ptr + row).to(tl.float32)
+            entropy = tl.load(entropy_ptr + row)
+
+        offs = tl.arange(0, BLOCK_V)
+        v_read = tl.where(valid, V, 0)
+        for start in range(0, V, BLOCK_V):
+            cols = start + offs
+            mask = cols < V
+            x = tl.load(logits_ptr + base + cols, mask=cols < v_read, other=0.0).to(tl.float32)
+            log_p = (x - m) * inv_temperature - log_s
+            p = tl.exp(log_p)
+            grad = tl.zeros([BLOCK_V], dtype=tl.float32)
+            if HAS_GRAD_LOGP:
+                grad += g_logp * (tl.where(cols == target, 1.0, 0.0) - p)
+            if HAS_GRAD_ENTROPY:
+                grad -= g_entropy * p * (log_p + entropy)
+            grad = tl.where(valid, grad * inv_temperature, 0.0)
+            tl.store(grad_ptr + grad_base + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+def _row_layout(x: torch.Tensor) -> tuple[int, int, int] | None:
+    """``(T1, s0, s1)`` such that row ``r`` of ``x.reshape(-1, V)`` starts ``(r // T1) * s0 + (r % T1) * s1``
+    elements after ``x.data_ptr()``; ``None`` when the leading dimensions need more than two strides.
+
+    Leading dimensions of size 1 are dropped and neighbours ``(a, sa), (b, sb)`` with ``sa == b * sb`` are merged,
+    so any contiguous tensor, and views such as ``x[:, :-1]`` or ``x[::2]``, get a layout without a copy.
+    """
+    if x.shape[:-1].numel() == 0:
+        return 1, 0, 0
+    merged: list[tuple[int, int]] = []
+    for size, stride in zip(x.shape[:-1], x.stride()[:-1], strict=True):
+        if size == 1:
+            continue
+        if merged and merged[-1][1] == size * stride:
+            merged[-1] = (merged[-1][0] * size, stride)
+        else:
+            merged.append((size, stride))
+    if not merged:
+        return 1, 0, 0
+    if len(merged) == 1:
+        return merged[0][0], 0, merged[0][1]
+    if len(merged) == 2:
+        return merged[1][0], merged[0][1], merged[1][1]
+    return None
+
+
+def _contiguous_layout(layout: tuple[int, int, int], vocab_size: int) -> tuple[int, int, int]:
+    """The layout of a contiguous tensor of the same shape, split into blocks of the same ``T1`` as ``layout`` (so
+    that chunk walks over both line up row for row)."""
+    t1 = layout[0]
+    return t1, t1 * vocab_size, vocab_size
+
+
+def _readable_rows(logits: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """``logits`` itself and its row layout, or (only when no two-stride layout exists or the last dimension is
+    not contiguous) a contiguous copy and its layout."""
+    layout = _row_layout(logits)
+    if (logits.stride(-1) != 1 and logits.shape[-1] > 1) or layout is None:
+        logits = logits.contiguous()
+        layout = _row_layout(logits)
+    return logits, layout
+
+
+def _launch_config(vocab_size: int) -> tuple[int, int]:
+    """``(BLOCK_V, num_warps)`` for a vocabulary of ``vocab_size``: whole rows up to 4096, else 4096-wide steps."""
+    block_v = min(triton.next_power_of_2(vocab_size), _MAX_BLOCK_V)
+    return block_v, max(1, min(8, block_v // 256))
+
+
+def _triton_forward(
+    logits: torch.Tensor, layout: tuple[int, int, int], targets: torch.Tensor, temperature: float,
+    ignore_index: int, need_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """-> fp32 ``[N]`` ``(logp, entropy or None, row_max, log_norm)``; the last two are for the backward."""
+    n, vocab_size = targets.numel(), logits.shape[-1]
+    logp, row_max, log_norm = (torch.empty(n, dtype=torch.float32, device=logits.device) for _ in range(3))
+    entropy = torch.empty(n, dtype=torch.float32, device=logits.device) if need_entropy else None
+    if n == 0:
+        return logp, entropy, row_max, log_norm
+    block_v, num_warps = _launch_config(vocab_size)
+    t1, s0, s1 = layout
+    _token_logprobs_fwd_kernel[(n,)](
+        logits, targets, logp, row_max, log_norm, entropy if need_entropy else logp,
+        vocab_size, t1, s0, s1, 1.0 / temperature, ignore_index,
+        BLOCK_V=block_v, COMPUTE_ENTROPY=need_entropy, num_warps=num_warps,
+    )
+    return logp, entropy, row_max, log_norm
+
+
+def _triton_backward(
+    logits: torch.Tensor, layout: tuple[int, int, int], targets: torch.Tensor, row_max: torch.Tensor,
+    log_norm: torch.Tensor, entropy: torch.Tensor | None, grad_logp: torch.Tensor | None,
+    grad_entropy: torch.Tensor | None, temperature: float, ignore_index: int, inplace: bool,
+) -> torch.Tensor:
+    n, vocab_size = targets.numel(), logits.shape[-1]
+    if inplace:
+        grad, grad_layout = logits, layout
+    else:
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        grad_layout = _contiguous_layout(layout, vocab_size)
+    if n == 0:
+        return grad
+    block_v, num_warps = _launch_config(vocab_size)
+    t1, s0, s1 = layout
+    g_t1, g_s0, g_s1 = grad_layout
+    unused = row_max  # a valid pointer for the arguments a constexpr flag switches off
+    _token_logprobs_bwd_kernel[(n,)](
+        logits, targets, row_max, log_norm, unused if entropy is None else entropy,
+        unused if grad_logp is None else grad_logp, unused if grad_entropy is None else grad_entropy, grad,
+        vocab_size, t1, s0, s1, g_t1, g_s0, g_s1, 1.0 / temperature, ignore_index,
+        BLOCK_V=block_v, HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENTROPY=grad_entropy is not None,
+        num_warps=num_warps,
+    )
+    return grad
+
+
+def _mark_overwritten(t: torch.Tensor) -> None:
+    # The kernel wrote through the data pointer, invisible to autograd: bump the version counter so that any other
+    # autograd node that saved these logits raises "modified by an inplace operation" instead of using garbage.
+    increment_version = getattr(torch.autograd.graph, "increment_version", None)
+    if increment_version is not None:
+        increment_version(t)
+
+
+def _flat_grad(g: torch.Tensor | None) -> torch.Tensor | None:
+    return None if g is None else g.reshape(-1).contiguous()
+
+
+class _TokenLogprobsTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, temperature, ignore_index, return_entropy, inplace_backward):
+        rows, layout = _readable_rows(logits)
+        targets_flat = targets.reshape(-1).contiguous()
+        logp, entropy, row_max, log_norm = _triton_forward(
+            rows, layout, targets_flat, temperature, ignore_index, return_entropy
+        )
+        ctx.save_for_backward(rows, targets_flat, row_max, log_norm, entropy)
+        ctx.layout, ctx.temperature, ctx.ignore_index = layout, temperature, ignore_index
+        ctx.inplace_backward, ctx.copied = inplace_backward, rows is not logits
+        ctx.set_materialize_grads(False)
+        shape = targets.shape
+        return (logp.view(shape), entropy.view(shape)) if return_entropy else logp.view(shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logp, grad_entropy=None):
+        rows, targets, row_max, log_norm, entropy = ctx.saved_tensors
+        if grad_logp is None and grad_entropy is None:
+            return None, None, None, None, None, None
+        grad = _triton_backward(
+            rows, ctx.layout, targets, row_max, log_norm, entropy, _flat_grad(grad_logp), _flat_grad(grad_entropy),
+            ctx.temperature, ctx.ignore_index, ctx.inplace_backward,
+        )
+        if ctx.inplace_backward and not ctx.copied:
+            _mark_overwritten(rows)
+        return grad, None, None, None, None, None
+
+
+def _row_chunks(logits: torch.Tensor, layout: tuple[int, int, int], chunk_rows: int):
+    """Yield ``(first_row, view)`` covering all rows in order: ``view`` is a ``[a, b, V]`` view (never a copy) of
+    ``a * b <= chunk_rows`` consecutive rows, read through the same two-stride layout as the kernels."""
+    n, vocab_size = logits.shape[:-1].numel(), logits.shape[-1]
+    t1, s0, s1 = layout
+    rows3 = logits.as_strided((n // t1, t1, vocab_size), (s0, s1, logits.stride(-1)))
+    if t1 >= chunk_rows:
+        for i in range(rows3.shape[0]):
+            for j in range(0, t1, chunk_rows):
+                yield i * t1 + j, rows3[i : i + 1, j : j + chunk_rows]
+    else:
+        step = max(1, chunk_rows // t1)
+        for i in range(0, rows3.shape[0], step):
+            yield i * t1, rows3[i : i + step]
+
+
+def _shifted_chunk(view: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
+    """fp32 ``[n, V]`` rows of ``view`` minus their max: log-probs and entropy do not change, but the chunk math's
+    ``lse - sum(p * z)`` then subtracts numbers near 0, not near the logits' scale (|z| ~ 1000 would cost 3 digits)."""
+    return view.reshape(-1, view.shape[-1]).float() - row_max.unsqueeze(-1)
+
+
+class _TokenLogprobsTorch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, temperature, ignore_index, return_entropy, inplace_backward):
+        rows, layout = _readable_rows(logits)
+        targets_flat = targets.reshape(-1)
+        n, vocab_size = targets_flat.numel(), logits.shape[-1]
+        chunk_rows = max(1, _TORCH_CHUNK_ELEMENTS // vocab_size)
+        logp = torch.empty(n, dtype=torch.float32, device=logits.device)
+        lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+        entropy = torch.empty(n, dtype=torch.float32, device=logits.device) if return_entropy else None
+        row_max = torch.empty(n, dtype=torch.float32, device=logits.device)
+        for r0, view in _row_chunks(rows, layout, chunk_rows):
+            r1 = r0 + view.shape[0] * view.shape[1]
+            row_max[r0:r1] = view.amax(dim=-1).reshape(-1)
+            chunk = _shifted_chunk(view, row_max[r0:r1])
+            lp, ent, ls = logprobs_entropy_chunk(chunk, targets_flat[r0:r1], temperature, ignore_index, return_entropy)
+            # Exact bounds that rounding could cross by an ulp (see the forward kernel); clamp keeps NaN.
+            logp[r0:r1], lse[r0:r1] = lp.clamp_(max=0.0), ls
+            if return_entropy:
+                entropy[r0:r1] = ent.clamp_(min=0.0)
+        ctx.save_for_backward(rows, targets_flat, row_max, lse, entropy)
+        ctx.layout, ctx.temperature, ctx.ignore_index = layout, temperature, ignore_index
+        ctx.inplace_backward, ctx.copied, ctx.chunk_rows = inplace_backward, rows is not logits, chunk_rows
+        ctx.set_materialize_grads(False)
+        shape = targets.shape
+        return (logp.view(shape), entropy.view(shape)) if return_entropy else logp.view(shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logp, grad_entropy=None):
+        rows, targets, row_max, lse, entropy = ctx.saved_tensors
+        if grad_logp is None and grad_entropy is None:
+            return None, None, None, None, None, None
+        grad_logp, grad_entropy = _flat_grad(grad_logp), _flat_grad(grad_entropy)
+        if ctx.inplace_backward:
+            grad, grad_layout = rows, ctx.layout
+        else:
+            grad = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
+            grad_layout = _contiguous_layout(ctx.layout, rows.shape[-1])
+        # Both generators walk the rows in the same order and chunk sizes, so the chunk pairs line up; in the
+        # in-place case each chunk is read (and upcast to fp32) before the same rows are overwritten.
+        chunk_pairs = zip(
+            _row_chunks(rows, ctx.layout, ctx.chunk_rows), _row_chunks(grad, grad_layout, ctx.chunk_rows),
+            strict=True,
+        )
+        for (r0, view), (_, grad_view) in chunk_pairs:
+            r1 = r0 + view.shape[0] * view.shape[1]
+            chunk = _shifted_chunk(view, row_max[r0:r1])
+            g = grad_logits_chunk(
+                chunk, targets[r0:r1], lse[r0:r1], None if entropy is None else entropy[r0:r1],
+                None if grad_logp is None else grad_logp[r0:r1],
+                None if grad_entropy is None else grad_entropy[r0:r1],
+                ctx.temperature, ctx.ignore_index,
+            )
+            grad_view.copy_(g.view(grad_view.shape))
+        if ctx.inplace_backward and not ctx.copied:
+            _mark_overwritten(rows)
+        return grad, None, None, None, None, None
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    inplace_backward: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of each target token under ``softmax(logits / temperature)``, without a ``[N, V]`` log-softmax.
+
+    Args:
+        logits: ``[..., V]`` float32/float16/bfloat16, any number of leading dimensions, any vocabulary size.
+            A view whose last dimension is contiguous, e.g. ``logits[:, :-1]`` of a ``[B, T, V]`` tensor, is read in
+            place. It is copied only when its leading dimensions cannot be described by two strides after merging
+            (e.g. a permuted 4-D view) or its last dimension is not contiguous.
+        targets: int64/int32 with shape ``logits.shape[:-1]``, on the same device; each value in ``[0, V)`` or equal
+            to ``ignore_index``.
+        temperature: ``> 0``; log-probs and entropy are those of ``softmax(logits / temperature)``, the distribution
+            the tokens were sampled from.
+        ignore_index: targets equal to it get log-prob 0, entropy 0 and a zero gradient.
+        return_entropy: also return the entropy of ``softmax(logits / temperature)`` per token.
+        inplace_backward: write the gradient into the logits' own storage instead of a new ``[..., V]`` buffer.
+            The backward then OVERWRITES ``logits`` (and returns that storage as the gradient), so the logits must
+            not be used after ``backward()`` and the graph cannot be backpropagated twice. If the logits had to be
+            copied (see above), the copy is overwritten instead and ``logits`` stay intact.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see ``remax_kernels._dispatch``). The torch path
+            processes rows in chunks, so its extra memory is ``O(chunk x V)`` fp32 in forward and backward.
+
+    Returns:
+        ``logprobs``: float32, shape ``targets.shape``, always ``<= 0`` (0 at ignored positions); or, with
+        ``return_entropy=True``, ``(logprobs, entropy)`` with ``entropy`` float32 in ``[0, log V]``. Both are
+        differentiable w.r.t. ``logits`` (per-token upstream gradients are applied token by token). A row containing
+        NaN or +inf gives NaN in that row only.
+
+    The forward keeps ``O(N)`` floats (log-sum-exp, entropy) for the backward plus a reference to ``logits``.
+
+    Example::
+
+        >>> logits = torch.randn(2, 5, 1000, requires_grad=True)
+        >>> targets = torch.randint(0, 1000, (2, 5))
+        >>> logp, entropy = token_logprobs(logits, targets, temperature=0.7, return_entropy=True)
+        >>> logp.shape, entropy.shape
+        (torch.Size([2, 5]), torch.Size([2, 5]))
+        >>> (logp.sum() + 0.01 * entropy.sum()).backward()
+    """
+    check_float("logits", logits)
+    check_index("targets", targets)
+    check_same_device(logits=logits, targets=targets)
+    if logits.dim() == 0:
+        raise ValueError("logits: expected shape [..., V] with at least one dimension, got a 0-d tensor")
+    vocab_size = logits.shape[-1]
+    if vocab_size == 0:
+        raise ValueError(f"logits: the vocabulary (last) dimension is empty, shape {tuple(logits.shape)}")
+    check_shape("targets", targets, logits.shape[:-1], "logits.shape[:-1]")
+    temperature = check_temperature("temperature", temperature)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    for name, flag in (("return_entropy", return_entropy), ("inplace_backward", inplace_backward)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")
+    if inplace_backward and any(st == 0 and sz > 1 for sz, st in zip(logits.shape, logits.stride(), strict=True)):
+        raise ValueError(
+            "inplace_backward: logits has a stride-0 (expanded) dimension, so rows share memory and cannot each hold "
+            "their own gradient; pass inplace_backward=False"
+        )
+    check_targets("targets", targets, vocab_size, ignore_index)
+
+    function = _TokenLogprobsTriton if resolve_backend(backend, logits.device) == "triton" else _TokenLogprobsTorch
+    return function.apply(logits, targets, temperature, ignore_index, return_entropy, inplace_backward)
+
