@@ -20,7 +20,7 @@ from remax_kernels.ops.fused_linear_logprobs import fused_linear_logprobs
 from remax_kernels.ops.fused_linear_policy_loss import ReMaxLoss, fused_linear_policy_loss
 from remax_kernels.ops.sampling import fused_linear_sample_and_greedy, sample_and_greedy
 from remax_kernels.ops.token_logprobs import token_logprobs
-from remax_kernels.policy_loss import policy_loss
+from remax_kernels.losses import policy_loss
 
 __version__ = "0.1.0"
 
