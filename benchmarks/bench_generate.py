@@ -1,0 +1,124 @@
+"""Rollout benchmark: ``generate_pairs`` against two ``model.generate`` calls (sampled + greedy).
+
+A ~0.5B Qwen2-shaped model (Qwen2-0.5B's config: 24 layers, hidden 896, 14 heads / 2 KV heads, V=151936, tied
+embeddings) built from its config with random weights, bf16, SDPA attention; 32 left-padded prompts of 64-128 tokens;
+256 new tokens per response, no early stop (no end-of-sequence token), temperature 1, top-p 0.9 (official ReMax).
+Reported: time per rollout of the 32 pairs and generated tokens per second (2 * 32 * 256 tokens per rollout), for
+the default configuration and for the opt-in static cache + CUDA graph decode step (CUDA only).
+"""
+
+from __future__ import annotations
+
+import torch
+
+import remax_kernels as rk
+from benchmarks import baselines as bl
+from benchmarks import harness as hz
+
+FULL = {
+    "model": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                  num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096,
+                  tie_word_embeddings=True, rope_theta=1e6, rms_norm_eps=1e-6),
+    "B": 32, "prompt": (64, 128), "new_tokens": 256,
+}
+SMOKE = {
+    "model": dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True),
+    "B": 2, "prompt": (3, 5), "new_tokens": 3,
+}
+TOP_P = 0.9
+PAD_TOKEN_ID = 0
+
+
+def case_name(batch: int, new_tokens: int) -> str:
+    return f"generate_pairs B={batch} new_tokens={new_tokens}"
+
+
+def build_model(config_kwargs: dict, s: hz.Settings):
+    """A randomly initialised Qwen2 causal LM on the benchmark device, in the benchmark dtype, eval mode."""
+    transformers = bl.optional_import("transformers")
+    if isinstance(transformers, str):
+        raise hz.FamilySkipped(transformers)
+    config = transformers.Qwen2Config(**config_kwargs, pad_token_id=PAD_TOKEN_ID, eos_token_id=None,
+                                      bos_token_id=None)
+    with torch.device(s.device):
+        model = transformers.Qwen2ForCausalLM(config)
+    model = model.to(s.dtype).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = PAD_TOKEN_ID
+    return model
+
+
+def left_padded_prompts(batch: int, lengths: tuple[int, int], vocab: int, device: torch.device):
+    """Random prompts of random lengths in ``[lengths[0], lengths[1]]``, left-padded: (input_ids, attention_mask)."""
+    width = lengths[1]
+    n_tokens = torch.randint(lengths[0], lengths[1] + 1, (batch, 1), device=device)
+    attention_mask = torch.arange(width, device=device) >= width - n_tokens
+    input_ids = torch.randint(1, vocab, (batch, width), device=device).masked_fill(~attention_mask, PAD_TOKEN_ID)
+    return input_ids, attention_mask.long()
+
+
+def run(s: hz.Settings, ceilings: dict) -> list[dict]:
+    shapes = SMOKE if s.smoke else FULL
+    model = build_model(shapes["model"], s)
+    batch, new_tokens = shapes["B"], shapes["new_tokens"]
+    input_ids, attention_mask = left_padded_prompts(batch, shapes["prompt"], shapes["model"]["vocab_size"], s.device)
+
+    options = dict(max_new_tokens=new_tokens, temperature=1.0, top_p=TOP_P, eos_token_id=None,
+                   pad_token_id=PAD_TOKEN_ID, seed=0)
+    ours = lambda: rk.generate_pairs(model, input_ids, attention_mask, **options)
+
+    @torch.no_grad()
+    def hf_twice():
+        return bl.hf_generate_twice(model, input_ids, attention_mask, max_new_tokens=new_tokens, temperature=1.0,
+                                    top_p=TOP_P, pad_token_id=PAD_TOKEN_ID)
+
+    # Not a baseline but our opt-in configuration (static cache + CUDA graphs), timed beside the default so the
+    # default can be chosen from measurements; its "speedup" entry is its time over the default's.
+    cuda_graph = "CUDA only" if not s.cuda else lambda: rk.generate_pairs(
+        model, input_ids, attention_mask, cache_implementation="static", use_cuda_graph=True, **options
+    )
+
+    def checks():
+        rollout = ours()
+        hf_greedy = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens,
+                                   min_new_tokens=new_tokens, do_sample=False, pad_token_id=PAD_TOKEN_ID,
+                                   eos_token_id=None)
+        return {
+            "all_rows_full_length": bool((rollout.sampled_lengths == new_tokens).all()
+                                         and (rollout.greedy_lengths == new_tokens).all()),
+            # bf16 greedy decoding may diverge after a near-tie (2B vs B rows round differently): informative only.
+            "greedy_tokens_equal_hf": float((rollout.greedy_ids == hf_greedy).float().mean()),
+        }
+
+    n_params = sum(p.numel() for p in model.parameters())
+    case = hz.run_case(
+        s, ceilings,
+        name=case_name(batch, new_tokens), op="generate_pairs", mode="rollout",
+        shape={"B": batch, "prompt_len": list(shapes["prompt"]), "new_tokens": new_tokens,
+               "model": "Qwen2 from config", "params": n_params, **shapes["model"]},
+        ours=ours, baselines={"hf_generate_x2": hf_twice, "ours_static_cuda_graph": cuda_graph},
+        # A whole rollout takes seconds: a fixed small number of calls.
+        time_kw={} if s.smoke else {"warmup": 1, "reps": 3},
+        inputs_grads_bytes=hz.tensor_bytes(*model.parameters()),
+        extra={"checks": hz.check(checks), "top_p": TOP_P, "temperature": 1.0},
+    )
+    generated = 2 * batch * new_tokens
+    case["extra"]["tokens_per_s"] = {
+        label: generated / (entry["ms"] / 1e3)
+        for label, entry in [("ours", case["ours"]), *case["baselines"].items()] if "ms" in entry
+    }
+    return [case]
+
+
+def targets(cases: list[dict], ceilings: dict, s: hz.Settings) -> list[dict]:
+    shapes = SMOKE if s.smoke else FULL
+    case = hz.find_case(cases, case_name(shapes["B"], shapes["new_tokens"]))
+    hf_ms = hz.baseline_ms(case, "hf_generate_x2")
+    return [
+        hz.target("generate_pairs (default): speedup over two model.generate calls",
+                  hz.ratio(hf_ms, hz.ours_ms(case)), 1.8, higher_is_better=True, unit="x"),
+        hz.target("generate_pairs (static cache + CUDA graph): speedup over two model.generate calls",
+                  hz.ratio(hf_ms, hz.baseline_ms(case, "ours_static_cuda_graph")), 1.8,
+                  higher_is_better=True, unit="x"),
+    ]
