@@ -402,3 +402,28 @@ def test_gpu_realistic_vocabulary(V, dtype):
     again = run_op(hidden, weight, bias, targets, upstream, backend="triton", **opts)
     for a, b in zip([got[0], got[1], *got[2]], [again[0], again[1], *again[2]], strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_agrees_with_token_logprobs_on_materialized_logits(backend, device):
+    """The two public log-prob ops are one function of the logits: fused == token_logprobs(h @ W.T + b)."""
+    from remax_kernels import token_logprobs
+
+    hidden = torch.randn(29, 48, device=device, requires_grad=True)
+    weight = (torch.randn(131, 48, device=device) / 7).requires_grad_()
+    bias = torch.randn(131, device=device, requires_grad=True)
+    targets = torch.randint(0, 131, (29,), device=device)
+    targets[3] = -100
+    upstream = torch.randn(29, device=device), torch.randn(29, device=device)
+
+    fused = fused_linear_logprobs(hidden, weight, targets, bias=bias, temperature=0.8, return_entropy=True,
+                                  backend=backend)
+    grads_fused = torch.autograd.grad(fused[0] @ upstream[0] + fused[1] @ upstream[1], (hidden, weight, bias))
+    logits = hidden @ weight.T + bias
+    plain = token_logprobs(logits, targets, temperature=0.8, return_entropy=True, backend=backend)
+    grads_plain = torch.autograd.grad(plain[0] @ upstream[0] + plain[1] @ upstream[1], (hidden, weight, bias))
+
+    for name, a, b in zip(("logprobs", "entropy"), fused, plain):
+        assert_rel_close(a, b, torch.float32, name=name, scale=10)
+    for name, a, b in zip(("hidden", "weight", "bias"), grads_fused, grads_plain):
+        assert_rel_close(a, b, torch.float32, name=f"grad {name}", scale=10)
