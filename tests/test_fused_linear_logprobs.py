@@ -423,7 +423,7 @@ def test_agrees_with_token_logprobs_on_materialized_logits(backend, device):
     plain = token_logprobs(logits, targets, temperature=0.8, return_entropy=True, backend=backend)
     grads_plain = torch.autograd.grad(plain[0] @ upstream[0] + plain[1] @ upstream[1], (hidden, weight, bias))
 
-    for name, a, b in zip(("logprobs", "entropy"), fused, plain):
+    for name, a, b in zip(("logprobs", "entropy"), fused, plain, strict=True):
         assert_rel_close(a, b, torch.float32, name=name, scale=10)
-    for name, a, b in zip(("hidden", "weight", "bias"), grads_fused, grads_plain):
+    for name, a, b in zip(("hidden", "weight", "bias"), grads_fused, grads_plain, strict=True):
         assert_rel_close(a, b, torch.float32, name=f"grad {name}", scale=10)
