@@ -1,9 +1,883 @@
-"""PLACEHOLDER: being written in this session; replaced before commit."""
+"""One decode step for ReMax rollouts: a sampled token for some rows and a greedy token for the others, in one call.
+
+``sample_and_greedy`` works on logits ``[B, V]``; ``fused_linear_sample_and_greedy`` starts from the last hidden
+states ``[B, H]`` and the lm-head ``[V, H]`` and never materializes the logits.
+
+Definitions (both ops, both backends)
+-------------------------------------
+With ``x`` the row's logits (upcast to fp32) and ``z = x / T`` (fp32 division; greedy rows with ``T == 0`` use
+``T = 1`` here):
+
+* greedy rows: ``token = argmax(x)``, ties to the LOWEST index. A true argmax, never "top-k = 1 sampling".
+* sampled rows: Gumbel-max over the kept set ``K``: ``token = argmax_{v in K} (z_v + g_v)`` (ties to the lowest index),
+  an exact sample from ``softmax(z)`` restricted to ``K`` and renormalized.
+* the kept set, applied in Hugging Face's order (top-k, then top-p on the top-k survivors, then min-p):
+
+  - top-k (``0 < k < #finite logits``): ``tau_k`` = the k-th largest ``z`` counting duplicates; keep ``z >= tau_k``.
+    Every token tied with the k-th value is kept, so ``|K|`` can exceed ``k`` on exact ties.
+  - top-p (``p < 1``): with masses ``exp(z)`` over the top-k survivors (total ``Z_k``), keep ``v`` iff the mass of
+    the survivors with ``z`` STRICTLY greater than ``z_v`` is ``< p * Z_k``: the smallest set of largest values
+    whose mass reaches ``p``, where a value tied with the last one needed is kept too.
+  - min-p (``p_min > 0``): keep ``z_v - max(z) >= log(p_min)``, both sides fp32 (i.e. ``prob_v >= p_min *
+    prob_max``).
+
+  ``K`` is the intersection; the row's maximum is always in it.
+* noise: ``g_v = -log(-log(u))`` with ``u = ((w >> 9) + 0.5) / 2**23`` (in ``(0, 1)``, so ``g`` is finite) and ``w``
+  the first 32-bit word of Philox4x32-10 with key ``(seed & 0xFFFFFFFF, seed >> 32)`` and counter
+  ``(v, r, step, 0)``. With an int ``seed`` the row key ``r`` is the row's position in the batch; with a per-row
+  seed tensor ``r = 0``, so a row's token depends only on ``(seed[b], step)`` and its own logits, not on its
+  position or on the other rows (rows given the same seed share their noise). Both backends draw from this same
+  stream (the torch path evaluates Philox with int64 tensor arithmetic), so tokens agree across backends except at
+  floating-point near-ties, where the fp32 ``log`` implementations may differ in the last bit.
+* log-probs (float32), ``logprobs="processed"``: sampled rows, the log-prob of the token under the distribution it
+  was drawn from, ``z_tok - logsumexp(z[K])``; greedy rows, ``log_softmax(z)[tok]`` (temperature applied, no
+  truncation; ``T == 0`` rows use ``T = 1``, i.e. the raw softmax). ``logprobs="raw"``: ``log_softmax(x)[tok]``
+  for every row.
+* invalid rows: a row holding a NaN, or a ``+inf``, or only ``-inf`` values (or whose ``x / T`` overflows) gets
+  token 0 and log-prob NaN, never an out-of-range token. ``-inf`` entries in an otherwise valid row are masked
+  tokens: they are never chosen.
+
+Kernels (Triton)
+----------------
+``_sample_kernel``: one program per row. Without truncation, ONE pass over the row: online argmax, online
+logsumexp and the Gumbel race together. With truncation, no sort: pass 1 gives max / min / logsumexp; each
+threshold (top-k, then top-p) is found exactly by a multi-pivot search over the fp32 values' order-preserving
+int32 keys (``NUM_PIVOTS`` thresholds counted per pass, the candidate key range shrinking by ``NUM_PIVOTS`` per pass
+and snapping to the nearest values present): the key span (< 2^32) shrinks more than 8-fold per pass, so at most
+11 passes each and usually far fewer; min-p is a closed form from the max; a final pass draws the Gumbel race
+over ``K`` and sums its mass.
+
+``_fused_sample_kernel``: grid (row blocks, vocabulary splits). Each program computes logit tiles with ``tl.dot`` over
+H, then the greedy argmax, online logsumexp and Gumbel race over its split, and writes per-split partials; a
+deterministic torch epilogue (argmax over splits, ties to the lowest split; a max / sum-exp merge) combines them.
+No locks, no atomics, so results do not depend on scheduling. fp32 inputs use IEEE fp32 dots (not TF32) so the
+tokens match sampling from ``hidden @ weight.T`` computed in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from remax_kernels._dispatch import resolve_backend
+from remax_kernels._validate import check_float, check_same_device, check_tensor
+
+LOGPROB_MODES = ("processed", "raw")
+# Thresholds tested per search pass: the candidate key range shrinks ~NUM_PIVOTS-fold per pass.
+_NUM_PIVOTS = 8
+_U32 = 0xFFFFFFFF
+# Philox4x32 round multipliers and Weyl key increments (Salmon et al., SC'11).
+_PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+_PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+# Elements per fp32 temporary in the torch paths (~4 MiB each).
+_TORCH_CHUNK_ELEMS = 1 << 20
 
 
-def sample_and_greedy(*args, **kwargs):
-    raise NotImplementedError
+# ----------------------------------------------------------------------------------------------------------------------
+# Triton device helpers
+# ----------------------------------------------------------------------------------------------------------------------
 
 
-def fused_linear_sample_and_greedy(*args, **kwargs):
-    raise NotImplementedError
+@triton.jit
+def _philox_word0(k0, k1, c0, c1, c2, c3):
+    # Philox4x32-10 on uint32 lanes; only word 0 is used (one draw per (seed, counter)).
+    for _ in tl.static_range(10):
+        hi0 = tl.umulhi(c0, 0xD2511F53)
+        hi1 = tl.umulhi(c2, 0xCD9E8D57)
+        lo0 = c0 * 0xD2511F53
+        lo1 = c2 * 0xCD9E8D57
+        c0 = hi1 ^ c1 ^ k0
+        c2 = hi0 ^ c3 ^ k1
+        c1 = lo1
+        c3 = lo0
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    return c0
+
+
+@triton.jit
+def _gumbel_noise(seed, row_key, step, cols):
+    # seed: int64 (scalar or [BB, 1]); row_key: int32 broadcastable to cols; cols: int32 vocabulary indices.
+    zero = (cols * 0).to(tl.uint32)
+    k0 = seed.to(tl.uint32) + zero
+    k1 = (seed >> 32).to(tl.uint32) + zero
+    c0 = cols.to(tl.uint32)
+    c1 = row_key.to(tl.uint32) + zero
+    c2 = (zero.to(tl.int64) + step).to(tl.uint32)  # step may arrive as a constexpr or an int64
+    word = _philox_word0(k0, k1, c0, c1, c2, zero)
+    # 23 random bits + 0.5: u in [2^-24, 1 - 2^-24], both exact in fp32, so neither log() sees 0.
+    u = ((word >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
+    return -tl.log(-tl.log(u))
+
+
+@triton.jit
+def _ordered_key(z):
+    # Monotone map fp32 -> int32 (a < b <=> key(a) < key(b)); -0.0 and +0.0 share key 0 as they compare equal.
+    bits = z.to(tl.int32, bitcast=True)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return tl.where(z == 0.0, 0, key)
+
+
+@triton.jit
+def _threshold_search(
+    row_ptr, V, t, m, lo_key, hi_key, lo_mass, target, USE_MASS: tl.constexpr, BLOCK_V: tl.constexpr,
+    NUM_PIVOTS: tl.constexpr,
+):
+    # Largest value tau (as a key) with F(tau) >= target, F(t) = count (USE_MASS=False) or sum exp(z - m)
+    # (USE_MASS=True) over finite z >= t. Invariants: lo_key and hi_key are keys of values present in the row,
+    # F(lo_key) >= target, lo_key <= tau <= hi_key; lo_mass = mass(z >= lo_key). hi_key == lo_key on entry means
+    # "inactive": no pass is made. Each pass tests NUM_PIVOTS thresholds in (lo, hi] (the last one is hi itself, so
+    # every pass makes progress) and snaps the new bounds to the nearest keys present.
+    j = tl.arange(0, NUM_PIVOTS).to(tl.int64) + 1
+    offs = tl.arange(0, BLOCK_V)
+    key_hi_sentinel = 2147483647  # above every finite key (key(+inf) = 0x7F800000)
+    key_lo_sentinel = -2147483647 - 1
+    while lo_key < hi_key:
+        pivots = (lo_key + ((hi_key - lo_key) * j + (NUM_PIVOTS - 1)) // NUM_PIVOTS).to(tl.int32)
+        count = tl.zeros([NUM_PIVOTS], tl.int32)
+        mass = tl.zeros([NUM_PIVOTS], tl.float32)
+        above = tl.full([NUM_PIVOTS], key_hi_sentinel, tl.int32)
+        below = tl.full([NUM_PIVOTS], key_lo_sentinel, tl.int32)
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + offs
+            z = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32) / t
+            key = _ordered_key(z)
+            finite = z > float("-inf")
+            ge = (key[None, :] >= pivots[:, None]) & finite[None, :]
+            count += tl.sum(ge.to(tl.int32), 1)
+            mass += tl.sum(tl.where(ge, tl.exp(z - m)[None, :], 0.0), 1)
+            above = tl.minimum(above, tl.min(tl.where(ge, key[None, :], key_hi_sentinel), 1))
+            below = tl.maximum(below, tl.max(tl.where(finite[None, :] & ~ge, key[None, :], key_lo_sentinel), 1))
+        if USE_MASS:
+            ok = mass >= target
+        else:
+            ok = count >= target
+        jstar = tl.max(tl.where(ok, j, 0), 0)
+        new_lo = tl.max(tl.where(j == jstar, above, key_lo_sentinel), 0).to(tl.int64)
+        new_mass = tl.sum(tl.where(j == jstar, mass, 0.0), 0)
+        new_hi = tl.max(tl.where(j == jstar + 1, below, key_lo_sentinel), 0).to(tl.int64)
+        lo_mass = tl.where(jstar > 0, new_mass, lo_mass)
+        lo_key = tl.where(jstar > 0, new_lo, lo_key)
+        hi_key = tl.where(jstar < NUM_PIVOTS, new_hi, hi_key)
+    return lo_key, lo_mass
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _sample_kernel(
+    logits_ptr, stride_row, greedy_ptr, temp_ptr, top_k_ptr, top_p_ptr, log_min_p_ptr, seed_ptr,
+    tokens_ptr, logprobs_ptr, V, step,
+    KEY_ROW: tl.constexpr, TRUNCATE: tl.constexpr, RAW: tl.constexpr, BLOCK_V: tl.constexpr,
+    SEARCH_BLOCK_V: tl.constexpr, NUM_PIVOTS: tl.constexpr,
+):
+    # Sampled or greedy token + its log-prob for one row of logits [V].
+    # Grid: (B,). Passes over the row: 1 without truncation; with it, 1 + search passes + 1 (see module docstring).
+    row = tl.program_id(0)
+    row_ptr = logits_ptr + row.to(tl.int64) * stride_row
+    greedy = tl.load(greedy_ptr + row) != 0
+    sampled = ~greedy
+    temp = tl.load(temp_ptr + row)
+    t = tl.where(temp > 0, temp, 1.0)
+    seed = tl.load(seed_ptr + row)
+    if KEY_ROW:
+        row_key = row
+    else:
+        row_key = row * 0
+    offs = tl.arange(0, BLOCK_V)
+    neg_inf = float("-inf")
+
+    gmax = tl.full((), neg_inf, tl.float32)
+    garg = tl.full((), 0, tl.int32)
+    m = tl.full((), neg_inf, tl.float32)
+    s = tl.full((), 0.0, tl.float32)
+    m_raw = tl.full((), neg_inf, tl.float32)
+    s_raw = tl.full((), 0.0, tl.float32)
+    best = tl.full((), neg_inf, tl.float32)
+    best_arg = tl.full((), 0, tl.int32)
+    best_z = tl.full((), 0.0, tl.float32)
+    best_x = tl.full((), 0.0, tl.float32)
+    zmin = tl.full((), float("inf"), tl.float32)
+    n_finite = tl.full((), 0, tl.int32)
+    n_nan = tl.full((), 0, tl.int32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + offs
+        x = tl.load(row_ptr + cols, mask=cols < V, other=neg_inf).to(tl.float32)
+        n_nan += tl.sum((x != x).to(tl.int32), 0)
+        blk_max = tl.max(x, 0)
+        blk_arg = tl.argmax(x, 0)
+        # strict '>' keeps the earlier block on ties: lowest index overall
+        up = blk_max > gmax
+        garg = tl.where(up, v0 + blk_arg, garg)
+        gmax = tl.where(up, blk_max, gmax)
+        z = x / t
+        m_new = tl.maximum(m, tl.max(z, 0))
+        m_ref = tl.where(m_new == neg_inf, 0.0, m_new)  # all -inf so far: keep s = 0 instead of exp(nan)
+        s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(z - m_ref), 0)
+        m = m_new
+        if RAW:
+            m_raw_new = tl.maximum(m_raw, blk_max)
+            m_raw_ref = tl.where(m_raw_new == neg_inf, 0.0, m_raw_new)
+            s_raw = s_raw * tl.exp(m_raw - m_raw_ref) + tl.sum(tl.exp(x - m_raw_ref), 0)
+            m_raw = m_raw_new
+        if TRUNCATE:
+            finite = z > neg_inf
+            zmin = tl.minimum(zmin, tl.min(tl.where(finite, z, float("inf")), 0))
+            n_finite += tl.sum(finite.to(tl.int32), 0)
+        else:
+            if sampled:  # greedy rows skip the Philox work, the bulk of this pass's arithmetic
+                score = z + _gumbel_noise(seed, row_key, step, cols)
+                blk_best = tl.max(score, 0)
+                blk_best_arg = tl.argmax(score, 0)
+                up = blk_best > best
+                best_z = tl.where(up, tl.max(tl.where(offs == blk_best_arg, z, neg_inf), 0), best_z)
+                if RAW:
+                    best_x = tl.where(up, tl.max(tl.where(offs == blk_best_arg, x, neg_inf), 0), best_x)
+                best_arg = tl.where(up, v0 + blk_best_arg, best_arg)
+                best = tl.where(up, blk_best, best)
+
+    invalid = (n_nan > 0) | (gmax == neg_inf) | (gmax == float("inf")) | (m == float("inf"))
+    log_norm = tl.log(s)
+    if TRUNCATE:
+        active = sampled & ~invalid
+        top_k = tl.load(top_k_ptr + row)
+        top_p = tl.load(top_p_ptr + row)
+        log_min_p = tl.load(log_min_p_ptr + row)
+        key_min = _ordered_key(zmin).to(tl.int64)
+        key_max = _ordered_key(m).to(tl.int64)
+        k_on = active & (top_k > 0) & (top_k < n_finite)
+        tau, mass = _threshold_search(
+            row_ptr, V, t, m, key_min, tl.where(k_on, key_max, key_min), s, top_k,
+            USE_MASS=False, BLOCK_V=SEARCH_BLOCK_V, NUM_PIVOTS=NUM_PIVOTS,
+        )
+        p_on = active & (top_p < 1.0)
+        tau, mass = _threshold_search(
+            row_ptr, V, t, m, tau, tl.where(p_on, key_max, tau), mass, top_p * mass,
+            USE_MASS=True, BLOCK_V=SEARCH_BLOCK_V, NUM_PIVOTS=NUM_PIVOTS,
+        )
+        # Final pass, sampled valid rows only (a zero-trip loop for the others): Gumbel race over K and K's mass.
+        s_kept = tl.full((), 0.0, tl.float32)
+        for v0 in range(0, tl.where(active, V, 0), BLOCK_V):
+            cols = v0 + offs
+            x = tl.load(row_ptr + cols, mask=cols < V, other=neg_inf).to(tl.float32)
+            z = x / t
+            kept = (z > neg_inf) & (_ordered_key(z) >= tau) & (z - m >= log_min_p)
+            s_kept += tl.sum(tl.where(kept, tl.exp(z - m), 0.0), 0)
+            score = tl.where(kept, z + _gumbel_noise(seed, row_key, step, cols), neg_inf)
+            blk_best = tl.max(score, 0)
+            blk_best_arg = tl.argmax(score, 0)
+            up = blk_best > best
+            best_z = tl.where(up, tl.max(tl.where(offs == blk_best_arg, z, neg_inf), 0), best_z)
+            if RAW:
+                best_x = tl.where(up, tl.max(tl.where(offs == blk_best_arg, x, neg_inf), 0), best_x)
+            best_arg = tl.where(up, v0 + blk_best_arg, best_arg)
+            best = tl.where(up, blk_best, best)
+        log_norm = tl.where(greedy, log_norm, tl.log(tl.where(s_kept > 0, s_kept, 1.0)))
+
+    token = tl.where(greedy, garg, best_arg)
+    if RAW:
+        logp = (tl.where(greedy, gmax, best_x) - m_raw) - tl.log(s_raw)
+    else:
+        logp = (tl.where(greedy, gmax / t, best_z) - m) - log_norm
+    token = tl.where(invalid, 0, token)
+    logp = tl.where(invalid, float("nan"), logp)
+    tl.store(tokens_ptr + row, token.to(tl.int64))
+    tl.store(logprobs_ptr + row, logp)
+
+
+@triton.jit
+def _fused_sample_kernel(
+    hidden_ptr, weight_ptr, bias_ptr, temp_ptr, seed_ptr, part_f_ptr, part_i_ptr,
+    B, V, H, stride_hb, stride_wv, step, v_per_split, n_splits,
+    HAS_BIAS: tl.constexpr, KEY_ROW: tl.constexpr, RAW: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    # Logits tiles hidden[rows] @ weight[cols].T (+ bias) over one vocabulary split, reduced on the fly to
+    # per-(row, split) partials: Gumbel-race winner (score, index, z, raw logit), greedy max/argmax, logsumexp of
+    # z (and of the raw logits when RAW), NaN count. Grid: (cdiv(B, BLOCK_B), n_splits). Reads the split's weight
+    # rows once per row block; the [B, V] logits never exist.
+    # part_f layout [9, B, n_splits]: best score, z at best, raw logit at best, greedy max, max z, sum exp(z - max z),
+    # max x, sum exp(x - max x), nan count. (max, sum) pairs rather than one lse: z_tok - lse would lose the
+    # log-sum term when |z| is huge (at 1e36 even log(2) is below the rounding of lse).
+    # part_i layout [2, B, n_splits]: best index, greedy index.
+    pid_b = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_mask = rows < B
+    temp = tl.load(temp_ptr + rows, mask=row_mask, other=1.0)
+    t = tl.where(temp > 0, temp, 1.0)
+    seed = tl.load(seed_ptr + rows, mask=row_mask, other=0)[:, None]
+    if KEY_ROW:
+        row_key = rows[:, None]
+    else:
+        row_key = rows[:, None] * 0
+    offs_v = tl.arange(0, BLOCK_V)
+    offs_h = tl.arange(0, BLOCK_H)
+    h_rows = hidden_ptr + rows.to(tl.int64)[:, None] * stride_hb
+    neg_inf = float("-inf")
+
+    best = tl.full([BLOCK_B], neg_inf, tl.float32)
+    best_arg = tl.zeros([BLOCK_B], tl.int32)
+    best_z = tl.zeros([BLOCK_B], tl.float32)
+    best_x = tl.zeros([BLOCK_B], tl.float32)
+    gmax = tl.full([BLOCK_B], neg_inf, tl.float32)
+    garg = tl.zeros([BLOCK_B], tl.int32)
+    m = tl.full([BLOCK_B], neg_inf, tl.float32)
+    s = tl.zeros([BLOCK_B], tl.float32)
+    m_raw = tl.full([BLOCK_B], neg_inf, tl.float32)
+    s_raw = tl.zeros([BLOCK_B], tl.float32)
+    n_nan = tl.zeros([BLOCK_B], tl.float32)
+    v_start = pid_s * v_per_split
+    v_end = tl.minimum(v_start + v_per_split, V)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        cols = v0 + offs_v
+        col_mask = cols < v_end
+        w_rows = weight_ptr + cols.to(tl.int64)[:, None] * stride_wv
+        acc = tl.zeros([BLOCK_B, BLOCK_V], tl.float32)
+        for h0 in range(0, H, BLOCK_H):
+            hk = h0 + offs_h
+            h_mask = hk < H
+            a = tl.load(h_rows + hk[None, :], mask=row_mask[:, None] & h_mask[None, :], other=0.0)
+            w = tl.load(w_rows + hk[None, :], mask=col_mask[:, None] & h_mask[None, :], other=0.0)
+            acc = tl.dot(a, tl.trans(w), acc, input_precision=INPUT_PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        x = tl.where(col_mask[None, :], acc, neg_inf)
+        n_nan += tl.sum((x != x).to(tl.float32), 1)
+        blk_max = tl.max(x, 1)
+        blk_arg = tl.argmax(x, 1)
+        up = blk_max > gmax
+        garg = tl.where(up, v0 + blk_arg, garg)
+        gmax = tl.where(up, blk_max, gmax)
+        z = x / t[:, None]
+        m_new = tl.maximum(m, tl.max(z, 1))
+        m_ref = tl.where(m_new == neg_inf, 0.0, m_new)
+        s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(z - m_ref[:, None]), 1)
+        m = m_new
+        if RAW:
+            m_raw_new = tl.maximum(m_raw, blk_max)
+            m_raw_ref = tl.where(m_raw_new == neg_inf, 0.0, m_raw_new)
+            s_raw = s_raw * tl.exp(m_raw - m_raw_ref) + tl.sum(tl.exp(x - m_raw_ref[:, None]), 1)
+            m_raw = m_raw_new
+        score = z + _gumbel_noise(seed, row_key, step, cols[None, :])
+        blk_best = tl.max(score, 1)
+        blk_best_arg = tl.argmax(score, 1)
+        at_best = offs_v[None, :] == blk_best_arg[:, None]
+        up = blk_best > best
+        best_z = tl.where(up, tl.max(tl.where(at_best, z, neg_inf), 1), best_z)
+        if RAW:
+            best_x = tl.where(up, tl.max(tl.where(at_best, x, neg_inf), 1), best_x)
+        best_arg = tl.where(up, v0 + blk_best_arg, best_arg)
+        best = tl.where(up, blk_best, best)
+
+    plane = B * n_splits
+    out = rows.to(tl.int64) * n_splits + pid_s
+    tl.store(part_f_ptr + out, best, mask=row_mask)
+    tl.store(part_f_ptr + plane + out, best_z, mask=row_mask)
+    tl.store(part_f_ptr + 2 * plane + out, best_x, mask=row_mask)
+    tl.store(part_f_ptr + 3 * plane + out, gmax, mask=row_mask)
+    tl.store(part_f_ptr + 4 * plane + out, m, mask=row_mask)
+    tl.store(part_f_ptr + 5 * plane + out, s, mask=row_mask)
+    tl.store(part_f_ptr + 6 * plane + out, m_raw, mask=row_mask)
+    tl.store(part_f_ptr + 7 * plane + out, s_raw, mask=row_mask)
+    tl.store(part_f_ptr + 8 * plane + out, n_nan, mask=row_mask)
+    tl.store(part_i_ptr + out, best_arg, mask=row_mask)
+    tl.store(part_i_ptr + plane + out, garg, mask=row_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Torch paths (CPU / backend="torch"): the same definitions and the same Philox stream, chunked over rows/vocabulary
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _mulhilo_u32(a: torch.Tensor, multiplier: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # a holds uint32 values in int64. The 64-bit product could overflow int64, so split the multiplier in 16-bit
+    # halves: every partial product stays below 2^49.
+    p0 = a * (multiplier & 0xFFFF)
+    p1 = a * (multiplier >> 16)
+    lo = (p0 + ((p1 & 0xFFFF) << 16)) & _U32
+    hi = ((p0 >> 16) + p1) >> 16
+    return hi, lo
+
+
+def _philox_word0_torch(k0, k1, c0, c1, c2, c3) -> torch.Tensor:
+    for _ in range(10):
+        hi0, lo0 = _mulhilo_u32(c0, _PHILOX_M0)
+        hi1, lo1 = _mulhilo_u32(c2, _PHILOX_M1)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + _PHILOX_W0) & _U32
+        k1 = (k1 + _PHILOX_W1) & _U32
+    return c0
+
+
+def _gumbel_noise_torch(seed: torch.Tensor, row_key: torch.Tensor, step: int, cols: torch.Tensor) -> torch.Tensor:
+    """fp32 Gumbel noise ``[n, len(cols)]`` for seeds/row keys ``[n]`` (int64): the kernels' stream."""
+    shape = (seed.shape[0], cols.shape[0])
+    c0 = cols.to(torch.int64)[None, :].expand(shape)
+    zero = torch.zeros(shape, dtype=torch.int64, device=cols.device)
+    k0 = (seed & _U32)[:, None] + zero
+    k1 = ((seed >> 32) & _U32)[:, None] + zero
+    c1 = row_key.to(torch.int64)[:, None] + zero
+    word = _philox_word0_torch(k0, k1, c0, c1, zero + step, zero)
+    u = ((word >> 9).to(torch.float32) + 0.5) * (1.0 / 8388608.0)
+    return -torch.log(-torch.log(u))
+
+
+def _kept_mask_torch(
+    z: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, log_min_p: torch.Tensor
+) -> torch.Tensor:
+    """The kept set of the module docstring for fp32 ``z [n, V]`` (value-based ties). Sorts: CPU-path only."""
+    V = z.shape[1]
+    finite = z > float("-inf")
+    sorted_z = torch.sort(z, dim=1, descending=True).values
+    m = sorted_z[:, :1]
+    k_on = (top_k > 0) & (top_k < finite.sum(1))
+    kth = sorted_z.gather(1, (top_k.clamp(1, V) - 1)[:, None])
+    kept = finite & (~k_on[:, None] | (z >= kth))
+    p_on = top_p < 1.0
+    if bool(p_on.any()):
+        survivor = ~k_on[:, None] | (sorted_z >= kth)
+        mass = torch.where(survivor, torch.exp(sorted_z - m), 0.0)
+        greater = torch.cumsum(mass, 1) - mass
+        # Mass strictly above a value = exclusive cumsum at the first position of its tie group.
+        first = torch.searchsorted(-sorted_z, -sorted_z, side="left")
+        mass_above = greater.gather(1, first)
+        n_keep = (survivor & (mass_above < top_p[:, None] * mass.sum(1, keepdim=True))).sum(1)
+        tau_p = sorted_z.gather(1, (n_keep.clamp(min=1) - 1)[:, None])
+        kept &= ~p_on[:, None] | (z >= tau_p)
+    return kept & ((z - m) >= log_min_p[:, None])
+
+
+def _max_sumexp(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row max and sum exp(values - max) of ``[n, V]`` (-inf rows give (-inf, 0))."""
+    top = values.max(1).values
+    top_ref = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    return top, torch.exp(values - top_ref[:, None]).sum(1)
+
+
+def _log_softmax_at(values: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
+    """log_softmax(values)[tok] per row, max subtracted before the log (see ``_log_norm_parts``)."""
+    top, total = _max_sumexp(values)
+    return (values.gather(1, tok[:, None])[:, 0] - top) - torch.log(total)
+
+
+def _sample_torch(logits, greedy, temp, top_k, top_p, log_min_p, seed, key_row, step, truncate, raw):
+    B, V = logits.shape
+    tokens = torch.empty(B, dtype=torch.int64, device=logits.device)
+    logprobs = torch.empty(B, dtype=torch.float32, device=logits.device)
+    cols = torch.arange(V, device=logits.device)
+    chunk = max(1, _TORCH_CHUNK_ELEMS // V)
+    for r0 in range(0, B, chunk):
+        r1 = min(B, r0 + chunk)
+        x = logits[r0:r1].float()
+        g = greedy[r0:r1]
+        t = temp[r0:r1]
+        t = torch.where(t > 0, t, torch.ones_like(t))
+        z = x / t[:, None]
+        gmax, gtok = x.max(1).values, x.argmax(1)  # argmax: first maximal index
+        kept = z > float("-inf")
+        if truncate:
+            # NaN rows are invalid (overwritten below); -inf keeps the sort/searchsorted of the mask well-defined
+            z_sane = torch.nan_to_num(z, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+            kept = _kept_mask_torch(z_sane, top_k[r0:r1], top_p[r0:r1], log_min_p[r0:r1]) | g[:, None]
+        row_key = torch.arange(r0, r1, device=x.device) if key_row else torch.zeros(r1 - r0, dtype=torch.int64)
+        score = torch.where(kept, z + _gumbel_noise_torch(seed[r0:r1], row_key.to(x.device), step, cols), -math.inf)
+        stok = score.argmax(1)
+        tok = torch.where(g, gtok, stok)
+        if raw:
+            lp = _log_softmax_at(x, tok)
+        else:
+            lp = torch.where(g, _log_softmax_at(z, tok), _log_softmax_at(torch.where(kept, z, -math.inf), tok))
+        invalid = torch.isnan(x).any(1) | ~torch.isfinite(gmax) | (z.max(1).values == math.inf)
+        tokens[r0:r1] = torch.where(invalid, 0, tok)
+        logprobs[r0:r1] = torch.where(invalid, math.nan, lp)
+    return tokens, logprobs
+
+
+def _log_norm_parts(m: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge per-part (max, sum exp(. - max)) ``[B, P]`` into (M, log S) ``[B]``: logsumexp = M + log S, kept apart
+    so callers compute ``(value - M) - log S`` (exact log-count terms even when |values| ~ 1e36)."""
+    top = m.max(1).values
+    top_ref = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    return top, torch.log((s * torch.exp(m - top_ref[:, None])).sum(1))
+
+
+def _finalize_fused(greedy, t, best_tok, best_z, best_x, gtok, gmax, m, s, m_raw, s_raw, n_nan, raw):
+    """Per-row winners and per-part (max, sum) ``[B, P]`` -> (tokens int64, logprobs fp32), both backends.
+
+    ``m_raw``/``s_raw`` (the raw logits' parts) are only read when ``raw``."""
+    t = torch.where(t > 0, t, torch.ones_like(t))
+    tok = torch.where(greedy, gtok.to(torch.int64), best_tok.to(torch.int64))
+    top, log_sum = _log_norm_parts(m, s)
+    if raw:
+        top_raw, log_sum_raw = _log_norm_parts(m_raw, s_raw)
+        lp = (torch.where(greedy, gmax, best_x) - top_raw) - log_sum_raw
+    else:
+        lp = (torch.where(greedy, gmax / t, best_z) - top) - log_sum
+    invalid = (n_nan > 0) | ~torch.isfinite(gmax) | ~torch.isfinite(top)
+    return torch.where(invalid, 0, tok), torch.where(invalid, math.nan, lp)
+
+
+def _fused_sample_torch(hidden, weight, bias, greedy, temp, seed, key_row, step, raw):
+    B = hidden.shape[0]
+    V = weight.shape[0]
+    dev = hidden.device
+    h = hidden.float()
+    t = torch.where(temp > 0, temp, torch.ones_like(temp))
+    row_key = torch.arange(B, device=dev) if key_row else torch.zeros(B, dtype=torch.int64, device=dev)
+    neg = torch.full((B,), -math.inf, device=dev)
+    best, best_z, best_x, gmax = neg.clone(), neg.clone(), neg.clone(), neg.clone()
+    parts, raw_parts = [], []  # per vocabulary block: (max, sum exp(. - max)) of z, and of x when raw
+    best_tok = torch.zeros(B, dtype=torch.int64, device=dev)
+    gtok = torch.zeros(B, dtype=torch.int64, device=dev)
+    n_nan = torch.zeros(B, device=dev)
+    block = max(1, _TORCH_CHUNK_ELEMS // max(B, 1))
+    for v0 in range(0, V, block):
+        v1 = min(V, v0 + block)
+        x = h @ weight[v0:v1].float().T
+        if bias is not None:
+            x = x + bias[v0:v1].float()
+        n_nan += torch.isnan(x).sum(1)
+        blk_max, blk_arg = x.max(1).values, x.argmax(1)
+        up = blk_max > gmax  # strict: earlier block wins ties
+        gtok = torch.where(up, blk_arg + v0, gtok)
+        gmax = torch.where(up, blk_max, gmax)
+        z = x / t[:, None]
+        parts.append(_max_sumexp(z))
+        if raw:
+            raw_parts.append(_max_sumexp(x))
+        score = z + _gumbel_noise_torch(seed, row_key, step, torch.arange(v0, v1, device=dev))
+        blk_best, blk_arg = score.max(1).values, score.argmax(1)
+        up = blk_best > best
+        best_z = torch.where(up, z.gather(1, blk_arg[:, None])[:, 0], best_z)
+        best_x = torch.where(up, x.gather(1, blk_arg[:, None])[:, 0], best_x)
+        best_tok = torch.where(up, blk_arg + v0, best_tok)
+        best = torch.where(up, blk_best, best)
+    m, s = (torch.stack(cols, 1) for cols in zip(*parts, strict=True))
+    m_raw, s_raw = (torch.stack(cols, 1) for cols in zip(*raw_parts, strict=True)) if raw else (None, None)
+    return _finalize_fused(greedy, temp, best_tok, best_z, best_x, gtok, gmax, m, s, m_raw, s_raw, n_nan, raw)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Option parsing and validation
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _row_tensor(name: str, value: torch.Tensor, batch: int, device: torch.device, dtypes, kind: str) -> torch.Tensor:
+    if value.dtype not in dtypes:
+        got = str(value.dtype).replace("torch.", "")
+        raise TypeError(f"{name}: a per-row tensor must have a {kind} dtype, got {got}")
+    if tuple(value.shape) != (batch,):
+        raise ValueError(f"{name}: a per-row tensor must have shape ({batch},) (one per row), got {tuple(value.shape)}")
+    if value.device != device:
+        raise ValueError(f"{name}: is on {value.device} but the logits are on {device}; move them to one device")
+    return value.contiguous()  # the kernels index per-row values with stride 1
+
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_INTS = (torch.int64, torch.int32)
+
+
+def _parse_options(batch, vocab, device, greedy_mask, temperature, top_k, top_p, min_p, seed, step, logprobs):
+    """Validate the per-call options; returns contiguous per-row tensors ``[B]`` and host-side flags.
+
+    Scalar options cost no device sync (except ``temperature=0``, which checks that every row is greedy); per-row
+    tensors are range-checked with ONE device sync for all of them.
+    """
+    check_tensor("greedy_mask", greedy_mask)
+    if greedy_mask.dtype != torch.bool:
+        raise TypeError(f"greedy_mask: dtype must be bool, got {str(greedy_mask.dtype).replace('torch.', '')}")
+    if tuple(greedy_mask.shape) != (batch,):
+        raise ValueError(f"greedy_mask: expected shape ({batch},) (one flag per row), got {tuple(greedy_mask.shape)}")
+    if greedy_mask.device != device:
+        raise ValueError(f"greedy_mask: is on {greedy_mask.device} but the logits are on {device}")
+    if logprobs not in LOGPROB_MODES:
+        raise ValueError(f"logprobs: must be one of {LOGPROB_MODES}, got {logprobs!r}")
+    if not _is_int(step):
+        raise TypeError(f"step: expected a Python int (the decode position), got {type(step).__name__}")
+    if not 0 <= step < 2**32:
+        raise ValueError(f"step: must be in [0, 2**32), got {step}")
+
+    bad_counts: list[tuple[str, torch.Tensor, str]] = []
+    sampled = ~greedy_mask
+
+    if isinstance(temperature, torch.Tensor):
+        temp = _row_tensor("temperature", temperature, batch, device, _FLOATS, "floating").float()
+        bad_counts.append(("temperature", ~torch.isfinite(temp) | (temp < 0), "values that are NaN, inf or negative"))
+        bad_counts.append(("temperature", (temp == 0) & sampled, "zeros at sampled rows (only greedy rows may be 0)"))
+    elif _is_number(temperature):
+        t = float(temperature)
+        if t != t or t < 0 or t == math.inf:
+            raise ValueError(f"temperature: must be a finite number >= 0, got {temperature!r}")
+        if 0 < t < torch.finfo(torch.float32).tiny:
+            raise ValueError(f"temperature: {t!r} underflows float32; use a value >= 1.2e-38")
+        if t == 0 and batch and not bool(greedy_mask.all()):
+            raise ValueError("temperature: 0 is only allowed when every row is greedy; sampled rows need T > 0")
+        temp = torch.full((batch,), t, dtype=torch.float32, device=device)
+    else:
+        raise TypeError(f"temperature: expected a float or a per-row tensor, got {type(temperature).__name__}")
+
+    truncate = False
+    if isinstance(top_k, torch.Tensor):
+        k = _row_tensor("top_k", top_k, batch, device, _INTS, "integer").clamp(max=2**31 - 1).to(torch.int32)
+        bad_counts.append(("top_k", top_k < 0, "negative values"))
+        truncate = True
+    elif _is_int(top_k):
+        if top_k < 0:
+            raise ValueError(f"top_k: must be >= 0 (0 disables it), got {top_k}")
+        k = torch.full((batch,), min(top_k, 2**31 - 1), dtype=torch.int32, device=device)
+        truncate |= 0 < top_k < vocab
+    else:
+        raise TypeError(f"top_k: expected an int or a per-row integer tensor, got {type(top_k).__name__}")
+
+    if isinstance(top_p, torch.Tensor):
+        p = _row_tensor("top_p", top_p, batch, device, _FLOATS, "floating").float()
+        bad_counts.append(("top_p", ~((p > 0) & (p <= 1)), "values outside (0, 1]"))
+        truncate = True
+    elif _is_number(top_p):
+        if not 0 < float(top_p) <= 1:
+            raise ValueError(f"top_p: must be in (0, 1] (1 disables it), got {top_p!r}")
+        p = torch.full((batch,), float(top_p), dtype=torch.float32, device=device)
+        truncate |= float(top_p) < 1
+    else:
+        raise TypeError(f"top_p: expected a float or a per-row tensor, got {type(top_p).__name__}")
+
+    if isinstance(min_p, torch.Tensor):
+        mp = _row_tensor("min_p", min_p, batch, device, _FLOATS, "floating")
+        bad_counts.append(("min_p", ~((mp >= 0) & (mp < 1)), "values outside [0, 1)"))
+        log_min_p = torch.log(mp.double()).float()  # log(0) = -inf: disabled
+        truncate = True
+    elif _is_number(min_p):
+        if not 0 <= float(min_p) < 1:
+            raise ValueError(f"min_p: must be in [0, 1) (0 disables it), got {min_p!r}")
+        log_min_p = torch.full((batch,), math.log(min_p) if min_p > 0 else -math.inf, device=device)
+        truncate |= float(min_p) > 0
+    else:
+        raise TypeError(f"min_p: expected a float or a per-row tensor, got {type(min_p).__name__}")
+
+    if isinstance(seed, torch.Tensor):
+        seeds = _row_tensor("seed", seed, batch, device, _INTS, "integer").to(torch.int64)
+        key_row = False
+    elif _is_int(seed):
+        if not -(2**63) <= seed < 2**64:
+            raise ValueError(f"seed: must fit in 64 bits, got {seed}")
+        signed = seed - 2**64 if seed >= 2**63 else seed
+        seeds = torch.full((batch,), signed, dtype=torch.int64, device=device)
+        key_row = True
+    else:
+        raise TypeError(f"seed: expected an int or a per-row int64 tensor, got {type(seed).__name__}")
+
+    if bad_counts and batch:
+        counts = torch.stack([bad.sum() for _, bad, _ in bad_counts]).tolist()
+        for (name, _, what), n in zip(bad_counts, counts, strict=True):
+            if n:
+                raise ValueError(f"{name}: {n} {what}")
+    return temp, k, p, log_min_p.float(), seeds, greedy_mask.contiguous(), key_row, truncate
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Public ops
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def sample_and_greedy(
+    logits: torch.Tensor,
+    greedy_mask: torch.Tensor,
+    *,
+    temperature: float | torch.Tensor = 1.0,
+    top_k: int | torch.Tensor = 0,
+    top_p: float | torch.Tensor = 1.0,
+    min_p: float | torch.Tensor = 0.0,
+    seed: int | torch.Tensor = 0,
+    step: int = 0,
+    logprobs: str = "processed",
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick one token per row: greedy argmax where ``greedy_mask`` is True, a seeded sample elsewhere.
+
+    The exact rules (tie-breaking, truncation, the random stream, what log-prob is returned, invalid rows) are in
+    this module's docstring; in short:
+
+    Args:
+        logits: ``[B, V]`` fp32/fp16/bf16, last dim contiguous (a ``[:, -1, :]`` view of ``[B, T, V]`` is fine).
+        greedy_mask: ``[B]`` bool. True: ``argmax(logits)``, ties to the lowest index. False: sampled.
+        temperature: float or per-row float tensor ``[B]``; > 0 for sampled rows, >= 0 for greedy rows (it only
+            changes their "processed" log-prob; 0 means T = 1 there).
+        top_k: int or per-row int tensor ``[B]``; 0 disables. Keeps every value tied with the k-th largest.
+        top_p: float or per-row tensor ``[B]`` in (0, 1]; 1 disables. Applied to the top-k survivors.
+        min_p: float or per-row tensor ``[B]`` in [0, 1); 0 disables. Keeps ``prob >= min_p * max prob``.
+        seed: int (the stream is keyed on (seed, step, row position)) or per-row int64 tensor ``[B]`` (keyed on
+            (seed[b], step) only: a row's token then does not depend on the rest of the batch).
+        step: int in [0, 2**32), the decode position; use a new step (or seed) for every draw.
+        logprobs: ``"processed"`` (log-prob under the distribution actually sampled: temperature + truncation,
+            renormalized; greedy rows: temperature only) or ``"raw"`` (``log_softmax(logits)``).
+        backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see ``remax_kernels._dispatch``). Both backends use the
+            same Philox stream; tokens agree except at floating-point near-ties.
+
+    Returns:
+        ``(tokens [B] int64, logprobs [B] float32)``. Tokens are always in ``[0, V)``; a row with NaN, ``+inf`` or
+        only ``-inf`` logits gets token 0 and log-prob NaN.
+
+    Cost (Triton): one program per row. No truncation: ONE pass over the vocabulary. With top-k / top-p: pass 1,
+    up to 11 exact multi-pivot search passes per threshold (usually far fewer; no sort), one sampling pass.
+    min-p alone: two passes. Per-row tensor options are range-checked with one device sync per call. The torch
+    path (CPU) sorts each row to find the same thresholds.
+
+    Example::
+
+        >>> logits = torch.randn(4, 32000)
+        >>> greedy = torch.tensor([False, True, False, True])
+        >>> tokens, logp = sample_and_greedy(logits, greedy, temperature=0.7, top_p=0.9, seed=1234, step=0)
+        >>> tokens.shape, logp.dtype
+        (torch.Size([4]), torch.float32)
+    """
+    check_float("logits", logits)
+    if logits.dim() != 2:
+        raise ValueError(f"logits: expected a 2-D tensor [B, V], got shape {tuple(logits.shape)}")
+    batch, vocab = logits.shape
+    if vocab == 0:
+        raise ValueError("logits: the vocabulary dimension is empty (V = 0)")
+    if logits.stride(1) != 1 and batch > 0 and vocab > 1:
+        raise ValueError(f"logits: the last dim must be contiguous (stride 1), got strides {tuple(logits.stride())}")
+    device = logits.device
+    temp, k, p, log_min_p, seeds, greedy_mask, key_row, truncate = _parse_options(
+        batch, vocab, device, greedy_mask, temperature, top_k, top_p, min_p, seed, step, logprobs
+    )
+    raw = logprobs == "raw"
+    impl = resolve_backend(backend, device)
+    if batch == 0:
+        return torch.empty(0, dtype=torch.int64, device=device), torch.empty(0, dtype=torch.float32, device=device)
+    if impl == "torch":
+        return _sample_torch(logits, greedy_mask, temp, k, p, log_min_p, seeds, key_row, step, truncate, raw)
+
+    tokens = torch.empty(batch, dtype=torch.int64, device=device)
+    out_logprobs = torch.empty(batch, dtype=torch.float32, device=device)
+    if device.type == "cuda":
+        block_v, search_block_v, num_warps = 2048, 256, 8  # search tiles are [NUM_PIVOTS, 256]
+    else:  # interpreter: numpy is happiest with one big block
+        block_v = search_block_v = min(triton.next_power_of_2(vocab), 4096)
+        num_warps = 4
+    _sample_kernel[(batch,)](
+        logits, logits.stride(0), greedy_mask.view(torch.uint8), temp, k, p, log_min_p, seeds,
+        tokens, out_logprobs, vocab, step,
+        KEY_ROW=key_row, TRUNCATE=truncate, RAW=raw, BLOCK_V=block_v, SEARCH_BLOCK_V=search_block_v,
+        NUM_PIVOTS=_NUM_PIVOTS, num_warps=num_warps,
+    )
+    return tokens, out_logprobs
+
+
+def fused_linear_sample_and_greedy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    greedy_mask: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float | torch.Tensor = 1.0,
+    seed: int | torch.Tensor = 0,
+    step: int = 0,
+    logprobs: str = "processed",
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sample_and_greedy(hidden @ weight.T + bias, greedy_mask, ...)`` without materializing the ``[B, V]`` logits.
+
+    Temperature only (no top-k / top-p / min-p). Same rules, same random stream, hence the same tokens as
+    ``sample_and_greedy`` on the fp32 logits given the same ``seed``/``step``, up to floating-point near-ties
+    (the matmul's summation order differs).
+
+    Args:
+        hidden: ``[B, H]`` fp32/fp16/bf16, the last hidden state of each row, last dim contiguous.
+        weight: ``[V, H]``, same dtype as ``hidden``, the lm-head weight, last dim contiguous.
+        greedy_mask: ``[B]`` bool, True for greedy rows.
+        bias: optional ``[V]`` float lm-head bias.
+        temperature, seed, step, logprobs, backend: as in ``sample_and_greedy``.
+
+    Returns:
+        ``(tokens [B] int64, logprobs [B] float32)``, as ``sample_and_greedy``.
+
+    Logits are accumulated in fp32 (IEEE fp32 dots for fp32 inputs, no TF32). Memory: O(B * splits) partials.
+
+    Example::
+
+        >>> hidden = torch.randn(4, 64, dtype=torch.float16)
+        >>> weight = torch.randn(1000, 64, dtype=torch.float16) * 0.05
+        >>> tokens, logp = fused_linear_sample_and_greedy(hidden, weight, torch.tensor([0, 1, 0, 1]).bool(), seed=7)
+    """
+    check_float("hidden", hidden)
+    check_float("weight", weight)
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden: expected a 2-D tensor [B, H], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight: expected a 2-D tensor [V, H], got shape {tuple(weight.shape)}")
+    batch, hidden_size = hidden.shape
+    vocab = weight.shape[0]
+    if weight.shape[1] != hidden_size:
+        raise ValueError(f"weight: expected shape [V, {hidden_size}] (hidden's H), got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight: dtype {weight.dtype} differs from hidden's {hidden.dtype}")
+    if vocab == 0 or hidden_size == 0:
+        raise ValueError(f"weight: V and H must be > 0, got shape {tuple(weight.shape)}")
+    if bias is not None:
+        check_float("bias", bias)
+        if tuple(bias.shape) != (vocab,):
+            raise ValueError(f"bias: expected shape ({vocab},), got {tuple(bias.shape)}")
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if t.numel() and t.stride(1) != 1:
+            raise ValueError(f"{name}: the last dim must be contiguous (stride 1), got strides {tuple(t.stride())}")
+    device = check_same_device(hidden=hidden, weight=weight, bias=bias)
+    if bias is not None:
+        bias = bias.contiguous()
+    temp, _, _, _, seeds, greedy_mask, key_row, _ = _parse_options(
+        batch, vocab, device, greedy_mask, temperature, 0, 1.0, 0.0, seed, step, logprobs
+    )
+    raw = logprobs == "raw"
+    impl = resolve_backend(backend, device)
+    if batch == 0:
+        return torch.empty(0, dtype=torch.int64, device=device), torch.empty(0, dtype=torch.float32, device=device)
+    if impl == "torch":
+        return _fused_sample_torch(hidden, weight, bias, greedy_mask, temp, seeds, key_row, step, raw)
+
+    if device.type == "cuda":
+        block_b = min(64, max(16, triton.next_power_of_2(batch)))
+        block_v, block_h, num_stages = 128, 64, 3
+        num_warps = 8 if block_b >= 32 else 4  # [BLOCK_B, BLOCK_V] fp32 tiles + Philox state per thread
+        n_row_blocks = triton.cdiv(batch, block_b)
+        target_programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        n_splits = max(1, min(triton.cdiv(vocab, block_v), triton.cdiv(target_programs, n_row_blocks)))
+    else:
+        block_b, block_v, block_h, num_warps, num_stages = 16, 64, 32, 4, 1
+        n_splits = min(4, triton.cdiv(vocab, block_v))
+    v_per_split = triton.cdiv(triton.cdiv(vocab, n_splits), block_v) * block_v
+    n_splits = triton.cdiv(vocab, v_per_split)
+    part_f = torch.empty((9, batch, n_splits), dtype=torch.float32, device=device)
+    part_i = torch.empty((2, batch, n_splits), dtype=torch.int32, device=device)
+    grid = (triton.cdiv(batch, block_b), n_splits)
+    _fused_sample_kernel[grid](
+        hidden, weight, bias if bias is not None else hidden, temp, seeds, part_f, part_i,
+        batch, vocab, hidden_size, hidden.stride(0), weight.stride(0), step, v_per_split, n_splits,
+        HAS_BIAS=bias is not None, KEY_ROW=key_row, RAW=raw,
+        INPUT_PRECISION="ieee" if hidden.dtype == torch.float32 else None,
+        BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_H=block_h, num_warps=num_warps, num_stages=num_stages,
+    )
+    # Deterministic combine over splits: argmax returns the first (lowest-vocabulary) split on ties.
+    best_split = part_f[0].argmax(1, keepdim=True)
+    greedy_split = part_f[3].argmax(1, keepdim=True)
+    pick = lambda t, idx: t.gather(1, idx)[:, 0]
+    return _finalize_fused(
+        greedy_mask, temp, pick(part_i[0], best_split), pick(part_f[1], best_split), pick(part_f[2], best_split),
+        pick(part_i[1], greedy_split), pick(part_f[3], greedy_split), part_f[4], part_f[5], part_f[6], part_f[7],
+        part_f[8].sum(1), raw,
+    )
