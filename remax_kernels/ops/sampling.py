@@ -59,8 +59,16 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
-import triton.language as tl
+
+try:
+    import triton
+    import triton.language as tl
+
+    _jit = triton.jit
+except ImportError:  # the torch path needs no Triton, and resolve_backend refuses "triton" without it
+
+    def _jit(fn):
+        return fn
 
 from remax_kernels._dispatch import resolve_backend
 from remax_kernels._validate import check_float, check_same_device, check_tensor
@@ -81,7 +89,7 @@ _TORCH_CHUNK_ELEMS = 1 << 20
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@_jit
 def _philox_word0(k0, k1, c0, c1, c2, c3):
     # Philox4x32-10 on uint32 lanes; only word 0 is used (one draw per (seed, counter)).
     for _ in tl.static_range(10):
@@ -98,7 +106,7 @@ def _philox_word0(k0, k1, c0, c1, c2, c3):
     return c0
 
 
-@triton.jit
+@_jit
 def _gumbel_noise(seed, row_key, step, cols):
     # seed: int64 (scalar or [BB, 1]); row_key: int32 broadcastable to cols; cols: int32 vocabulary indices.
     zero = (cols * 0).to(tl.uint32)
@@ -113,7 +121,7 @@ def _gumbel_noise(seed, row_key, step, cols):
     return -tl.log(-tl.log(u))
 
 
-@triton.jit
+@_jit
 def _ordered_key(z):
     # Monotone map fp32 -> int32 (a < b <=> key(a) < key(b)); -0.0 and +0.0 share key 0 as they compare equal.
     bits = z.to(tl.int32, bitcast=True)
@@ -121,7 +129,7 @@ def _ordered_key(z):
     return tl.where(z == 0.0, 0, key)
 
 
-@triton.jit
+@_jit
 def _threshold_search(
     row_ptr, V, t, m, lo_key, hi_key, lo_mass, target, USE_MASS: tl.constexpr, BLOCK_V: tl.constexpr,
     NUM_PIVOTS: tl.constexpr,
@@ -170,7 +178,7 @@ def _threshold_search(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@_jit
 def _sample_kernel(
     logits_ptr, stride_row, greedy_ptr, temp_ptr, top_k_ptr, top_p_ptr, log_min_p_ptr, seed_ptr,
     tokens_ptr, logprobs_ptr, V, step,
@@ -291,7 +299,7 @@ def _sample_kernel(
     tl.store(logprobs_ptr + row, logp)
 
 
-@triton.jit
+@_jit
 def _fused_sample_kernel(
     hidden_ptr, weight_ptr, bias_ptr, temp_ptr, seed_ptr, part_f_ptr, part_i_ptr,
     B, V, H, stride_hb, stride_wv, step, v_per_split, n_splits,
