@@ -16,11 +16,11 @@ from __future__ import annotations
 
 from remax_kernels.advantages import grpo_advantages, reinforce_advantages, remax_advantages, rloo_advantages
 from remax_kernels.generation import PairedRollout, generate_pairs
+from remax_kernels.losses import policy_loss
 from remax_kernels.ops.fused_linear_logprobs import fused_linear_logprobs
 from remax_kernels.ops.fused_linear_policy_loss import ReMaxLoss, fused_linear_policy_loss
 from remax_kernels.ops.sampling import fused_linear_sample_and_greedy, sample_and_greedy
 from remax_kernels.ops.token_logprobs import token_logprobs
-from remax_kernels.losses import policy_loss
 
 __version__ = "0.1.0"
 

@@ -1,9 +1,397 @@
-"""PLACEHOLDER: being written in this session; replaced before commit."""
+"""Paired rollouts for ReMax: one sampled and one greedy response per prompt, from one prefill and one decode batch.
+
+``generate_pairs(model, input_ids, attention_mask, max_new_tokens=...)`` reads top to bottom:
+
+1. prefill: the ``B`` prompts go through the model once, filling a ``DynamicCache``;
+2. expand: the cache is duplicated along the batch, so rows ``[0, B)`` continue with sampling and rows ``[B, 2B)``
+   greedily (the two halves share nothing after this point);
+3. decode: one ``2B``-row forward per new token; ``sample_and_greedy`` picks every row's next token in one kernel
+   (``greedy_mask`` marks the greedy half), seeded by ``(seed, step)`` so a rollout is reproducible;
+4. finish: a row stops at its EOS token, later tokens are ``pad_token_id``; the loop ends when every row has
+   finished or after ``max_new_tokens``.
+
+Positions follow Hugging Face ``generate``: ``position_ids = cumsum(attention_mask) - 1`` for left-padded prompts,
+then one more per new token. With ``cache_implementation="static"`` the decode step reads a preallocated
+``StaticCache`` (fixed shapes, no per-step reallocation) and with ``use_cuda_graph=True`` that step is compiled
+(``torch.compile(mode="reduce-overhead")``: CUDA graphs), gpt-fast style.
+
+Needs transformers >= 4.56 (the ``Cache.layers`` API); tested with 4.57, 5.17 and 5.24. What changed between
+them is picked from the model's ``forward`` signature: the cache keyword (``cache`` since 5.24, ``past_key_values``
+before) and ``cache_position`` (passed only where ``forward`` still takes it, i.e. before 5).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from remax_kernels._validate import check_index, check_temperature, check_tensor
+from remax_kernels.ops.sampling import sample_and_greedy
+
+CACHE_IMPLEMENTATIONS = ("dynamic", "static")
+
+# One StaticCache per model, reused by ``use_cuda_graph`` calls of the same shape: a new cache means new tensor
+# addresses, which would force torch.compile to recapture the CUDA graph on every call.
+_GRAPH_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def generate_pairs(*args, **kwargs):
-    raise NotImplementedError
+@dataclass
+class PairedRollout:
+    """The output of ``generate_pairs`` for ``B`` prompts of padded length ``P`` and ``R`` decoding steps.
+
+    ``R`` is the number of steps actually run: ``max_new_tokens``, or fewer when every row (sampled and greedy)
+    hit EOS earlier. Row ``i`` of every tensor belongs to prompt ``i``.
+
+    Attributes:
+        sampled_ids, greedy_ids: ``[B, P + R]`` int64, the prompt (as given, left-padded) followed by the response;
+            after a row's EOS every position holds ``pad_token_id``.
+        sampled_attention_mask, greedy_attention_mask: ``[B, P + R]``, the prompt's attention mask followed by the
+            response mask (the dtype of the given attention mask): ready for a reward model or a training forward.
+        sampled_response_mask, greedy_response_mask: ``[B, R]``, 1 at generated tokens up to and including EOS.
+        sampled_logprobs, greedy_logprobs: ``[B, R]`` float32, log-prob of each generated token under the processed
+            distribution it was drawn from (temperature, then top-k / top-p / min-p), 0 past the end.
+        sampled_lengths, greedy_lengths: ``[B]`` int64, generated tokens per row including EOS.
+        prompt_length: ``P``.
+    """
+
+    sampled_ids: torch.Tensor
+    greedy_ids: torch.Tensor
+    sampled_attention_mask: torch.Tensor
+    greedy_attention_mask: torch.Tensor
+    sampled_response_mask: torch.Tensor
+    greedy_response_mask: torch.Tensor
+    sampled_logprobs: torch.Tensor
+    greedy_logprobs: torch.Tensor
+    sampled_lengths: torch.Tensor
+    greedy_lengths: torch.Tensor
+    prompt_length: int
+
+    @property
+    def sampled_response_ids(self) -> torch.Tensor:
+        """``[B, R]`` the sampled responses alone."""
+        return self.sampled_ids[:, self.prompt_length:]
+
+    @property
+    def greedy_response_ids(self) -> torch.Tensor:
+        """``[B, R]`` the greedy responses alone."""
+        return self.greedy_ids[:, self.prompt_length:]
 
 
-def PairedRollout(*args, **kwargs):
-    raise NotImplementedError
+@dataclass(frozen=True)
+class _ForwardKwargs:
+    """How this model's ``forward`` takes its cache, positions and logits slicing (differs across versions)."""
+
+    cache: str
+    position_ids: bool
+    cache_position: bool
+    logits_to_keep: bool
+
+
+def _forward_kwargs(model: torch.nn.Module) -> _ForwardKwargs:
+    params = inspect.signature(model.forward).parameters
+    cache = "cache" if "cache" in params else "past_key_values"
+    return _ForwardKwargs(cache, "position_ids" in params, "cache_position" in params, "logits_to_keep" in params)
+
+
+def _last_logits(
+    model, fwd: _ForwardKwargs, cache, input_ids, attention_mask, position_ids, cache_position
+) -> torch.Tensor:
+    """``[rows, V]`` logits at the last position; the cache is updated in place.
+
+    ``cache_position`` (the cache slots being written) is passed to models of transformers < 5, which need it to
+    index a static cache; later versions track it inside the cache.
+    """
+    kwargs = {fwd.cache: cache, "use_cache": True}
+    if fwd.position_ids:
+        kwargs["position_ids"] = position_ids
+    if fwd.cache_position:
+        kwargs["cache_position"] = cache_position
+    if fwd.logits_to_keep:
+        kwargs["logits_to_keep"] = 1
+    return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits[:, -1, :]
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_last_logits():
+    # Compiled once per process; torch.compile specializes it per model and shape. "reduce-overhead" captures the
+    # decode step in a CUDA graph: at small batch a decode step is launch-bound (hundreds of small kernels).
+    return torch.compile(_last_logits, mode="reduce-overhead", dynamic=False)
+
+
+def _token_ids(name: str, value, default_sources) -> list[int]:
+    """``value`` (int, list of ints or None) as a list; None falls back to the first source that has one."""
+    if value is None:
+        for source in default_sources:
+            value = getattr(source, name, None) if source is not None else None
+            if value is not None:
+                break
+        else:
+            return []
+    values = value.tolist() if isinstance(value, torch.Tensor) else value
+    values = [values] if isinstance(values, int) else values
+    if not isinstance(values, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise TypeError(f"{name}: expected an int or a list of ints, got {value!r}")
+    if any(v < 0 for v in values):
+        raise ValueError(f"{name}: token ids must be >= 0, got {value!r}")
+    return list(values)
+
+
+def _check_sampling_options(top_k, top_p, min_p) -> None:
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+        raise ValueError(f"top_k: expected an int >= 0 (0 = off), got {top_k!r}")
+    if not 0.0 < float(top_p) <= 1.0:
+        raise ValueError(f"top_p: expected 0 < top_p <= 1 (1 = off), got {top_p!r}")
+    if not 0.0 <= float(min_p) < 1.0:
+        raise ValueError(f"min_p: expected 0 <= min_p < 1 (0 = off), got {min_p!r}")
+
+
+def _check_prompts(input_ids, attention_mask) -> None:
+    check_index("input_ids", input_ids)
+    check_tensor("attention_mask", attention_mask)
+    if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids: expected a non-empty 2-D tensor [B, P], got shape {tuple(input_ids.shape)}")
+    if tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(
+            f"attention_mask: shape {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}"
+        )
+    if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
+        raise TypeError(f"attention_mask: expected an integer or bool tensor of 0/1, got {attention_mask.dtype}")
+    if attention_mask.device != input_ids.device:
+        raise ValueError(f"attention_mask: is on {attention_mask.device} but input_ids is on {input_ids.device}")
+    mask = attention_mask.long()
+    if bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError("attention_mask: values must be 0 or 1")
+    if bool((mask.sum(-1) == 0).any()):
+        raise ValueError("attention_mask: every prompt needs at least one token (a row is all zeros)")
+    # New tokens are appended on the right, so padding must be on the left (as for Hugging Face generate).
+    if bool((mask[:, 1:] < mask[:, :-1]).any()):
+        raise ValueError("attention_mask: prompts must be left-padded (a 0 follows a 1 in some row)")
+
+
+def _seeds(seed, batch: int, device: torch.device):
+    """int seed as is; a per-prompt ``[B]`` seed tensor repeated for the greedy half."""
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or tuple(seed.shape) != (batch,):
+            raise ValueError(f"seed: a tensor seed must be int64 of shape [B] = ({batch},), got {seed.dtype} "
+                             f"{tuple(seed.shape)}")
+        return seed.to(device).repeat(2)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed: expected an int or an int64 tensor [B], got {type(seed).__name__}")
+    return seed
+
+
+def _static_cache_from(model, prefill_cache, batch: int, prompt_length: int, max_cache_len: int, *, reuse: bool):
+    """A StaticCache for ``2B`` rows whose first ``P`` slots hold the prefill's keys/values, twice along the batch."""
+    from transformers import StaticCache
+
+    cache = None
+    if reuse:
+        key = (2 * batch, max_cache_len)
+        held = _GRAPH_CACHES.get(model)
+        if held is not None and held[0] == key:
+            cache = held[1]
+            cache.reset()
+    if cache is None:
+        cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+        if reuse:
+            _GRAPH_CACHES[model] = ((2 * batch, max_cache_len), cache)
+    for layer_idx, layer in enumerate(prefill_cache.layers):
+        # A sliding-window layer keeps only its last window - 1 tokens; copying those would misplace them.
+        if layer.keys.shape[-2] != prompt_length:
+            raise ValueError(
+                f"cache_implementation: 'static' needs prompts shorter than the model's sliding window (layer "
+                f"{layer_idx} keeps {layer.keys.shape[-2]} of {prompt_length} prompt tokens); use 'dynamic'"
+            )
+        slots = {"cache_position": torch.arange(prompt_length, device=layer.keys.device)}  # read by transformers < 5
+        cache.update(layer.keys.repeat(2, 1, 1, 1), layer.values.repeat(2, 1, 1, 1), layer_idx, slots)
+    return cache
+
+
+def generate_pairs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    seed: int | torch.Tensor = 0,
+    cache_implementation: str | None = None,
+    use_cuda_graph: bool | None = None,
+) -> PairedRollout:
+    """One sampled and one greedy response per prompt (ReMax's rollout), prefilling each prompt once.
+
+    The prompts are prefilled once as a batch of ``B``; the KV cache is then duplicated so that rows ``[0, B)``
+    decode by sampling and rows ``[B, 2B)`` greedily, all ``2B`` rows in one forward per step, with
+    ``remax_kernels.sample_and_greedy`` choosing the tokens. The greedy responses equal Hugging Face
+    ``model.generate(do_sample=False)`` token for token (up to floating-point ties). The model is put in eval
+    mode while generating and its ``training`` flag is restored afterwards; no gradients are recorded.
+
+    Args:
+        model: a Hugging Face causal LM (``*ForCausalLM``; Llama, Qwen2, Mistral, GPT-2 and their relatives).
+        input_ids: ``[B, P]`` int64/int32 prompt tokens, left-padded, on the model's device.
+        attention_mask: ``[B, P]`` 0/1 (int or bool), 0 at left padding.
+        max_new_tokens: the most tokens to generate per response (>= 1).
+        temperature: > 0; the sampled half draws from ``softmax(logits / temperature)``. Greedy rows take the
+            argmax of the logits (lowest index on ties) whatever the options.
+        top_k, top_p, min_p: filters for the sampled half (0, 1.0, 0.0 = off), applied after the temperature.
+        eos_token_id: int or list of ints; a row stops after emitting one. Default: ``model.generation_config``,
+            else ``model.config``; None there means rows run to ``max_new_tokens``.
+        pad_token_id: written after a row's EOS. Default: ``model.generation_config``, ``model.config``, else the
+            first EOS id (as Hugging Face does), else 0.
+        seed: int, or an int64 tensor ``[B]`` with one seed per prompt. The random numbers behind prompt ``i``'s
+            token at step ``t`` are a function of ``(seed, t, i)`` for an int seed, of ``(seed[i], t)`` for a tensor
+            (then a prompt's response does not depend on the rest of the batch): the same call gives the same
+            rollout.
+        cache_implementation: ``"dynamic"`` (transformers' DynamicCache: grows by concatenation each step) or
+            ``"static"`` (a preallocated StaticCache of ``P + max_new_tokens`` slots; attention then spans all
+            slots every step, masked). Default: ``"static"`` with ``use_cuda_graph``, else ``"dynamic"``.
+            ``"static"`` needs prompts shorter than a sliding-window model's window.
+        use_cuda_graph: compile the decode step with ``torch.compile(mode="reduce-overhead")`` (CUDA graphs over a
+            static cache; CUDA only). The compiled step and its cache are kept per model and reused while the
+            shapes ``(B, P, max_new_tokens)`` stay the same (new shapes recompile: pad prompts to a fixed length).
+            Default None = off: it is not yet measured faster than the eager step on a GPU.
+
+    Returns:
+        a ``PairedRollout`` (see its docstring): prompt + response ids, attention and response masks, per-token
+        log-probs and lengths for both halves, and the prompt length ``P``.
+
+    Example::
+
+        >>> import torch, transformers, remax_kernels as rk
+        >>> config = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+        ...     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+        >>> model = transformers.LlamaForCausalLM(config)
+        >>> ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
+        >>> mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+        >>> out = rk.generate_pairs(model, ids, mask, max_new_tokens=8, temperature=0.7, eos_token_id=2, seed=1)
+        >>> out.sampled_ids.shape == out.greedy_ids.shape == (2, 5 + out.sampled_response_mask.shape[1])
+        True
+    """
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise TypeError(f"model: expected a Hugging Face causal LM (an nn.Module with a config), got {type(model)}")
+    _check_prompts(input_ids, attention_mask)
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
+    temperature = check_temperature("temperature", temperature)
+    _check_sampling_options(top_k, top_p, min_p)
+    param = next(model.parameters(), None)
+    if param is not None and param.device != input_ids.device:
+        raise ValueError(f"input_ids: is on {input_ids.device} but the model is on {param.device}")
+    if use_cuda_graph is None:
+        use_cuda_graph = False
+    if use_cuda_graph and input_ids.device.type != "cuda":
+        raise ValueError(f"use_cuda_graph: CUDA graphs need CUDA tensors, got {input_ids.device}")
+    if cache_implementation is None:
+        cache_implementation = "static" if use_cuda_graph else "dynamic"
+    if cache_implementation not in CACHE_IMPLEMENTATIONS:
+        raise ValueError(f"cache_implementation: expected one of {CACHE_IMPLEMENTATIONS}, got {cache_implementation!r}")
+    if use_cuda_graph and cache_implementation != "static":
+        raise ValueError("cache_implementation: use_cuda_graph needs 'static' (CUDA graphs need fixed addresses)")
+    generation_config = getattr(model, "generation_config", None)
+    eos_ids = _token_ids("eos_token_id", eos_token_id, (generation_config, model.config))
+    pad_ids = _token_ids("pad_token_id", pad_token_id, (generation_config, model.config))
+    pad = pad_ids[0] if pad_ids else (eos_ids[0] if eos_ids else 0)
+
+    batch, prompt_length = input_ids.shape
+    device = input_ids.device
+    seeds = _seeds(seed, batch, device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            tokens, logprobs, alive = _decode(
+                model, input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
+                top_k=top_k, top_p=top_p, min_p=min_p, eos_ids=eos_ids, pad=pad, seeds=seeds,
+                static=cache_implementation == "static", use_cuda_graph=use_cuda_graph,
+            )
+    finally:
+        model.train(was_training)
+
+    response_mask = alive.to(attention_mask.dtype)
+    ids = torch.cat([input_ids.long().repeat(2, 1), tokens], dim=1)
+    full_mask = torch.cat([attention_mask.repeat(2, 1), response_mask], dim=1)
+    lengths = alive.sum(-1)
+    s, g = slice(0, batch), slice(batch, 2 * batch)
+    return PairedRollout(
+        sampled_ids=ids[s], greedy_ids=ids[g],
+        sampled_attention_mask=full_mask[s], greedy_attention_mask=full_mask[g],
+        sampled_response_mask=response_mask[s], greedy_response_mask=response_mask[g],
+        sampled_logprobs=logprobs[s], greedy_logprobs=logprobs[g],
+        sampled_lengths=lengths[s], greedy_lengths=lengths[g],
+        prompt_length=prompt_length,
+    )
+
+
+def _decode(
+    model, input_ids, attention_mask, *, max_new_tokens, temperature, top_k, top_p, min_p, eos_ids, pad, seeds,
+    static, use_cuda_graph,
+):
+    """The prefill + paired decode loop. Returns ``[2B, R]`` tokens, float32 log-probs and the bool alive mask."""
+    from transformers import DynamicCache
+
+    batch, prompt_length = input_ids.shape
+    rows, device = 2 * batch, input_ids.device
+    fwd = _forward_kwargs(model)
+    mask = attention_mask.long()
+    # Hugging Face generate's positions: left padding does not count; padded slots get a harmless 1.
+    position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+    cache = DynamicCache(config=model.config)
+    if not hasattr(cache, "layers"):
+        raise RuntimeError("generate_pairs needs transformers >= 4.56 (Cache.layers)")
+    logits = _last_logits(
+        model, fwd, cache, input_ids, mask, position_ids, torch.arange(prompt_length, device=device)
+    )
+    logits = logits.repeat(2, 1)
+    if static:
+        cache = _static_cache_from(
+            model, cache, batch, prompt_length, prompt_length + max_new_tokens, reuse=use_cuda_graph
+        )
+        # Fixed-shape mask over every cache slot; slots not yet written are hidden by the causal mask.
+        step_mask = torch.cat([mask.repeat(2, 1), mask.new_ones(rows, max_new_tokens)], dim=1)
+    else:
+        cache.reorder_cache(torch.arange(rows, device=device) % batch)
+        step_mask = mask.repeat(2, 1)
+    step_forward = _compiled_last_logits() if use_cuda_graph else _last_logits
+
+    greedy_mask = torch.arange(rows, device=device) >= batch
+    eos = torch.tensor(eos_ids, dtype=torch.int64, device=device)
+    position = position_ids[:, -1:].repeat(2, 1)
+    tokens = torch.full((rows, max_new_tokens), pad, dtype=torch.int64, device=device)
+    logprobs = torch.zeros((rows, max_new_tokens), dtype=torch.float32, device=device)
+    alive = torch.zeros((rows, max_new_tokens), dtype=torch.bool, device=device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    steps = max_new_tokens
+    for step in range(max_new_tokens):
+        token, logp = sample_and_greedy(
+            logits, greedy_mask, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seeds,
+            step=step, logprobs="processed",
+        )
+        # Released before the next forward: with CUDA graphs the next replay overwrites this output buffer.
+        logits = None
+        token = token.masked_fill(finished, pad)
+        tokens[:, step] = token
+        logprobs[:, step] = logp.masked_fill(finished, 0.0)
+        alive[:, step] = ~finished
+        finished = finished | torch.isin(token, eos)
+        # One host sync per step to stop early, as Hugging Face generate does.
+        if step + 1 == max_new_tokens or bool(finished.all()):
+            steps = step + 1
+            break
+        position = position + 1
+        if not static:
+            step_mask = torch.cat([step_mask, step_mask.new_ones(rows, 1)], dim=1)
+        if use_cuda_graph:
+            torch.compiler.cudagraph_mark_step_begin()
+        slot = torch.full((1,), prompt_length + step, dtype=torch.int64, device=device)
+        logits = step_forward(model, fwd, cache, token[:, None], step_mask, position, slot)
+    return tokens[:, :steps], logprobs[:, :steps], alive[:, :steps]

@@ -20,7 +20,9 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return (out - ref).norm().item() / max(denom, 1e-30)
 
 
-def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, *, name: str = "output", scale: float = 1.0):
+def assert_rel_close(
+    out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, *, name: str = "output", scale: float = 1.0
+):
     """Assert out ~ ref within the dtype's relative-norm tolerance (times `scale`), with a small absolute slack."""
     assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
     assert torch.isfinite(out.detach().cpu().double()).all() or not torch.isfinite(ref.cpu().double()).all(), (
@@ -29,7 +31,9 @@ def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, *
     out_d, ref_d = out.detach().double().cpu(), ref.detach().double().cpu()
     diff = (out_d - ref_d).norm().item()
     bound = REL_TOL[dtype] * scale * ref_d.norm().item() + ABS_TOL[dtype] * scale * max(ref_d.numel(), 1) ** 0.5
-    assert diff <= bound, f"{name}: ||out-ref|| = {diff:.3e} > bound {bound:.3e} (rel err {rel_err(out, ref):.3e}, {dtype})"
+    assert diff <= bound, (
+        f"{name}: ||out-ref|| = {diff:.3e} > bound {bound:.3e} (rel err {rel_err(out, ref):.3e}, {dtype})"
+    )
 
 
 def poison_like(shape, dtype, device) -> torch.Tensor:
