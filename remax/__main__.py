@@ -1,0 +1,9 @@
+"""``python -m remax ...`` = the ``remax`` command."""
+
+from __future__ import annotations
+
+import sys
+
+from remax.cli import main
+
+sys.exit(main())

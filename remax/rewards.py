@@ -1,0 +1,147 @@
+"""Reward functions: a Python callable named ``module:function``, or a local HF sequence-classification model.
+
+Every reward the trainer calls goes through ``RewardFunction``, which checks the output (a float tensor ``[B]``,
+finite) and raises one clear error naming the reward otherwise. ``probe`` calls it once on two prompts before any
+heavy work, so a reward returning the wrong shape or NaN fails in seconds, not after the warm-start.
+
+A callable reward has the signature ``fn(prompts: list[str], responses: list[str]) -> Tensor[B] | list[float]``; if
+it also accepts ``prompt_ids`` / ``response_ids`` (or ``**kwargs``) it receives the token ids as lists of int lists.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import os
+from collections.abc import Callable
+
+import torch
+
+
+class RewardFunction:
+    """Validating wrapper: ``reward(prompts, responses, prompt_ids=None, response_ids=None) -> float32 [B]`` (CPU)."""
+
+    def __init__(self, fn: Callable, *, name: str):
+        if not callable(fn):
+            raise TypeError(f"reward: {name} is not callable")
+        self.fn = fn
+        self.name = name
+        try:
+            params = inspect.signature(fn).parameters.values()
+        except (TypeError, ValueError):
+            params = ()
+        self._takes_ids = any(p.kind == p.VAR_KEYWORD or p.name in ("prompt_ids", "response_ids") for p in params)
+
+    def __call__(self, prompts: list[str], responses: list[str], *, prompt_ids=None, response_ids=None) -> torch.Tensor:
+        if self._takes_ids and prompt_ids is not None:
+            out = self.fn(prompts, responses, prompt_ids=prompt_ids, response_ids=response_ids)
+        else:
+            out = self.fn(prompts, responses)
+        return check_reward_output(out, len(prompts), self.name)
+
+    def probe(self, prompts: list[str], tokenizer=None) -> None:
+        """Call once on (up to) two prompts with a dummy response "0" to check the output before heavy work.
+
+        Token ids (for rewards that take them) come from ``tokenizer``; without one they are empty lists.
+        """
+        sample = list(prompts[:2])
+        responses = ["0"] * len(sample)
+        if tokenizer is not None:
+            prompt_ids = [tokenizer(p).input_ids for p in sample]
+            response_ids = [tokenizer(r, add_special_tokens=False).input_ids for r in responses]
+        else:
+            prompt_ids = response_ids = [[] for _ in sample]
+        self(sample, responses, prompt_ids=prompt_ids, response_ids=response_ids)
+
+
+def check_reward_output(out, batch: int, name: str) -> torch.Tensor:
+    """``out`` as a float32 CPU tensor ``[batch]``; ``ValueError``/``TypeError`` naming the reward otherwise."""
+    if isinstance(out, (list, tuple)):
+        try:
+            out = torch.tensor(out, dtype=torch.float32)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"reward: {name} returned a {type(out).__name__} that is not a list of numbers") from err
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"reward: {name} must return a float tensor [B] (or a list of floats), "
+                        f"got {type(out).__name__}")
+    if not (out.dtype.is_floating_point or out.dtype in (torch.int32, torch.int64)):
+        raise TypeError(f"reward: {name} returned dtype {out.dtype}; expected a float tensor [B]")
+    if out.dim() == 2 and out.shape[1] == 1:
+        out = out[:, 0]
+    if tuple(out.shape) != (batch,):
+        raise ValueError(f"reward: {name} returned shape {tuple(out.shape)} for {batch} responses; expected [{batch}]")
+    out = out.detach().float().cpu()
+    n_bad = int((~torch.isfinite(out)).sum())
+    if n_bad:
+        raise ValueError(f"reward: {name} returned {n_bad} NaN/inf value(s) out of {batch}")
+    return out
+
+
+def import_callable(spec: str) -> Callable:
+    """``"package.module:function"`` (or ``path/to/file.py:function``) -> the function."""
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"reward: {spec!r} is neither 'module:function' nor a local model directory")
+    try:
+        if module_name.endswith(".py"):
+            if not os.path.isfile(module_name):
+                raise ValueError(f"reward: file {module_name!r} does not exist")
+            loader = importlib.util.spec_from_file_location(os.path.basename(module_name)[:-3], module_name)
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"reward: cannot import module {module_name!r} ({err})") from err
+    try:
+        fn = getattr(module, attr)
+    except AttributeError:
+        raise ValueError(f"reward: module {module_name!r} has no attribute {attr!r}") from None
+    if not callable(fn):
+        raise TypeError(f"reward: {spec} is not callable")
+    return fn
+
+
+class SequenceClassifierReward:
+    """Scores ``prompt + response`` texts with a local HF sequence-classification model (logit 0 of each row)."""
+
+    def __init__(self, path: str, *, device: torch.device, batch_size: int = 32, max_length: int = 1024):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            self.model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"reward: cannot load a sequence-classification model from {path!r}: {err}") from err
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model.to(device).eval().requires_grad_(False)
+        self.device = device
+        self.batch_size = batch_size
+        self.max_length = max_length
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        texts = [p + r for p, r in zip(prompts, responses, strict=True)]
+        scores = []
+        self.tokenizer.truncation_side = "left"
+        for start in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(texts[start : start + self.batch_size], padding=True, truncation=True,
+                                 max_length=self.max_length, return_tensors="pt").to(self.device)
+            scores.append(self.model(**enc).logits[:, 0].float().cpu())
+        return torch.cat(scores)
+
+
+def load_reward(spec: str | None, *, device: torch.device, default: Callable | None = None) -> RewardFunction:
+    """Resolve ``config.reward``: None -> ``default`` (the task's reward), a directory -> ``SequenceClassifierReward``,
+    else ``module:function``."""
+    if spec is None:
+        if default is None:
+            raise ValueError("reward: no reward given; pass --reward module:function or a reward-model directory")
+        return RewardFunction(default, name=f"{default.__module__}:{default.__name__}")
+    if os.path.isdir(spec):
+        return RewardFunction(SequenceClassifierReward(spec, device=device), name=spec)
+    return RewardFunction(import_callable(spec), name=spec)

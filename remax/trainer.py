@@ -1,0 +1,670 @@
+"""The ReMax training loop.
+
+One step, top to bottom (``Trainer.train_step``):
+
+1. take this step's prompts (a seeded permutation per epoch, so step k's prompts depend only on (seed, k));
+2. ``generate_pairs``: one sampled and one greedy response per prompt, sharing the prompt's prefill; sampling noise
+   is seeded per (seed, step, rollout chunk), so a run does not depend on how many ranks share the batch;
+3. rewards of both responses; advantages (ReMax: r(sampled) - r(greedy); or REINFORCE / RLOO / GRPO), optionally
+   KL-shaped with the frozen reference's log-probs;
+4. the policy loss straight from hidden states (``causal_lm_policy_loss``: no ``[tokens, vocab]`` logits), in
+   micro-batches normalized so their gradients add up to the full batch's exactly; one optimizer step.
+
+Every step appends one JSON line to ``RUN_DIR/metrics.jsonl``; evaluation (greedy and sampled reward on held-out
+prompts with a fixed seed) runs before training, every ``eval_every`` steps and at the end.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import math
+import os
+import random
+import resource
+import time
+
+import numpy as np
+import torch
+
+from remax.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_atomic
+from remax.config import TrainConfig, save_config
+from remax.data import format_prompts, load_jsonl_prompts, tokenize_prompts, uses_chat_template
+from remax.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    gathered_params,
+    local_tensor,
+    wrap_model,
+)
+from remax.model import apply_lora, enable_gradient_checkpointing, frozen_copy, pick_device
+from remax.rewards import RewardFunction
+
+# Keys of a metrics record that measure the machine, not the run (excluded when comparing runs for equality).
+PERF_PREFIX = "perf/"
+
+
+def derive_seed(*parts) -> int:
+    """A 31-bit seed from any parts; different parts give unrelated seeds (no arithmetic collisions)."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+def lr_lambda(config: TrainConfig):
+    """Multiplier of ``config.lr`` at a step: linear warm-up, then constant / cosine / linear decay to min_lr_ratio."""
+    warmup, total, floor, kind = config.warmup_steps, config.steps, config.min_lr_ratio, config.lr_schedule
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1 - progress
+        return floor + (1 - floor) * decay
+
+    return factor
+
+
+def _pad_right(t: torch.Tensor, length: int, value) -> torch.Tensor:
+    if t.shape[1] == length:
+        return t
+    pad = t.new_full((t.shape[0], length - t.shape[1]), value)
+    return torch.cat([t, pad], dim=1)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    # Linux reports ru_maxrss in KiB: the process's peak resident memory so far.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Trainer:
+    """ReMax (or REINFORCE / RLOO / GRPO) on an HF causal LM.
+
+    Args:
+        policy: an HF causal LM (``LlamaForCausalLM``, ...) in float32; moved to the configured device. With
+            ``config.lora_r > 0`` it is wrapped with LoRA adapters here (peft).
+        tokenizer: its HF tokenizer (a pad token is needed; eos is used when there is none).
+        reward_fn: ``fn(prompts, responses) -> float [B]`` (strings; see ``remax.rewards``), or a ``RewardFunction``.
+        ref_model: frozen KL reference; default (when ``config.kl_coef > 0``): a copy of ``policy`` as given.
+        config: a ``TrainConfig``.
+        prompts / eval_prompts: lists of prompt strings; default: read from ``config.prompts`` /
+            ``config.eval_prompts`` (JSONL), the held-out set defaulting to the last ``eval_size`` training prompts.
+        dist_info: ranks when launched by torchrun (``remax.distributed.init_distributed``).
+
+    Example::
+
+        >>> trainer = Trainer(policy, tokenizer, my_reward, config=TrainConfig(model="ckpt/", steps=100),
+        ...                   prompts=["Write a haiku about rain.", ...])
+        >>> summary = trainer.train()   # metrics.jsonl, checkpoints and reward_curves.png in summary["run_dir"]
+    """
+
+    def __init__(
+        self,
+        policy: torch.nn.Module,
+        tokenizer,
+        reward_fn,
+        *,
+        ref_model: torch.nn.Module | None = None,
+        config: TrainConfig,
+        prompts: list[str] | None = None,
+        eval_prompts: list[str] | None = None,
+        dist_info: DistInfo | None = None,
+        log=print,
+    ):
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"config: expected a remax.TrainConfig, got {type(config).__name__}")
+        self.config = config
+        self.info = dist_info or DistInfo()
+        config.check_world(self.info.world_size)
+        self.device = pick_device(config.device)
+        self._log = log if self.info.is_main else None
+        if tokenizer.pad_token_id is None:
+            if tokenizer.eos_token_id is None:
+                raise ValueError("tokenizer: needs a pad or an eos token to pad prompts")
+            tokenizer.pad_token = tokenizer.eos_token
+        self.tokenizer = tokenizer
+        self.reward_fn = reward_fn if isinstance(reward_fn, RewardFunction) else RewardFunction(
+            reward_fn, name=getattr(reward_fn, "__qualname__", type(reward_fn).__name__))
+
+        self.prompts, self.eval_prompts = self._resolve_prompts(prompts, eval_prompts)
+        self.reward_fn.probe(self.prompts, tokenizer)
+        self._templated = uses_chat_template(tokenizer, config.chat_template)
+
+        if config.kl_coef > 0 and ref_model is None:
+            ref_model = frozen_copy(policy)
+        self.ref_runner = None
+        if config.kl_coef > 0:
+            ref_model.requires_grad_(False).eval().to(self.device)
+            self.ref_runner = wrap_model(ref_model, self.info, self.device)
+        policy = apply_lora(policy, config) if not hasattr(policy, "peft_config") else policy
+        policy.to(self.device)
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(policy)
+        self.policy = policy
+        self.runner = wrap_model(policy, self.info, self.device)
+        if self.info.enabled:
+            self._print(f"FSDP2: policy{' and reference' if self.ref_runner else ''} sharded over "
+                        f"{self.info.world_size} ranks")
+        params = [p for p in self.runner.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("policy: has no trainable parameters")
+        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
+        self.step = 0
+        self.history: list[dict] = []
+        self.run_dir: str | None = None
+        self._perms: dict[int, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _resolve_prompts(self, prompts, eval_prompts) -> tuple[list[str], list[str]]:
+        cfg = self.config
+        if prompts is None:
+            if cfg.prompts is None:
+                raise ValueError("prompts: pass prompts=[...] or set config.prompts to a JSONL file")
+            prompts = load_jsonl_prompts(cfg.prompts, field=cfg.prompt_field)
+        if eval_prompts is None and cfg.eval_prompts is not None:
+            eval_prompts = load_jsonl_prompts(cfg.eval_prompts, field=cfg.prompt_field)
+        if eval_prompts is None:
+            if len(prompts) < 2 * cfg.eval_size:
+                n_eval = max(1, len(prompts) // 10)
+            else:
+                n_eval = cfg.eval_size
+            prompts, eval_prompts = prompts[:-n_eval], prompts[-n_eval:]
+        prompts, eval_prompts = list(prompts), list(eval_prompts)[: cfg.eval_size]
+        for name, values in (("prompts", prompts), ("eval_prompts", eval_prompts)):
+            if not values or not all(isinstance(p, str) for p in values):
+                raise ValueError(f"{name}: expected a non-empty list of strings")
+        return prompts, eval_prompts
+
+    def _autocast(self):
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16,
+                              enabled=self.config.bf16 and self.device.type == "cuda")
+
+    def _print(self, text: str) -> None:
+        if self._log is not None:
+            self._log(text)
+
+    # --- data -------------------------------------------------------------------------------------------------
+    def _group(self) -> int:
+        return self.config.group_size if self.config.estimator in ("rloo", "grpo") else 1
+
+    def step_prompt_indices(self, step: int) -> torch.Tensor:
+        """Prompt index of every row at ``step`` ([batch_size] int64); rloo/grpo repeat a prompt group_size times."""
+        group = self._group()
+        per_step = self.config.batch_size // group
+        n = len(self.prompts)
+        positions = torch.arange(step * per_step, (step + 1) * per_step)
+        out = torch.empty(per_step, dtype=torch.long)
+        for epoch in positions.div(n, rounding_mode="floor").unique().tolist():
+            if epoch not in self._perms:
+                gen = torch.Generator().manual_seed(derive_seed(self.config.seed, "data", epoch))
+                self._perms = {epoch: torch.randperm(n, generator=gen)}
+            sel = positions.div(n, rounding_mode="floor") == epoch
+            out[sel] = self._perms[epoch][positions[sel] % n]
+        return out.repeat_interleave(group)
+
+    def _local_rows(self, rows: int) -> tuple[int, int]:
+        per_rank = rows // self.info.world_size
+        return self.info.rank * per_rank, per_rank
+
+    # --- rollout ----------------------------------------------------------------------------------------------
+    def _generate(self, jobs: list[tuple[list[str], list[int], int]]) -> list[dict]:
+        """Paired rollouts for each job ``(texts, row_seeds, chunk_size)``, all in ONE runner call.
+
+        A job's texts are tokenized together (one prompt length P) and generated ``chunk_size`` rows at a time.
+        Every row has its own sampling seed, so its response depends on (seed, its prompt) only: not on the
+        chunking, the batch or the number of ranks. One runner call per phase keeps the collectives identical on
+        every rank whatever its amount of work (see ``remax.distributed``). Returns per job a dict of ``[B, ...]``
+        tensors: prompt_ids/prompt_mask ``[B, P]``, ``{sampled,greedy}_ids`` / ``_attention_mask`` ``[B, P+R]``,
+        ``_response_mask`` (bool) / ``_logprobs`` ``[B, R]``, ``_lengths`` ``[B]``, and ``prompt_length`` P.
+        """
+        from remax_kernels import generate_pairs
+
+        cfg = self.config
+        encoded = []
+        for texts, row_seeds, _ in jobs:
+            formatted = format_prompts(self.tokenizer, texts, chat_template=cfg.chat_template)
+            ids, mask = tokenize_prompts(self.tokenizer, formatted, max_length=cfg.max_prompt_length,
+                                         templated=self._templated)
+            seeds = torch.tensor(row_seeds, dtype=torch.int64, device=self.device)
+            encoded.append((ids.to(self.device), mask.to(self.device), seeds))
+
+        def run_jobs(model):
+            results = []
+            with gathered_params(self.runner), torch.no_grad(), self._autocast():
+                for (ids, mask, seeds), (_, _, size) in zip(encoded, jobs, strict=True):
+                    outs = [
+                        generate_pairs(
+                            model, ids[i : i + size], mask[i : i + size], max_new_tokens=cfg.response_budget,
+                            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p,
+                            eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                            seed=seeds[i : i + size],
+                        )
+                        for i in range(0, ids.shape[0], size)
+                    ]
+                    results.append(self._merge_rollouts(outs, ids, mask))
+            return results
+
+        return self.runner(run_jobs)
+
+    def _merge_rollouts(self, outs: list, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> dict:
+        P = prompt_ids.shape[1]
+        R = max(o.sampled_response_mask.shape[1] for o in outs)
+        pad = self.tokenizer.pad_token_id
+        merged = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "prompt_length": P}
+        for kind in ("sampled", "greedy"):
+            merged[f"{kind}_ids"] = torch.cat([_pad_right(getattr(o, f"{kind}_ids"), P + R, pad) for o in outs])
+            merged[f"{kind}_attention_mask"] = torch.cat(
+                [_pad_right(getattr(o, f"{kind}_attention_mask"), P + R, 0) for o in outs])
+            merged[f"{kind}_response_mask"] = torch.cat(
+                [_pad_right(getattr(o, f"{kind}_response_mask"), R, 0) for o in outs]).bool()
+            merged[f"{kind}_logprobs"] = torch.cat(
+                [_pad_right(getattr(o, f"{kind}_logprobs").float(), R, 0.0) for o in outs])
+            merged[f"{kind}_lengths"] = torch.cat([getattr(o, f"{kind}_lengths") for o in outs])
+        return merged
+
+    def _score(self, texts: list[str], rollout: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rewards ``[B]`` (float32, CPU) of the sampled and the greedy responses (one reward call for both)."""
+        P = rollout["prompt_length"]
+        responses, response_ids = [], []
+        for kind in ("sampled", "greedy"):
+            ids = rollout[f"{kind}_ids"][:, P:].cpu()
+            mask = rollout[f"{kind}_response_mask"].cpu()
+            for row in range(ids.shape[0]):
+                toks = ids[row][mask[row]].tolist()
+                response_ids.append(toks)
+                responses.append(self.tokenizer.decode(toks, skip_special_tokens=True))
+        prompt_ids = [row[m.bool()].tolist()
+                      for row, m in zip(rollout["prompt_ids"].cpu(), rollout["prompt_mask"].cpu(), strict=True)]
+        rewards = self.reward_fn(list(texts) * 2, responses, prompt_ids=prompt_ids * 2, response_ids=response_ids)
+        B = len(texts)
+        return rewards[:B], rewards[B:]
+
+    # --- loss -------------------------------------------------------------------------------------------------
+    def _advantages(self, r_sampled, r_greedy, response_mask, token_kl) -> torch.Tensor:
+        import remax_kernels as rk
+
+        cfg = self.config
+        kl = dict(token_kl=token_kl, kl_coef=cfg.kl_coef) if token_kl is not None else {}
+        shaping = dict(response_mask=response_mask, gamma=cfg.gamma, kl_mode=cfg.kl_mode, whiten=cfg.whiten, **kl)
+        if cfg.estimator == "remax":
+            return rk.remax_advantages(r_sampled, r_greedy, clip_reward=cfg.clip_reward, **shaping)
+        if cfg.estimator == "reinforce":
+            return rk.reinforce_advantages(r_sampled, clip_reward=cfg.clip_reward, **shaping)
+        if cfg.estimator == "rloo":
+            return rk.rloo_advantages(r_sampled, cfg.group_size, **shaping)
+        return rk.grpo_advantages(r_sampled, cfg.group_size, **shaping)
+
+    def _response_logprobs(self, runner, ids, attention_mask, response_mask, *, entropy: bool = False):
+        """No-grad log-probs (and entropies) ``[B, R]`` of the response tokens at the sampling temperature."""
+        from remax_kernels.hf import causal_lm_logprobs
+
+        def run(model):
+            with torch.no_grad(), self._autocast():
+                return causal_lm_logprobs(model, ids, attention_mask, response_mask=response_mask,
+                                          temperature=self.config.temperature, return_entropy=entropy)
+
+        out = runner(run)
+        return (out[0].float(), out[1].float()) if entropy else (out.float(), None)
+
+    def _loss_weights(self, micro: list[slice], response_mask: torch.Tensor) -> list[float]:
+        """Per-micro-batch loss multipliers so the summed gradients equal the global batch's (see loss_agg_mode).
+
+        token-mean: tokens_m / tokens_global; seq-mean-*: rows_m / rows_global; seq-mean-token-sum-norm divides by
+        a constant, so its micro-batch losses simply add up. FSDP2 averages gradients over ranks, hence the
+        ``world_size`` factor.
+        """
+        mode = self.config.loss_agg_mode
+        world = self.info.world_size
+        if mode == "seq-mean-token-sum-norm":
+            return [float(world)] * len(micro)
+        counts = [float(response_mask[s].sum()) if mode == "token-mean" else float(s.stop - s.start) for s in micro]
+        total = float(all_reduce_sum(torch.tensor([sum(counts)], dtype=torch.float64), self.info)[0])
+        return [world * c / max(total, 1.0) for c in counts]
+
+    def _policy_loss(self, model, ids, attention_mask, response_mask, advantages, ref_logprobs):
+        from remax_kernels.hf import causal_lm_policy_loss
+
+        cfg = self.config
+        kwargs = dict(temperature=cfg.temperature, entropy_coef=cfg.entropy_coef, loss_agg_mode=cfg.loss_agg_mode)
+        if cfg.loss_agg_mode == "seq-mean-token-sum-norm":
+            # A constant (the generation budget), so micro-batches of different lengths share one divisor.
+            kwargs["loss_agg_norm"] = float(cfg.response_budget)
+        if ref_logprobs is not None:
+            kwargs.update(ref_logprobs=ref_logprobs, kl_estimator=cfg.kl_estimator,
+                          kl_coef=cfg.kl_coef if cfg.kl_penalty == "loss" else 0.0)
+        with self._autocast():
+            return causal_lm_policy_loss(model, ids, attention_mask, response_mask, advantages, **kwargs)
+
+    def _grad_shards(self) -> list[torch.Tensor | None]:
+        return [local_tensor(p.grad).detach().clone() if p.grad is not None else None
+                for p in self.optimizer.param_groups[0]["params"]]
+
+    # --- one step ---------------------------------------------------------------------------------------------
+    def train_step(self, step: int) -> dict:
+        """Rollout, rewards, advantages, loss and one optimizer step; returns the step's metrics record."""
+        cfg = self.config
+        t_start = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        rows = self.step_prompt_indices(step)
+        first, n_local = self._local_rows(len(rows))
+        texts = [self.prompts[i] for i in rows[first : first + n_local].tolist()]
+        seeds = [derive_seed(cfg.seed, "rollout", step, row) for row in range(first, first + n_local)]
+        rollout = self._generate([(texts, seeds, cfg.rollout_batch_size or n_local)])[0]
+        t_rollout = time.perf_counter()
+
+        r_sampled, r_greedy = self._score(texts, rollout)
+        t_reward = time.perf_counter()
+
+        ids, attn = rollout["sampled_ids"], rollout["sampled_attention_mask"]
+        resp = rollout["sampled_response_mask"]
+        ref_logprobs = token_kl = None
+        if self.ref_runner is not None:
+            ref_logprobs = self._response_logprobs(self.ref_runner, ids, attn, resp)[0]
+            # k1 from rollout-time log-probs (constants), as the official ReMax code.
+            token_kl = torch.where(resp, rollout["sampled_logprobs"] - ref_logprobs, 0.0)
+        shaping_kl = token_kl if cfg.kl_penalty == "reward" else None
+        advantages = self._advantages(r_sampled.to(self.device), r_greedy.to(self.device), resp, shaping_kl)
+        entropy = None
+        if cfg.log_entropy and cfg.entropy_coef == 0:
+            entropy = self._response_logprobs(self.runner, ids, attn, resp, entropy=True)[1]
+
+        n_micro = cfg.grad_accum
+        if cfg.track_grad_var and n_micro == 1 and n_local >= 2:
+            n_micro = 2
+        bounds = np.linspace(0, n_local, n_micro + 1).round().astype(int)
+        micro = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+        weights = self._loss_weights(micro, resp)
+        stats = _Stats()
+        half_grads = None
+        self.policy.train()
+        for i, (s, w) in enumerate(zip(micro, weights, strict=True)):
+            ref_m = None if ref_logprobs is None else ref_logprobs[s]
+            loss, m = self.runner(self._policy_loss, ids[s], attn[s], resp[s], advantages[s], ref_m)
+            (loss * w).backward()
+            tokens = float(resp[s].sum())
+            for key in ("pg_loss", "logprob_mean", "kl", "entropy"):
+                if key in m:
+                    stats.add(f"loss/{key}" if key != "entropy" else "entropy", float(m[key]) * tokens, tokens)
+            if cfg.track_grad_var and i == len(micro) // 2 - 1:
+                half_grads = self._grad_shards()
+        grad_var = self._grad_var(half_grads, micro, weights) if half_grads is not None else None
+
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], max_norm)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        t_end = time.perf_counter()
+
+        tokens = float(resp.sum())
+        stats.add("reward/sampled", float(r_sampled.sum()), n_local)
+        stats.add("reward/greedy", float(r_greedy.sum()), n_local)
+        stats.add("_reward_sampled_sq", float(r_sampled.square().sum()), n_local)
+        stats.add("response_length/sampled", float(rollout["sampled_lengths"].sum()), n_local)
+        stats.add("response_length/greedy", float(rollout["greedy_lengths"].sum()), n_local)
+        adv = advantages if advantages.dim() == 2 else advantages[:, None].expand_as(resp)
+        adv = torch.where(resp, adv.float(), 0.0)
+        stats.add("adv/mean", float(adv.sum()), tokens)
+        stats.add("_adv_sq", float(adv.square().sum()), tokens)
+        if token_kl is not None:
+            stats.add("kl", float(token_kl.sum()), tokens)
+        if entropy is not None:
+            stats.add("entropy", float(torch.where(resp, entropy, 0.0).sum()), tokens)
+        record = {"split": "train", "step": step + 1}
+        record.update(stats.reduce(self.info))
+        sampled_sq = record.pop("_reward_sampled_sq")
+        record["reward/sampled_std"] = math.sqrt(max(sampled_sq - record["reward/sampled"] ** 2, 0.0))
+        record["adv/std"] = math.sqrt(max(record.pop("_adv_sq") - record["adv/mean"] ** 2, 0.0))
+        record["grad_norm"] = grad_norm
+        if grad_var is not None:
+            record["grad_var"] = grad_var
+        record["lr"] = lr
+        generated = (record["response_length/sampled"] + record["response_length/greedy"]) * len(rows)
+        record.update({
+            "perf/step_time_s": t_end - t_start,
+            "perf/rollout_s": t_rollout - t_start,
+            "perf/reward_s": t_reward - t_rollout,
+            "perf/train_s": t_end - t_reward,
+            "perf/tokens_per_s": generated / max(t_end - t_start, 1e-9),
+            "perf/peak_mem_mb": _peak_memory_mb(self.device),
+        })
+        return record
+
+    def _grad_var(self, half_grads: list, micro: list[slice], weights: list[float]) -> float:
+        """``0.5 * ||g_a - g_b||^2`` of the two half-batch mean gradients (each an unbiased full-batch estimate)."""
+        k = len(micro) // 2
+        w_a = sum(weights[:k]) / self.info.world_size
+        w_b = sum(weights[k:]) / self.info.world_size
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for p, g_a in zip(self.optimizer.param_groups[0]["params"], half_grads, strict=True):
+            if p.grad is None:
+                continue
+            g = local_tensor(p.grad).detach().double()
+            g_a = torch.zeros_like(g) if g_a is None else g_a.double()
+            total += (g_a / w_a - (g - g_a) / w_b).square().sum()
+        total = all_reduce_sum(total.reshape(1).cpu(), self.info)
+        return 0.5 * float(total[0])
+
+    # --- evaluation -------------------------------------------------------------------------------------------
+    def evaluate(self, step: int | None = None) -> dict:
+        """Greedy and sampled reward on the held-out prompts; prompt i is sampled with seed (eval_seed, i), the same
+        noise at every evaluation, so before/after numbers differ only by the policy.
+
+        Chunks of ``eval_batch_size`` prompts are dealt to ranks round-robin; the means are over all prompts.
+        """
+        cfg = self.config
+        size = cfg.eval_batch_size
+        n_chunks = math.ceil(len(self.eval_prompts) / size)
+        mine = range(self.info.rank, n_chunks, self.info.world_size)
+        jobs = []
+        for c in mine:
+            rows = range(c * size, min((c + 1) * size, len(self.eval_prompts)))
+            jobs.append(([self.eval_prompts[i] for i in rows], [derive_seed(cfg.eval_seed, "eval", i) for i in rows],
+                         len(rows)))
+        stats = _Stats()
+        for job, rollout in zip(jobs, self._generate(jobs), strict=True):
+            r_s, r_g = self._score(job[0], rollout)
+            n = len(job[0])
+            stats.add("eval/reward_sampled", float(r_s.sum()), n)
+            stats.add("eval/reward_greedy", float(r_g.sum()), n)
+            stats.add("eval/response_length_sampled", float(rollout["sampled_lengths"].sum()), n)
+            stats.add("eval/response_length_greedy", float(rollout["greedy_lengths"].sum()), n)
+        if not jobs:
+            for name in ("eval/reward_sampled", "eval/reward_greedy", "eval/response_length_sampled",
+                         "eval/response_length_greedy"):
+                stats.add(name, 0.0, 0.0)
+        return {"split": "eval", "step": self.step if step is None else step, **stats.reduce(self.info)}
+
+    # --- the loop ---------------------------------------------------------------------------------------------
+    def _setup_run_dir(self) -> str:
+        cfg = self.config
+        run_dir = cfg.resume or cfg.run_dir
+        if run_dir is None and self.info.is_main:
+            run_dir = os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+        run_dir = broadcast_object(run_dir, self.info)
+        if self.info.is_main:
+            os.makedirs(run_dir, exist_ok=True)
+        barrier(self.info)
+        return run_dir
+
+    def _write_metrics(self) -> None:
+        if self.info.is_main:
+            text = "".join(json.dumps(r) + "\n" for r in self.history)
+            write_atomic(os.path.join(self.run_dir, "metrics.jsonl"), text)
+
+    def _append_metrics(self, record: dict) -> None:
+        self.history.append(record)
+        if self.info.is_main:
+            with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    def save(self) -> str:
+        return save_checkpoint(
+            self.run_dir, self.step, model=self.policy, optimizer=self.optimizer, scheduler=self.scheduler,
+            trainer_state={"history": self.history, "config": self.config.to_dict()}, info=self.info,
+            keep=self.config.keep_checkpoints,
+        )
+
+    def resume(self, run_dir: str) -> bool:
+        """Load ``run_dir``'s latest complete checkpoint; False when it has none (the run starts from scratch)."""
+        path = latest_checkpoint(run_dir)
+        if path is None:
+            return False
+        state = load_checkpoint(path, model=self.policy, optimizer=self.optimizer, scheduler=self.scheduler,
+                                info=self.info)
+        self.step = int(state["step"])
+        self.history = list(state["history"])
+        self._print(f"resumed from {path} (step {self.step})")
+        return True
+
+    def train(self) -> dict:
+        """Run (or continue) training to ``config.steps``; returns the summary (also printed as a table)."""
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        self.run_dir = self._setup_run_dir()
+        t0 = time.perf_counter()
+        resumed = cfg.resume is not None and self.resume(self.run_dir)
+        if not resumed and latest_checkpoint(self.run_dir) is not None:
+            raise ValueError(f"run_dir: {self.run_dir} already holds checkpoints; continue it with --resume "
+                             f"{self.run_dir} or choose another run_dir")
+        if resumed:
+            self._write_metrics()
+        else:
+            random.seed(derive_seed(cfg.seed, "python", self.info.rank))
+            np.random.seed(derive_seed(cfg.seed, "numpy", self.info.rank))
+            torch.manual_seed(derive_seed(cfg.seed, "torch", self.info.rank))
+            if self.info.is_main:
+                save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+            self.history = []
+            self._write_metrics()
+        if not any(r["split"] == "eval" and r["step"] == 0 for r in self.history):
+            self._append_metrics(self.evaluate(0))
+        self._print(self._eval_line(self.history_eval()[0]))
+
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.info.is_main),
+                   desc="remax", dynamic_ncols=True)
+        last_saved = self.step if resumed else -1
+        try:
+            while self.step < cfg.steps:
+                record = self.train_step(self.step)
+                self.step += 1
+                self._append_metrics(record)
+                postfix = {"r_sampled": f"{record['reward/sampled']:.3f}", "r_greedy": f"{record['reward/greedy']:.3f}"}
+                if "loss/kl" in record:
+                    postfix["kl"] = f"{record['loss/kl']:.4f}"
+                bar.set_postfix(postfix)
+                bar.update(1)
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                    self._append_metrics(self.evaluate())
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                    self.save()
+                    last_saved = self.step
+        finally:
+            bar.close()
+        if not any(r["split"] == "eval" and r["step"] == self.step for r in self.history):
+            self._append_metrics(self.evaluate())
+        if last_saved != self.step:
+            self.save()  # the final checkpoint includes the final evaluation
+        if cfg.save_final_model:
+            self.save_final_model(os.path.join(self.run_dir, "final"))
+        summary = self.summary(time.perf_counter() - t0)
+        if self.info.is_main:
+            write_atomic(os.path.join(self.run_dir, "summary.json"), json.dumps(summary, indent=2))
+            if cfg.plot:
+                from remax.plotting import plot_run
+
+                summary["plot"] = plot_run(self.run_dir)
+            self._print(format_summary(summary))
+        return summary
+
+    def history_eval(self) -> list[dict]:
+        return [r for r in self.history if r["split"] == "eval"]
+
+    @staticmethod
+    def _eval_line(record: dict) -> str:
+        return (f"eval @ step {record['step']}: greedy reward {record['eval/reward_greedy']:.4f}, "
+                f"sampled reward {record['eval/reward_sampled']:.4f}")
+
+    def summary(self, wall_s: float) -> dict:
+        evals = self.history_eval()
+        train = [r for r in self.history if r["split"] == "train"]
+        before, after = evals[0], evals[-1]
+        out = {
+            "run_dir": self.run_dir,
+            "estimator": self.config.estimator,
+            "steps": self.step,
+            "wall_s": wall_s,
+            "before": {"greedy": before["eval/reward_greedy"], "sampled": before["eval/reward_sampled"]},
+            "after": {"greedy": after["eval/reward_greedy"], "sampled": after["eval/reward_sampled"]},
+        }
+        if train:
+            out["mean_step_time_s"] = float(np.mean([r["perf/step_time_s"] for r in train]))
+            out["mean_tokens_per_s"] = float(np.mean([r["perf/tokens_per_s"] for r in train]))
+            out["peak_mem_mb"] = float(max(r["perf/peak_mem_mb"] for r in train))
+        return out
+
+    def save_final_model(self, path: str) -> None:
+        """``save_pretrained`` of the policy (full weights gathered on rank 0 under FSDP2) and the tokenizer."""
+        state_dict = None
+        if self.info.enabled:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            state_dict = get_model_state_dict(self.policy,
+                                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.info.is_main:
+            if state_dict is None:
+                self.policy.save_pretrained(path)
+            else:
+                self.policy.save_pretrained(path, state_dict=state_dict)
+            self.tokenizer.save_pretrained(path)
+        barrier(self.info)
+
+
+class _Stats:
+    """Named (sum, count) pairs, summed over ranks in one all-reduce; ``reduce`` returns sum/count per name."""
+
+    def __init__(self):
+        self.names: list[str] = []
+        self.values: list[float] = []
+
+    def add(self, name: str, total: float, count: float) -> None:
+        if name in self.names:
+            i = self.names.index(name)
+            self.values[2 * i] += total
+            self.values[2 * i + 1] += count
+        else:
+            self.names.append(name)
+            self.values += [total, count]
+
+    def reduce(self, info: DistInfo) -> dict[str, float]:
+        summed = all_reduce_sum(torch.tensor(self.values, dtype=torch.float64), info).tolist()
+        return {n: summed[2 * i] / max(summed[2 * i + 1], 1e-12) for i, n in enumerate(self.names)}
+
+
+def format_summary(summary: dict) -> str:
+    """The final table: greedy and sampled held-out reward before and after RL, plus speed and memory."""
+    b, a = summary["before"], summary["after"]
+    lines = [
+        "",
+        f"{'':24}{'before RL':>12}{'after RL':>12}{'change':>10}",
+        f"{'greedy reward':24}{b['greedy']:>12.4f}{a['greedy']:>12.4f}{a['greedy'] - b['greedy']:>+10.4f}",
+        f"{'sampled reward':24}{b['sampled']:>12.4f}{a['sampled']:>12.4f}{a['sampled'] - b['sampled']:>+10.4f}",
+        "",
+        f"estimator {summary['estimator']}, {summary['steps']} steps in {summary['wall_s']:.1f} s",
+    ]
+    if "mean_step_time_s" in summary:
+        lines.append(f"mean step {summary['mean_step_time_s']:.3f} s, {summary['mean_tokens_per_s']:.0f} generated "
+                     f"tokens/s, peak memory {summary['peak_mem_mb']:.0f} MB")
+    lines.append(f"run directory: {summary['run_dir']}")
+    return "\n".join(lines)
