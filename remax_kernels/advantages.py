@@ -163,6 +163,15 @@ def _whiten(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     return out if valid is None else out * valid.to(x.dtype)
 
 
+def _clip_score(score: torch.Tensor, clip_reward: float | None) -> torch.Tensor:
+    if clip_reward is None:
+        return score
+    clip_reward = float(clip_reward)
+    if not clip_reward > 0:
+        raise ValueError(f"clip_reward: must be > 0 or None, got {clip_reward!r}")
+    return score.clamp(-clip_reward, clip_reward)
+
+
 @torch.no_grad()
 def remax_advantages(
     sampled_rewards: torch.Tensor,
@@ -215,11 +224,7 @@ def remax_advantages(
     check_same_device(sampled_rewards=sampled_rewards, greedy_rewards=greedy_rewards)
     dtype = _result_dtype(sampled_rewards)
     score = sampled_rewards.to(dtype) - greedy_rewards.to(dtype)
-    if clip_reward is not None:
-        clip_reward = float(clip_reward)
-        if not clip_reward > 0:
-            raise ValueError(f"clip_reward: must be > 0 or None, got {clip_reward!r}")
-        score = score.clamp(-clip_reward, clip_reward)
+    score = _clip_score(score, clip_reward)
     return _shape_and_whiten(
         score, response_mask=response_mask, token_kl=token_kl, kl_coef=kl_coef, gamma=gamma, kl_mode=kl_mode,
         whiten=whiten,
@@ -255,11 +260,7 @@ def reinforce_advantages(
     """
     _check_rewards("rewards", rewards)
     score = rewards.to(_result_dtype(rewards))
-    if clip_reward is not None:
-        clip_reward = float(clip_reward)
-        if not clip_reward > 0:
-            raise ValueError(f"clip_reward: must be > 0 or None, got {clip_reward!r}")
-        score = score.clamp(-clip_reward, clip_reward)
+    score = _clip_score(score, clip_reward)
     return _shape_and_whiten(
         score, response_mask=response_mask, token_kl=token_kl, kl_coef=kl_coef, gamma=gamma, kl_mode=kl_mode,
         whiten=whiten,

@@ -47,6 +47,7 @@ from torch.autograd.function import once_differentiable
 
 from remax_kernels._dispatch import interpreter_enabled, resolve_backend
 from remax_kernels._torch_math import grad_logits_chunk, logprobs_entropy_chunk
+from remax_kernels._triton import jit, tl, triton
 from remax_kernels._validate import (
     check_float,
     check_index,
@@ -55,17 +56,6 @@ from remax_kernels._validate import (
     check_targets,
     check_temperature,
 )
-
-try:
-    import triton
-    import triton.language as tl
-
-    _jit = triton.jit
-except ImportError:  # the torch path needs no Triton, and resolve_backend refuses "triton" without it
-
-    def _jit(fn):
-        return fn
-
 
 # Ignored rows reach the kernels and the torch chunks with this target (never a vocabulary column).
 _NO_TARGET = -1
@@ -83,7 +73,7 @@ def _new_buffer(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@_jit
+@jit
 def _logits_tile(
     hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, mask_n, mask_v, hidden_size,
     stride_hn, stride_hh, stride_wv, stride_wh, temperature,
@@ -111,7 +101,7 @@ def _logits_tile(
     return acc / temperature
 
 
-@_jit
+@jit
 def _dlogits_tile(
     z, offs_v, mask_v, row_ok, targets, lse, entropy, grad_logp, grad_entropy, temperature,
     HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
@@ -128,7 +118,7 @@ def _dlogits_tile(
     return tl.where(row_ok[:, None] & mask_v[None, :], d / temperature, 0.0)
 
 
-@_jit
+@jit
 def _fwd_partials_kernel(
     hidden_ptr, weight_ptr, bias_ptr, targets_ptr,
     part_max_ptr, part_sumexp_ptr, part_sumexp_dz_ptr, part_target_ptr,
@@ -187,7 +177,27 @@ def _fwd_partials_kernel(
     tl.store(part_target_ptr + out, target_z, mask=mask_n)
 
 
-@_jit
+@jit
+def _row_state(
+    targets_ptr, lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr, offs_n, mask_n,
+    HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
+):
+    # What both backward kernels need per token row; ignored rows (target < 0) get zero incoming gradients.
+    targets = tl.load(targets_ptr + offs_n, mask=mask_n, other=-1)
+    row_ok = mask_n & (targets >= 0)
+    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+    entropy = tl.zeros_like(lse)
+    grad_logp = tl.zeros_like(lse)
+    grad_entropy = tl.zeros_like(lse)
+    if HAS_GRAD_LOGP:
+        grad_logp = tl.load(grad_logp_ptr + offs_n, mask=row_ok, other=0.0)
+    if HAS_GRAD_ENTROPY:
+        entropy = tl.load(entropy_ptr + offs_n, mask=row_ok, other=0.0)
+        grad_entropy = tl.load(grad_entropy_ptr + offs_n, mask=row_ok, other=0.0)
+    return targets, row_ok, lse, entropy, grad_logp, grad_entropy
+
+
+@jit
 def _bwd_hidden_kernel(
     hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr,
     grad_hidden_ptr,
@@ -202,17 +212,10 @@ def _bwd_hidden_kernel(
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < n_rows
-    targets = tl.load(targets_ptr + offs_n, mask=mask_n, other=-1)
-    row_ok = mask_n & (targets >= 0)
-    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
-    entropy = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    grad_logp = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    grad_entropy = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    if HAS_GRAD_LOGP:
-        grad_logp = tl.load(grad_logp_ptr + offs_n, mask=row_ok, other=0.0)
-    if HAS_GRAD_ENTROPY:
-        entropy = tl.load(entropy_ptr + offs_n, mask=row_ok, other=0.0)
-        grad_entropy = tl.load(grad_entropy_ptr + offs_n, mask=row_ok, other=0.0)
+    targets, row_ok, lse, entropy, grad_logp, grad_entropy = _row_state(
+        targets_ptr, lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr, offs_n, mask_n,
+        HAS_GRAD_LOGP, HAS_GRAD_ENTROPY,
+    )
 
     offs_h = tl.arange(0, BLOCK_H)
     gh_rows = grad_hidden_ptr + offs_n.to(tl.int64)[:, None] * hidden_size
@@ -247,7 +250,7 @@ def _bwd_hidden_kernel(
             tl.store(gh_rows + cur_h[None, :], gh, mask=gh_mask)
 
 
-@_jit
+@jit
 def _bwd_weight_kernel(
     hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr,
     grad_weight_ptr, grad_bias_ptr,
@@ -269,17 +272,10 @@ def _bwd_weight_kernel(
     for n0 in range(0, n_rows, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < n_rows
-        targets = tl.load(targets_ptr + offs_n, mask=mask_n, other=-1)
-        row_ok = mask_n & (targets >= 0)
-        lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
-        entropy = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        grad_logp = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        grad_entropy = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        if HAS_GRAD_LOGP:
-            grad_logp = tl.load(grad_logp_ptr + offs_n, mask=row_ok, other=0.0)
-        if HAS_GRAD_ENTROPY:
-            entropy = tl.load(entropy_ptr + offs_n, mask=row_ok, other=0.0)
-            grad_entropy = tl.load(grad_entropy_ptr + offs_n, mask=row_ok, other=0.0)
+        targets, row_ok, lse, entropy, grad_logp, grad_entropy = _row_state(
+            targets_ptr, lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr, offs_n, mask_n,
+            HAS_GRAD_LOGP, HAS_GRAD_ENTROPY,
+        )
         z = _logits_tile(
             hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, mask_n, mask_v, hidden_size,
             stride_hn, stride_hh, stride_wv, stride_wh, temperature,

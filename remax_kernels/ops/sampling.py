@@ -60,17 +60,8 @@ import math
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-
-    _jit = triton.jit
-except ImportError:  # the torch path needs no Triton, and resolve_backend refuses "triton" without it
-
-    def _jit(fn):
-        return fn
-
 from remax_kernels._dispatch import resolve_backend
+from remax_kernels._triton import jit, tl, triton
 from remax_kernels._validate import check_float, check_same_device, check_tensor
 
 LOGPROB_MODES = ("processed", "raw")
@@ -89,7 +80,7 @@ _TORCH_CHUNK_ELEMS = 1 << 20
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-@_jit
+@jit
 def _philox_word0(k0, k1, c0, c1, c2, c3):
     # Philox4x32-10 on uint32 lanes; only word 0 is used (one draw per (seed, counter)).
     for _ in tl.static_range(10):
@@ -106,7 +97,7 @@ def _philox_word0(k0, k1, c0, c1, c2, c3):
     return c0
 
 
-@_jit
+@jit
 def _gumbel_noise(seed, row_key, step, cols):
     # seed: int64 (scalar or [BB, 1]); row_key: int32 broadcastable to cols; cols: int32 vocabulary indices.
     zero = (cols * 0).to(tl.uint32)
@@ -121,7 +112,7 @@ def _gumbel_noise(seed, row_key, step, cols):
     return -tl.log(-tl.log(u))
 
 
-@_jit
+@jit
 def _ordered_key(z):
     # Monotone map fp32 -> int32 (a < b <=> key(a) < key(b)); -0.0 and +0.0 share key 0 as they compare equal.
     bits = z.to(tl.int32, bitcast=True)
@@ -129,7 +120,7 @@ def _ordered_key(z):
     return tl.where(z == 0.0, 0, key)
 
 
-@_jit
+@jit
 def _threshold_search(
     row_ptr, V, t, m, lo_key, hi_key, lo_mass, target, USE_MASS: tl.constexpr, BLOCK_V: tl.constexpr,
     NUM_PIVOTS: tl.constexpr,
@@ -178,7 +169,22 @@ def _threshold_search(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-@_jit
+@jit
+def _race_step(score, z, x, v0, offs, best, best_arg, best_z, best_x, RAW: tl.constexpr):
+    # One block of the Gumbel race: keep the running winner (strict '>': the earlier block wins ties) and its
+    # processed (z) and raw (x) logit, from which the chosen token's log-prob is computed after the pass.
+    blk_best = tl.max(score, 0)
+    blk_best_arg = tl.argmax(score, 0)
+    up = blk_best > best
+    best_z = tl.where(up, tl.max(tl.where(offs == blk_best_arg, z, float("-inf")), 0), best_z)
+    if RAW:
+        best_x = tl.where(up, tl.max(tl.where(offs == blk_best_arg, x, float("-inf")), 0), best_x)
+    best_arg = tl.where(up, v0 + blk_best_arg, best_arg)
+    best = tl.where(up, blk_best, best)
+    return best, best_arg, best_z, best_x
+
+
+@jit
 def _sample_kernel(
     logits_ptr, stride_row, greedy_ptr, temp_ptr, top_k_ptr, top_p_ptr, log_min_p_ptr, seed_ptr,
     tokens_ptr, logprobs_ptr, V, step,
@@ -241,14 +247,7 @@ def _sample_kernel(
         else:
             if sampled:  # greedy rows skip the Philox work, the bulk of this pass's arithmetic
                 score = z + _gumbel_noise(seed, row_key, step, cols)
-                blk_best = tl.max(score, 0)
-                blk_best_arg = tl.argmax(score, 0)
-                up = blk_best > best
-                best_z = tl.where(up, tl.max(tl.where(offs == blk_best_arg, z, neg_inf), 0), best_z)
-                if RAW:
-                    best_x = tl.where(up, tl.max(tl.where(offs == blk_best_arg, x, neg_inf), 0), best_x)
-                best_arg = tl.where(up, v0 + blk_best_arg, best_arg)
-                best = tl.where(up, blk_best, best)
+                best, best_arg, best_z, best_x = _race_step(score, z, x, v0, offs, best, best_arg, best_z, best_x, RAW)
 
     invalid = (n_nan > 0) | (gmax == neg_inf) | (gmax == float("inf")) | (m == float("inf"))
     log_norm = tl.log(s)
@@ -278,14 +277,7 @@ def _sample_kernel(
             kept = (z > neg_inf) & (_ordered_key(z) >= tau) & (z - m >= log_min_p)
             s_kept += tl.sum(tl.where(kept, tl.exp(z - m), 0.0), 0)
             score = tl.where(kept, z + _gumbel_noise(seed, row_key, step, cols), neg_inf)
-            blk_best = tl.max(score, 0)
-            blk_best_arg = tl.argmax(score, 0)
-            up = blk_best > best
-            best_z = tl.where(up, tl.max(tl.where(offs == blk_best_arg, z, neg_inf), 0), best_z)
-            if RAW:
-                best_x = tl.where(up, tl.max(tl.where(offs == blk_best_arg, x, neg_inf), 0), best_x)
-            best_arg = tl.where(up, v0 + blk_best_arg, best_arg)
-            best = tl.where(up, blk_best, best)
+            best, best_arg, best_z, best_x = _race_step(score, z, x, v0, offs, best, best_arg, best_z, best_x, RAW)
         log_norm = tl.where(greedy, log_norm, tl.log(tl.where(s_kept > 0, s_kept, 1.0)))
 
     token = tl.where(greedy, garg, best_arg)
@@ -299,7 +291,7 @@ def _sample_kernel(
     tl.store(logprobs_ptr + row, logp)
 
 
-@_jit
+@jit
 def _fused_sample_kernel(
     hidden_ptr, weight_ptr, bias_ptr, temp_ptr, seed_ptr, part_f_ptr, part_i_ptr,
     B, V, H, stride_hb, stride_wv, step, v_per_split, n_splits,

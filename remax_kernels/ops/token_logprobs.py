@@ -20,6 +20,7 @@ import torch
 
 from remax_kernels._dispatch import resolve_backend
 from remax_kernels._torch_math import grad_logits_chunk, logprobs_entropy_chunk
+from remax_kernels._triton import jit, tl, triton
 from remax_kernels._validate import (
     check_float,
     check_index,
@@ -29,12 +30,6 @@ from remax_kernels._validate import (
     check_temperature,
 )
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the torch path (CPU tensors) needs no Triton; resolve_backend refuses "triton" then
-    triton = None
-
 # Largest vocabulary block one program holds in registers per loop step (fp32: 16 values per thread at 8 warps).
 _MAX_BLOCK_V = 4096
 # The torch path materializes at most about this many fp32 elements per temporary (16 MiB): rows are processed
@@ -42,132 +37,130 @@ _MAX_BLOCK_V = 4096
 _TORCH_CHUNK_ELEMENTS = 1 << 22
 
 
-if triton is not None:
+@jit
+def _token_logprobs_fwd_kernel(
+    logits_ptr,
+    targets_ptr,
+    logp_ptr,
+    row_max_ptr,
+    log_norm_ptr,
+    entropy_ptr,
+    V,
+    T1,
+    stride_0,
+    stride_1,
+    inv_temperature,
+    ignore_index,
+    BLOCK_V: tl.constexpr,
+    COMPUTE_ENTROPY: tl.constexpr,
+):
+    # Per row, with x = logits, m = max(x), d = (x - m) / T, s = sum exp(d):
+    #   logp = d[target] - log(s),  entropy = log(s) - sum exp(d) * d / s    (softmax(x / T) is that of d).
+    # Grid: (N,), one program per row. Memory: ONE pass over the row's logits (plus one scalar load of the
+    # target's logit). Online softmax in fp32: m, s and, for the entropy, w = sum exp(d) * d are rescaled
+    # whenever m grows. Everything stays relative to the max, taken on x before dividing by T, rather than as
+    # lse = logsumexp(x / T) and sum(p * x / T): at |x| ~ 1000 those round to fp32 at |x|'s scale and their
+    # difference loses the digits logp and entropy need; x - m is exact for the entries that matter.
+    # m and log(s) are saved separately for the backward. Ignored rows (target == ignore_index) skip the loop
+    # and get logp = entropy = m = log(s) = 0.
+    row = tl.program_id(0).to(tl.int64)
+    base = (row // T1) * stride_0 + (row % T1) * stride_1
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    valid = target != ignore_index
+    x_target = tl.load(logits_ptr + base + target, mask=valid, other=0.0).to(tl.float32)
 
-    @triton.jit
-    def _token_logprobs_fwd_kernel(
-        logits_ptr,
-        targets_ptr,
-        logp_ptr,
-        row_max_ptr,
-        log_norm_ptr,
-        entropy_ptr,
-        V,
-        T1,
-        stride_0,
-        stride_1,
-        inv_temperature,
-        ignore_index,
-        BLOCK_V: tl.constexpr,
-        COMPUTE_ENTROPY: tl.constexpr,
-    ):
-        # Per row, with x = logits, m = max(x), d = (x - m) / T, s = sum exp(d):
-        #   logp = d[target] - log(s),  entropy = log(s) - sum exp(d) * d / s    (softmax(x / T) is that of d).
-        # Grid: (N,), one program per row. Memory: ONE pass over the row's logits (plus one scalar load of the
-        # target's logit). Online softmax in fp32: m, s and, for the entropy, w = sum exp(d) * d are rescaled
-        # whenever m grows. Everything stays relative to the max, taken on x before dividing by T, rather than as
-        # lse = logsumexp(x / T) and sum(p * x / T): at |x| ~ 1000 those round to fp32 at |x|'s scale and their
-        # difference loses the digits logp and entropy need; x - m is exact for the entries that matter.
-        # m and log(s) are saved separately for the backward. Ignored rows (target == ignore_index) skip the loop
-        # and get logp = entropy = m = log(s) = 0.
-        row = tl.program_id(0).to(tl.int64)
-        base = (row // T1) * stride_0 + (row % T1) * stride_1
-        target = tl.load(targets_ptr + row).to(tl.int64)
-        valid = target != ignore_index
-        x_target = tl.load(logits_ptr + base + target, mask=valid, other=0.0).to(tl.float32)
-
-        offs = tl.arange(0, BLOCK_V)
-        m = float("-inf")
-        s = 0.0
-        w = 0.0
-        v_end = tl.where(valid, V, 0)
-        for start in range(0, v_end, BLOCK_V):
-            cols = start + offs
-            mask = cols < V
-            x = tl.load(logits_ptr + base + cols, mask=mask, other=float("-inf")).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(x, axis=0))
-            # While every value so far is -inf, shift by 0 instead of -inf to avoid inf - inf = NaN.
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            shift = tl.where(m == float("-inf"), 0.0, (m - m_safe) * inv_temperature)
-            scale = tl.exp(shift)
-            d = (x - m_safe) * inv_temperature
-            e = tl.exp(d)
-            if COMPUTE_ENTROPY:
-                w = scale * (w + s * shift) + tl.sum(tl.where(mask, e * d, 0.0), axis=0)
-            s = s * scale + tl.sum(e, axis=0)
-            m = m_new
-
-        log_s = tl.log(s)
-        logp = (x_target - m) * inv_temperature - log_s
-        # logp <= 0 and entropy >= 0 hold exactly in real arithmetic (x_target <= m, s >= 1, w <= 0); an approximate
-        # log of s ~ 1 must not make them +1e-7 (positive log-probs broke RL training: verl #2656). tl.where, not
-        # tl.minimum, so that NaN still propagates.
-        logp = tl.where(logp > 0.0, 0.0, logp)
-        tl.store(logp_ptr + row, tl.where(valid, logp, 0.0))
-        tl.store(row_max_ptr + row, tl.where(valid, m, 0.0))
-        tl.store(log_norm_ptr + row, tl.where(valid, log_s, 0.0))
+    offs = tl.arange(0, BLOCK_V)
+    m = float("-inf")
+    s = 0.0
+    w = 0.0
+    v_end = tl.where(valid, V, 0)
+    for start in range(0, v_end, BLOCK_V):
+        cols = start + offs
+        mask = cols < V
+        x = tl.load(logits_ptr + base + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        # While every value so far is -inf, shift by 0 instead of -inf to avoid inf - inf = NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        shift = tl.where(m == float("-inf"), 0.0, (m - m_safe) * inv_temperature)
+        scale = tl.exp(shift)
+        d = (x - m_safe) * inv_temperature
+        e = tl.exp(d)
         if COMPUTE_ENTROPY:
-            entropy = log_s - w / s
-            entropy = tl.where(entropy < 0.0, 0.0, entropy)
-            tl.store(entropy_ptr + row, tl.where(valid, entropy, 0.0))
+            w = scale * (w + s * shift) + tl.sum(tl.where(mask, e * d, 0.0), axis=0)
+        s = s * scale + tl.sum(e, axis=0)
+        m = m_new
 
-    @triton.jit
-    def _token_logprobs_bwd_kernel(
-        logits_ptr,
-        targets_ptr,
-        row_max_ptr,
-        log_norm_ptr,
-        entropy_ptr,
-        grad_logp_ptr,
-        grad_entropy_ptr,
-        grad_ptr,
-        V,
-        T1,
-        stride_0,
-        stride_1,
-        grad_T1,
-        grad_stride_0,
-        grad_stride_1,
-        inv_temperature,
-        ignore_index,
-        BLOCK_V: tl.constexpr,
-        HAS_GRAD_LOGP: tl.constexpr,
-        HAS_GRAD_ENTROPY: tl.constexpr,
-    ):
-        # grad = (g_lp * (onehot(target) - p) - g_ent * p * (log p + H)) / T for every vocabulary entry, with
-        # log p = (x - m) / T - log(s) from the forward's saved m and log(s), per-row upstream gradients g_lp,
-        # g_ent and the forward's entropy H (the formulas of _torch_math with z - lse = log p).
-        # Grid: (N,), one program per row. Memory: one read of the logits and one write of the gradient, which
-        # may be the logits' own storage (in-place: each block is read before it is overwritten, by the same
-        # program). Ignored rows do not read the logits and get an all-zero gradient row.
-        row = tl.program_id(0).to(tl.int64)
-        base = (row // T1) * stride_0 + (row % T1) * stride_1
-        grad_base = (row // grad_T1) * grad_stride_0 + (row % grad_T1) * grad_stride_1
-        target = tl.load(targets_ptr + row).to(tl.int64)
-        valid = target != ignore_index
-        m = tl.load(row_max_ptr + row)
-        log_s = tl.load(log_norm_ptr + row)
+    log_s = tl.log(s)
+    logp = (x_target - m) * inv_temperature - log_s
+    # logp <= 0 and entropy >= 0 hold exactly in real arithmetic (x_target <= m, s >= 1, w <= 0); an approximate
+    # log of s ~ 1 must not make them +1e-7 (positive log-probs broke RL training: verl #2656). tl.where, not
+    # tl.minimum, so that NaN still propagates.
+    logp = tl.where(logp > 0.0, 0.0, logp)
+    tl.store(logp_ptr + row, tl.where(valid, logp, 0.0))
+    tl.store(row_max_ptr + row, tl.where(valid, m, 0.0))
+    tl.store(log_norm_ptr + row, tl.where(valid, log_s, 0.0))
+    if COMPUTE_ENTROPY:
+        entropy = log_s - w / s
+        entropy = tl.where(entropy < 0.0, 0.0, entropy)
+        tl.store(entropy_ptr + row, tl.where(valid, entropy, 0.0))
+
+@jit
+def _token_logprobs_bwd_kernel(
+    logits_ptr,
+    targets_ptr,
+    row_max_ptr,
+    log_norm_ptr,
+    entropy_ptr,
+    grad_logp_ptr,
+    grad_entropy_ptr,
+    grad_ptr,
+    V,
+    T1,
+    stride_0,
+    stride_1,
+    grad_T1,
+    grad_stride_0,
+    grad_stride_1,
+    inv_temperature,
+    ignore_index,
+    BLOCK_V: tl.constexpr,
+    HAS_GRAD_LOGP: tl.constexpr,
+    HAS_GRAD_ENTROPY: tl.constexpr,
+):
+    # grad = (g_lp * (onehot(target) - p) - g_ent * p * (log p + H)) / T for every vocabulary entry, with
+    # log p = (x - m) / T - log(s) from the forward's saved m and log(s), per-row upstream gradients g_lp,
+    # g_ent and the forward's entropy H (the formulas of _torch_math with z - lse = log p).
+    # Grid: (N,), one program per row. Memory: one read of the logits and one write of the gradient, which
+    # may be the logits' own storage (in-place: each block is read before it is overwritten, by the same
+    # program). Ignored rows do not read the logits and get an all-zero gradient row.
+    row = tl.program_id(0).to(tl.int64)
+    base = (row // T1) * stride_0 + (row % T1) * stride_1
+    grad_base = (row // grad_T1) * grad_stride_0 + (row % grad_T1) * grad_stride_1
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    valid = target != ignore_index
+    m = tl.load(row_max_ptr + row)
+    log_s = tl.load(log_norm_ptr + row)
+    if HAS_GRAD_LOGP:
+        g_logp = tl.load(grad_logp_ptr + row).to(tl.float32)
+    if HAS_GRAD_ENTROPY:
+        g_entropy = tl.load(grad_entropy_ptr + row).to(tl.float32)
+        entropy = tl.load(entropy_ptr + row)
+
+    offs = tl.arange(0, BLOCK_V)
+    v_read = tl.where(valid, V, 0)
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        mask = cols < V
+        x = tl.load(logits_ptr + base + cols, mask=cols < v_read, other=0.0).to(tl.float32)
+        log_p = (x - m) * inv_temperature - log_s
+        p = tl.exp(log_p)
+        grad = tl.zeros([BLOCK_V], dtype=tl.float32)
         if HAS_GRAD_LOGP:
-            g_logp = tl.load(grad_logp_ptr + row).to(tl.float32)
+            grad += g_logp * (tl.where(cols == target, 1.0, 0.0) - p)
         if HAS_GRAD_ENTROPY:
-            g_entropy = tl.load(grad_entropy_ptr + row).to(tl.float32)
-            entropy = tl.load(entropy_ptr + row)
-
-        offs = tl.arange(0, BLOCK_V)
-        v_read = tl.where(valid, V, 0)
-        for start in range(0, V, BLOCK_V):
-            cols = start + offs
-            mask = cols < V
-            x = tl.load(logits_ptr + base + cols, mask=cols < v_read, other=0.0).to(tl.float32)
-            log_p = (x - m) * inv_temperature - log_s
-            p = tl.exp(log_p)
-            grad = tl.zeros([BLOCK_V], dtype=tl.float32)
-            if HAS_GRAD_LOGP:
-                grad += g_logp * (tl.where(cols == target, 1.0, 0.0) - p)
-            if HAS_GRAD_ENTROPY:
-                grad -= g_entropy * p * (log_p + entropy)
-            grad = tl.where(valid, grad * inv_temperature, 0.0)
-            tl.store(grad_ptr + grad_base + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+            grad -= g_entropy * p * (log_p + entropy)
+        grad = tl.where(valid, grad * inv_temperature, 0.0)
+        tl.store(grad_ptr + grad_base + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 def _row_layout(x: torch.Tensor) -> tuple[int, int, int] | None:
