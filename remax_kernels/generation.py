@@ -233,7 +233,10 @@ def generate_pairs(
     decode by sampling and rows ``[B, 2B)`` greedily, all ``2B`` rows in one forward per step, with
     ``remax_kernels.sample_and_greedy`` choosing the tokens. The greedy responses equal Hugging Face
     ``model.generate(do_sample=False)`` token for token (up to floating-point ties). The model is put in eval
-    mode while generating and its ``training`` flag is restored afterwards; no gradients are recorded.
+    mode while generating and its ``training`` flag is restored afterwards; no gradients are recorded. Attention is
+    the model's own: transformers' default is torch SDPA; load the model with
+    ``attn_implementation="flash_attention_2"`` to use flash-attn's kernels (the ``remax`` trainer does so when
+    flash-attn is installed and the model is on CUDA).
 
     Args:
         model: a Hugging Face causal LM (``*ForCausalLM``; Llama, Qwen2, Mistral, GPT-2 and their relatives).
