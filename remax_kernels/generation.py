@@ -92,7 +92,11 @@ class _ForwardKwargs:
 
 
 def _forward_kwargs(model: torch.nn.Module) -> _ForwardKwargs:
-    params = inspect.signature(model.forward).parameters
+    # A peft wrapper's forward takes (input_ids, attention_mask, ..., **kwargs) and hands the rest to the wrapped
+    # model: read the wrapped model's signature, or positions and the new cache keyword would never be passed.
+    base = getattr(model, "get_base_model", None)
+    owner = base() if callable(base) else model
+    params = inspect.signature(owner.forward).parameters
     cache = "cache" if "cache" in params else "past_key_values"
     return _ForwardKwargs(cache, "position_ids" in params, "cache_position" in params, "logits_to_keep" in params)
 

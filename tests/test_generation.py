@@ -235,3 +235,19 @@ def test_cuda_graph_step_matches_the_eager_step(family):
         assert torch.equal(graphed.greedy_ids, eager.greedy_ids)
         assert torch.equal(graphed.sampled_ids, eager.sampled_ids)
         assert_rel_close(graphed.sampled_logprobs, eager.sampled_logprobs, torch.float32, name="sampled_logprobs")
+
+
+def test_a_peft_wrapped_policy_decodes_like_the_model_it_wraps():
+    # peft's forward takes **kwargs: positions (left padding) and the cache keyword must still reach the model.
+    # GPT-2 has absolute positions, so positions not passed would change its outputs (RoPE models would not show it).
+    peft = pytest.importorskip("peft")
+    model = tiny_causal_lm("gpt2", seed=3)
+    input_ids, attention_mask = left_padded_prompts(PROMPT_LENGTHS, seed=4)
+    kwargs = dict(max_new_tokens=MAX_NEW, temperature=0.9, eos_token_id=None, pad_token_id=PAD_TOKEN_ID, seed=5)
+    expected = generate_pairs(model, input_ids, attention_mask, **kwargs)
+    # LoRA's B matrices start at zero: the wrapped model computes the same function.
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
+    out = generate_pairs(wrapped, input_ids, attention_mask, **kwargs)
+    assert torch.equal(out.greedy_ids, expected.greedy_ids)
+    assert torch.equal(out.sampled_ids, expected.sampled_ids)
+    assert_rel_close(out.sampled_logprobs, expected.sampled_logprobs, torch.float32, name="sampled_logprobs")
