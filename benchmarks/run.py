@@ -21,7 +21,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks import bench_generate, bench_logprobs, bench_policy_loss, bench_sampling
+from benchmarks import bench_generate, bench_logprobs, bench_policy_loss, bench_sampling, bench_trainer
 from benchmarks import harness as hz
 
 FAMILIES = {
@@ -29,6 +29,7 @@ FAMILIES = {
     "policy_loss": bench_policy_loss,
     "sampling": bench_sampling,
     "generate": bench_generate,
+    "trainer": bench_trainer,
 }
 SCHEMA_VERSION = 1
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

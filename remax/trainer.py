@@ -328,19 +328,25 @@ class Trainer:
         total = float(all_reduce_sum(torch.tensor([sum(counts)], dtype=torch.float64), self.info)[0])
         return [world * c / max(total, 1.0) for c in counts]
 
-    def _policy_loss(self, model, ids, attention_mask, response_mask, advantages, ref_logprobs):
-        from remax_kernels.hf import causal_lm_policy_loss
-
+    def _loss_options(self, ref_logprobs) -> dict:
+        """The ``policy_loss`` keyword arguments this config asks for (all but the temperature)."""
         cfg = self.config
-        kwargs = dict(temperature=cfg.temperature, entropy_coef=cfg.entropy_coef, loss_agg_mode=cfg.loss_agg_mode)
+        kwargs = dict(entropy_coef=cfg.entropy_coef, loss_agg_mode=cfg.loss_agg_mode)
         if cfg.loss_agg_mode == "seq-mean-token-sum-norm":
             # A constant (the generation budget), so micro-batches of different lengths share one divisor.
             kwargs["loss_agg_norm"] = float(cfg.response_budget)
         if ref_logprobs is not None:
             kwargs.update(ref_logprobs=ref_logprobs, kl_estimator=cfg.kl_estimator,
                           kl_coef=cfg.kl_coef if cfg.kl_penalty == "loss" else 0.0)
+        return kwargs
+
+    def _policy_loss(self, model, ids, attention_mask, response_mask, advantages, ref_logprobs):
+        """``(loss, metrics)`` of one micro-batch, from hidden states (no ``[tokens, vocab]`` logits)."""
+        from remax_kernels.hf import causal_lm_policy_loss
+
         with self._autocast():
-            return causal_lm_policy_loss(model, ids, attention_mask, response_mask, advantages, **kwargs)
+            return causal_lm_policy_loss(model, ids, attention_mask, response_mask, advantages,
+                                         temperature=self.config.temperature, **self._loss_options(ref_logprobs))
 
     def _grad_shards(self) -> list[torch.Tensor | None]:
         return [local_tensor(p.grad).detach().clone() if p.grad is not None else None

@@ -5,6 +5,7 @@
 #   bash scripts/gpu_check.sh                    # tests, then all benchmark families
 #   bash scripts/gpu_check.sh tests [PYTEST ARGS] # only the tests (e.g. `tests -x -k token_logprobs`)
 #   bash scripts/gpu_check.sh bench [RUN ARGS]    # only the benchmarks (e.g. `bench --only logprobs`)
+#   bash scripts/gpu_check.sh train [KEY VALUE]   # only the trainer's embedded experiment on CUDA (not in `all`)
 #
 # Logs go to $TMPDIR/remax-gpu-check-<time>/. When $OUT is set (the device tool's output folder), the logs and the
 # result JSON are copied there too.
@@ -16,8 +17,8 @@ what="${1:-all}"
 [ $# -gt 0 ] && shift
 case "$what" in
   all) [ $# -eq 0 ] || { echo "gpu_check: extra args need 'tests' or 'bench' first" >&2; exit 2; } ;;
-  tests|bench) ;;
-  *) echo "usage: bash scripts/gpu_check.sh [all|tests|bench] [extra args]" >&2; exit 2 ;;
+  tests|bench|train) ;;
+  *) echo "usage: bash scripts/gpu_check.sh [all|tests|bench|train] [extra args]" >&2; exit 2 ;;
 esac
 
 # Compiled kernels on CUDA tensors, never the interpreter; the automatic backend choice, whatever the shell had.
@@ -50,6 +51,7 @@ fi
 
 test_rc=0
 bench_rc=0
+train_rc=0
 if [ "$what" = all ] || [ "$what" = tests ]; then
   echo "== python -m pytest tests -q $*"
   python -m pytest tests -q "$@" 2>&1 | tee "$log_dir/pytest.log"
@@ -59,6 +61,14 @@ if [ "$what" = all ] || [ "$what" = bench ]; then
   echo "== python -m benchmarks.run $*"
   python -m benchmarks.run "$@" 2>&1 | tee "$log_dir/benchmarks.log"
   bench_rc=${PIPESTATUS[0]}
+fi
+if [ "$what" = train ]; then
+  # `remax train` on the GPU: the README's main job, with its step time, tokens/s and peak memory in summary.json.
+  echo "== python -m remax train --device cuda --progress false $*"
+  python -m remax train --device cuda --progress false --save_final_model false --run_dir "$log_dir/default-run" \
+    "$@" 2>&1 | tee "$log_dir/train.log"
+  train_rc=${PIPESTATUS[0]}
+  rm -rf "$log_dir/default-run/checkpoints" "$log_dir/default-run/initial_policy"
 fi
 
 if [ -n "${OUT:-}" ]; then
@@ -72,5 +82,5 @@ if [ -n "${OUT:-}" ]; then
   echo "copied logs and results to $OUT"
 fi
 
-echo "gpu_check: tests rc=$test_rc, benchmarks rc=$bench_rc"
-[ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+echo "gpu_check: tests rc=$test_rc, benchmarks rc=$bench_rc, train rc=$train_rc"
+[ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$train_rc" -eq 0 ]

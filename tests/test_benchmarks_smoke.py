@@ -12,6 +12,7 @@ import torch
 import remax_kernels as rk
 from benchmarks import harness as hz
 from benchmarks import run as runner
+from remax import Trainer
 
 # The public op each family measures; a family may be skipped only while that op is still a placeholder.
 FAMILY_OPS = {
@@ -19,6 +20,7 @@ FAMILY_OPS = {
     "policy_loss": rk.fused_linear_policy_loss,
     "sampling": rk.sample_and_greedy,
     "generate": rk.generate_pairs,
+    "trainer": Trainer,
 }
 CASE_KEYS = {"name", "op", "mode", "shape", "dtype", "ours", "baselines", "speedup", "memory_ratio", "work",
              "inputs_grads_bytes", "extra"}
@@ -113,6 +115,11 @@ def test_benchmarked_ops_agree_with_baselines(results):
             if case["op"] == "sample_and_greedy":
                 assert extra["checks"] == {"tokens_in_range": True, "greedy_rows_equal_argmax": 1.0,
                                            "logprobs_finite_and_nonpositive": True}, case["name"]
+                checked += 1
+            if case["op"] == "remax.Trainer.train_step":
+                # The fused loss and the eager-logits loss of the baseline agree on one batch.
+                assert extra["checks"]["abs_diff"] < 1e-4 * max(1.0, abs(extra["checks"]["loss"])), extra["checks"]
+                assert set(extra["step_split"]) == {"ours", "eager"}
                 checked += 1
             if case["op"] == "generate_pairs":
                 assert extra["checks"]["all_rows_full_length"] is True, extra["checks"]
