@@ -371,16 +371,23 @@ class Trainer:
 
         ids, attn = rollout["sampled_ids"], rollout["sampled_attention_mask"]
         resp = rollout["sampled_response_mask"]
+        # The rollout's log-probs are of the distribution sampled from, truncated by top-k / top-p / min-p; the KL
+        # compares the full distributions (softmax(logits / T)), so with truncation they are recomputed here.
+        truncated = cfg.top_k > 0 or cfg.top_p < 1.0 or cfg.min_p > 0.0
+        want_entropy = cfg.log_entropy and cfg.entropy_coef == 0
+        old_logprobs = rollout["sampled_logprobs"]
+        entropy = None
+        if want_entropy or (truncated and self.ref_runner is not None):
+            full_logprobs, entropy = self._response_logprobs(self.runner, ids, attn, resp, entropy=want_entropy)
+            if truncated:
+                old_logprobs = full_logprobs
         ref_logprobs = token_kl = None
         if self.ref_runner is not None:
             ref_logprobs = self._response_logprobs(self.ref_runner, ids, attn, resp)[0]
             # k1 from rollout-time log-probs (constants), as the official ReMax code.
-            token_kl = torch.where(resp, rollout["sampled_logprobs"] - ref_logprobs, 0.0)
+            token_kl = torch.where(resp, old_logprobs - ref_logprobs, 0.0)
         shaping_kl = token_kl if cfg.kl_penalty == "reward" else None
         advantages = self._advantages(r_sampled.to(self.device), r_greedy.to(self.device), resp, shaping_kl)
-        entropy = None
-        if cfg.log_entropy and cfg.entropy_coef == 0:
-            entropy = self._response_logprobs(self.runner, ids, attn, resp, entropy=True)[1]
 
         n_micro = cfg.grad_accum
         if cfg.track_grad_var and n_micro == 1 and n_local >= 2:

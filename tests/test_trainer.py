@@ -172,6 +172,15 @@ def test_rollout_seeding_is_per_row(tmp_path):
     assert not torch.equal(ra["sampled_ids"], rc["sampled_ids"])
 
 
+@pytest.mark.parametrize("truncation", [dict(top_p=0.5), dict(top_k=3), dict(min_p=0.9)])
+def test_kl_compares_full_distributions_when_sampling_truncates(tmp_path, truncation):
+    # At the first step the policy IS its reference, so the KL is 0 whatever the sampling filter; the rollout's
+    # log-probs (of the renormalized, truncated distribution) would make it positive.
+    trainer = make_trainer(tiny_config(tmp_path, kl_coef=0.1, temperature=1.3, **truncation))
+    record = trainer.train_step(0)
+    assert abs(record["kl"]) < 1e-5, record["kl"]
+
+
 def test_rloo_groups_share_a_prompt_with_distinct_samples(tmp_path):
     trainer = make_trainer(tiny_config(tmp_path, estimator="rloo", group_size=4, temperature=2.0))
     rows = trainer.step_prompt_indices(0)
