@@ -25,6 +25,9 @@ import remax_kernels as rk
 from benchmarks import baselines as bl
 from benchmarks import bench_generate
 from benchmarks import harness as hz
+from remax import TrainConfig
+from remax.trainer import Trainer
+from remax_kernels.hf import position_ids_from_attention_mask
 
 FULL = {"model": bench_generate.FULL["model"], "B": 32, "prompt": (64, 128), "new_tokens": 256}
 SMOKE = {"model": bench_generate.SMOKE["model"], "B": 2, "prompt": (3, 5), "new_tokens": 3}
@@ -63,32 +66,24 @@ def random_prompts(n: int, lengths: tuple[int, int], vocab_size: int, seed: int 
     return out
 
 
-def _make_eager_trainer_class():
-    from remax.trainer import Trainer
+class EagerLogitsTrainer(Trainer):
+    """The baseline: ``Trainer`` whose loss reads the model's materialized ``[B, L, V]`` logits."""
 
-    class EagerLogitsTrainer(Trainer):
-        """The baseline: ``Trainer`` whose loss reads the model's materialized ``[B, L, V]`` logits."""
-
-        def _policy_loss(self, model, ids, attention_mask, response_mask, advantages, ref_logprobs):
-            mask = attention_mask.long()
-            positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-            width = response_mask.shape[1]
-            with self._autocast():
-                logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
-            logp = bl.eager_token_logprobs(logits[:, -width - 1 : -1], ids[:, -width:],
-                                           temperature=self.config.temperature)
-            return rk.policy_loss(logp, advantages, response_mask, **self._loss_options(ref_logprobs))
-
-    return EagerLogitsTrainer
+    def _policy_loss(self, model, ids, attention_mask, response_mask, advantages, ref_logprobs):
+        mask = attention_mask.long()
+        positions = position_ids_from_attention_mask(mask)
+        width = response_mask.shape[1]
+        with self._autocast():
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+        logp = bl.eager_token_logprobs(logits[:, -width - 1 : -1], ids[:, -width:],
+                                       temperature=self.config.temperature)
+        return rk.policy_loss(logp, advantages, response_mask, **self._loss_options(ref_logprobs))
 
 
 def _build_trainer(kind: str, shapes: dict, s: hz.Settings, run_dir: str):
     transformers = bl.optional_import("transformers")
     if isinstance(transformers, str):
         raise hz.FamilySkipped(transformers)
-    from remax import TrainConfig
-    from remax.trainer import Trainer
-
     vocab = shapes["model"]["vocab_size"]
     tokenizer = word_tokenizer(vocab)
     config = transformers.Qwen2Config(**shapes["model"], pad_token_id=0, eos_token_id=1, bos_token_id=None)
@@ -101,7 +96,7 @@ def _build_trainer(kind: str, shapes: dict, s: hz.Settings, run_dir: str):
         device=s.device.type, bf16=True, progress=False, plot=False, save_every=0, save_final_model=False,
         run_dir=run_dir,
     )
-    cls = Trainer if kind == "ours" else _make_eager_trainer_class()
+    cls = Trainer if kind == "ours" else EagerLogitsTrainer
     prompts = random_prompts(N_PROMPTS, shapes["prompt"], vocab)
     return cls(policy, tokenizer, even_token_reward, config=train_config, prompts=prompts, log=lambda *a: None)
 
@@ -133,7 +128,7 @@ class _Steps:
 def _loss_check(steps: _Steps) -> dict:
     """Both loss paths on one batch (our trainer's weights): the loss values and their absolute difference."""
     trainer = steps.get("ours")
-    eager_loss = _make_eager_trainer_class()._policy_loss
+    eager_loss = EagerLogitsTrainer._policy_loss
     vocab, batch, width = steps.shapes["model"]["vocab_size"], 2, 6
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(3, vocab, (batch, 3 * width), generator=gen).to(trainer.device)

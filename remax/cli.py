@@ -253,7 +253,7 @@ def cmd_compare(args) -> dict:
         config = load_config(args.config, parse_overrides(args.overrides))
         config = config.replace(track_grad_var=True, save_final_model=False, resume=None).with_task_defaults()
         for e in estimators:
-            config.replace(estimator=e)
+            config.replace(estimator=e)  # each estimator's own constraints (rloo/grpo group sizes) fail here, early
         return config
 
     config = _setup_errors(make_config)

@@ -50,10 +50,14 @@ def build_tiny_llama(tokenizer, config: TrainConfig) -> torch.nn.Module:
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return ensure_pad_token(AutoTokenizer.from_pretrained(path, local_files_only=True))
+
+
+def ensure_pad_token(tokenizer):
+    """Pad with the eos token when the tokenizer has no pad token (as Hugging Face generate does)."""
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
-            raise ValueError(f"tokenizer: {path} has neither a pad nor an eos token; generation needs one to pad")
+            raise ValueError("tokenizer: has neither a pad nor an eos token; prompts cannot be padded")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 

@@ -40,7 +40,7 @@ from remax.distributed import (
     local_tensor,
     wrap_model,
 )
-from remax.model import apply_lora, enable_gradient_checkpointing, frozen_copy, pick_device
+from remax.model import apply_lora, enable_gradient_checkpointing, ensure_pad_token, frozen_copy, pick_device
 from remax.rewards import RewardFunction
 
 # Keys of a metrics record that measure the machine, not the run (excluded when comparing runs for equality).
@@ -124,11 +124,7 @@ class Trainer:
         config.check_world(self.info.world_size)
         self.device = pick_device(config.device)
         self._log = log if self.info.is_main else None
-        if tokenizer.pad_token_id is None:
-            if tokenizer.eos_token_id is None:
-                raise ValueError("tokenizer: needs a pad or an eos token to pad prompts")
-            tokenizer.pad_token = tokenizer.eos_token
-        self.tokenizer = tokenizer
+        self.tokenizer = ensure_pad_token(tokenizer)
         self.reward_fn = reward_fn if isinstance(reward_fn, RewardFunction) else RewardFunction(
             reward_fn, name=getattr(reward_fn, "__qualname__", type(reward_fn).__name__))
 

@@ -60,6 +60,19 @@ def check_targets(name: str, targets: torch.Tensor, vocab_size: int, ignore_inde
         raise ValueError(f"{name}: {n_low} negative values other than ignore_index={ignore_index} (min {low})")
 
 
+def check_attention_mask(attention_mask, input_ids: torch.Tensor) -> None:
+    """``attention_mask`` is an integer/bool tensor shaped and placed like ``input_ids`` (values are not read)."""
+    check_tensor("attention_mask", attention_mask)
+    if tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(
+            f"attention_mask: shape {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}"
+        )
+    if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
+        raise TypeError(f"attention_mask: expected an integer or bool tensor of 0/1, got {attention_mask.dtype}")
+    if attention_mask.device != input_ids.device:
+        raise ValueError(f"attention_mask: is on {attention_mask.device} but input_ids is on {input_ids.device}")
+
+
 def check_temperature(name: str, temperature) -> float:
     if isinstance(temperature, torch.Tensor):
         raise TypeError(f"{name}: expected a Python float here, got a tensor")

@@ -29,8 +29,9 @@ from dataclasses import dataclass
 
 import torch
 
-from remax_kernels._validate import check_index, check_temperature, check_tensor
-from remax_kernels.ops.sampling import sample_and_greedy
+from remax_kernels._validate import check_attention_mask, check_index, check_temperature
+from remax_kernels.hf import position_ids_from_attention_mask
+from remax_kernels.ops.sampling import check_sampling_options, sample_and_greedy
 
 CACHE_IMPLEMENTATIONS = ("dynamic", "static")
 
@@ -144,28 +145,11 @@ def _token_ids(name: str, value, default_sources) -> list[int]:
     return list(values)
 
 
-def _check_sampling_options(top_k, top_p, min_p) -> None:
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
-        raise ValueError(f"top_k: expected an int >= 0 (0 = off), got {top_k!r}")
-    if not 0.0 < float(top_p) <= 1.0:
-        raise ValueError(f"top_p: expected 0 < top_p <= 1 (1 = off), got {top_p!r}")
-    if not 0.0 <= float(min_p) < 1.0:
-        raise ValueError(f"min_p: expected 0 <= min_p < 1 (0 = off), got {min_p!r}")
-
-
 def _check_prompts(input_ids, attention_mask) -> None:
     check_index("input_ids", input_ids)
-    check_tensor("attention_mask", attention_mask)
     if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids: expected a non-empty 2-D tensor [B, P], got shape {tuple(input_ids.shape)}")
-    if tuple(attention_mask.shape) != tuple(input_ids.shape):
-        raise ValueError(
-            f"attention_mask: shape {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}"
-        )
-    if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
-        raise TypeError(f"attention_mask: expected an integer or bool tensor of 0/1, got {attention_mask.dtype}")
-    if attention_mask.device != input_ids.device:
-        raise ValueError(f"attention_mask: is on {attention_mask.device} but input_ids is on {input_ids.device}")
+    check_attention_mask(attention_mask, input_ids)
     mask = attention_mask.long()
     if bool(((mask != 0) & (mask != 1)).any()):
         raise ValueError("attention_mask: values must be 0 or 1")
@@ -289,7 +273,7 @@ def generate_pairs(
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
     temperature = check_temperature("temperature", temperature)
-    _check_sampling_options(top_k, top_p, min_p)
+    check_sampling_options(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     param = next(model.parameters(), None)
     if param is not None and param.device != input_ids.device:
         raise ValueError(f"input_ids: is on {input_ids.device} but the model is on {param.device}")
@@ -349,8 +333,7 @@ def _decode(
     rows, device = 2 * batch, input_ids.device
     fwd = _forward_kwargs(model)
     mask = attention_mask.long()
-    # Hugging Face generate's positions: left padding does not count; padded slots get a harmless 1.
-    position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    position_ids = position_ids_from_attention_mask(mask)
 
     cache = DynamicCache(config=model.config)
     if not hasattr(cache, "layers"):

@@ -23,11 +23,10 @@ import inspect
 
 import torch
 
-from remax_kernels._validate import check_index, check_temperature, check_tensor
+from remax_kernels._validate import check_attention_mask, check_index, check_temperature, check_tensor
 from remax_kernels.ops.fused_linear_logprobs import fused_linear_logprobs
-from remax_kernels.ops.fused_linear_policy_loss import fused_linear_policy_loss
+from remax_kernels.ops.fused_linear_policy_loss import _IGNORE_INDEX, fused_linear_policy_loss
 
-_IGNORE_INDEX = -100
 # Config attributes by which families post-process their logits: logits * value, logits / value, soft-cap.
 _LOGIT_MULTIPLIERS = ("logit_scale", "lm_head_multiplier")
 _LOGIT_DIVISORS = ("logits_scaling",)
@@ -62,6 +61,13 @@ def _logit_scale(model) -> float:
     return scale
 
 
+def position_ids_from_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Hugging Face ``generate``'s positions ``[B, L]`` int64: ``cumsum(attention_mask) - 1``, so left padding does
+    not count; padded slots get a harmless 1."""
+    mask = attention_mask.long()
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+
 def _backbone(model) -> torch.nn.Module:
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "get_output_embeddings"):
         raise TypeError(f"model: expected a Hugging Face causal LM (PreTrainedModel), got {type(model)}")
@@ -92,15 +98,9 @@ def _lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def _check_sequences(input_ids, attention_mask, position_ids) -> None:
     check_index("input_ids", input_ids)
-    check_tensor("attention_mask", attention_mask)
     if input_ids.dim() != 2 or input_ids.shape[1] < 2:
         raise ValueError(f"input_ids: expected [B, L] with L >= 2, got shape {tuple(input_ids.shape)}")
-    if tuple(attention_mask.shape) != tuple(input_ids.shape):
-        raise ValueError(
-            f"attention_mask: shape {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}"
-        )
-    if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
-        raise TypeError(f"attention_mask: expected an integer or bool tensor of 0/1, got {attention_mask.dtype}")
+    check_attention_mask(attention_mask, input_ids)
     if position_ids is not None:
         check_index("position_ids", position_ids)
         if tuple(position_ids.shape) != tuple(input_ids.shape):
@@ -135,7 +135,7 @@ def _hidden_and_targets(model, input_ids, attention_mask, position_ids, response
     seq_len = input_ids.shape[1]
     mask = attention_mask.long()
     if position_ids is None:
-        position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        position_ids = position_ids_from_attention_mask(mask)
     kwargs = {"use_cache": False}
     if "position_ids" in inspect.signature(backbone.forward).parameters:
         kwargs["position_ids"] = position_ids

@@ -592,6 +592,13 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _INTS = (torch.int64, torch.int32)
 
 
+def check_sampling_options(*, temperature, top_k, top_p, min_p) -> None:
+    """The checks ``sample_and_greedy`` makes of its sampling options, for callers that want them to fail before
+    any heavy work (``generate_pairs`` before its prefill); raises ValueError/TypeError naming the option."""
+    _parse_options(1, 2, torch.device("cpu"), torch.zeros(1, dtype=torch.bool), temperature, top_k, top_p, min_p,
+                   0, 0, "processed")
+
+
 def _parse_options(batch, vocab, device, greedy_mask, temperature, top_k, top_p, min_p, seed, step, logprobs):
     """Validate the per-call options; returns contiguous per-row tensors ``[B]`` and host-side flags.
 
