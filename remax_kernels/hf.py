@@ -64,7 +64,7 @@ def _logit_scale(model) -> float:
 def position_ids_from_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Hugging Face ``generate``'s positions ``[B, L]`` int64: ``cumsum(attention_mask) - 1``, so left padding does
     not count; padded slots get a harmless 1."""
-    mask = attention_mask.long()
+    mask = check_tensor("attention_mask", attention_mask).long()
     return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
 
 

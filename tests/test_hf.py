@@ -199,3 +199,14 @@ def test_an_lm_head_that_is_not_a_plain_linear_is_refused():
     ids, mask = left_padded_prompts([4], seed=0)
     with pytest.raises(ValueError, match="model: .*not a plain torch.nn.Linear"):
         causal_lm_logprobs(model, ids, mask)
+
+
+def test_position_ids_skip_left_padding_and_reject_non_tensors():
+    from remax_kernels.hf import position_ids_from_attention_mask
+
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    expected = torch.tensor([[1, 1, 0, 1, 2], [0, 1, 2, 3, 4]])
+    assert torch.equal(position_ids_from_attention_mask(mask), expected)
+    assert torch.equal(position_ids_from_attention_mask(mask.bool()), expected)
+    with pytest.raises(TypeError, match="attention_mask"):
+        position_ids_from_attention_mask([[1, 1]])
