@@ -2,7 +2,7 @@
 
 Public API (flat):
 - log-probs: ``token_logprobs``, ``fused_linear_logprobs``
-- losses: ``policy_loss``, ``fused_linear_policy_loss``, ``ReMaxLoss``
+- losses: ``policy_loss``, ``fused_linear_policy_loss``, ``ReMaxLoss``, their options ``LossOptions``
 - advantages: ``remax_advantages``, ``reinforce_advantages``, ``rloo_advantages``, ``grpo_advantages``
 - decoding: ``sample_and_greedy``, ``fused_linear_sample_and_greedy``, ``generate_pairs``, ``PairedRollout``
 - Hugging Face helpers: ``remax_kernels.hf``
@@ -16,15 +16,15 @@ from __future__ import annotations
 
 from remax_kernels.advantages import grpo_advantages, reinforce_advantages, remax_advantages, rloo_advantages
 from remax_kernels.generation import PairedRollout, generate_pairs
-from remax_kernels.losses import policy_loss
+from remax_kernels.losses import LossOptions, ReMaxLoss, fused_linear_policy_loss, policy_loss
 from remax_kernels.ops.fused_linear_logprobs import fused_linear_logprobs
-from remax_kernels.ops.fused_linear_policy_loss import ReMaxLoss, fused_linear_policy_loss
 from remax_kernels.ops.sampling import fused_linear_sample_and_greedy, sample_and_greedy
 from remax_kernels.ops.token_logprobs import token_logprobs
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LossOptions",
     "PairedRollout",
     "ReMaxLoss",
     "fused_linear_logprobs",

@@ -62,3 +62,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             "when TRITON_INTERPRET=1 is set before remax_kernels is imported"
         )
     return choice
+
+
+def check_backend(backend) -> str:
+    """``backend`` must be one of ``BACKENDS`` (checked on the host before any work; the op resolves "auto" itself)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: must be one of {BACKENDS}, got {backend!r}")
+    return backend

@@ -1,6 +1,15 @@
-"""Input checks shared by the public ops. Each raises TypeError/ValueError with a message naming the argument."""
+"""Input checks shared by the public ops. Each raises TypeError/ValueError with a message naming the argument.
+
+Shapes, dtypes and devices are metadata: they are always checked, on the host, at no cost. Checks of VALUES
+(targets in range, finite advantages, ...) would read device memory, i.e. stall the GPU until the host has the
+answer, so on CUDA they run only when ``REMAX_KERNELS_CHECKS=1`` (read at call time; use it while debugging).
+On CPU tensors the values are already on the host and the checks always run. The ops run their value checks
+inside their ``torch.library`` implementation, so ``torch.compile`` traces the public functions without a break.
+"""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -44,8 +53,22 @@ def check_shape(name: str, t: torch.Tensor, expected: tuple, what: str) -> None:
         raise ValueError(f"{name}: expected shape {tuple(expected)} ({what}), got {tuple(t.shape)}")
 
 
+CHECKS_ENV_VAR = "REMAX_KERNELS_CHECKS"
+
+
+def value_checks_enabled(device: torch.device) -> bool:
+    """Whether checks that read tensor values run for tensors on ``device`` (see the module docstring). Never
+    while ``torch.compile`` traces: the ops run their checks at run time, inside their implementations."""
+    if torch.compiler.is_compiling():
+        return False
+    if device.type == "cpu":
+        return True
+    return os.environ.get(CHECKS_ENV_VAR, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
 def check_targets(name: str, targets: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
-    """Every target is in [0, vocab_size) or equals ignore_index. Costs one device sync on CUDA."""
+    """Every target is in [0, vocab_size) or equals ignore_index. Reads the values: one device sync on CUDA, so
+    callers guard it with ``value_checks_enabled``."""
     if targets.numel() == 0:
         return
     valid = targets != ignore_index

@@ -24,8 +24,8 @@ import inspect
 import torch
 
 from remax_kernels._validate import check_attention_mask, check_index, check_temperature, check_tensor
+from remax_kernels.losses import _IGNORE_INDEX, LossOptions, fused_linear_policy_loss
 from remax_kernels.ops.fused_linear_logprobs import fused_linear_logprobs
-from remax_kernels.ops.fused_linear_policy_loss import _IGNORE_INDEX, fused_linear_policy_loss
 
 # Config attributes by which families post-process their logits: logits * value, logits / value, soft-cap.
 _LOGIT_MULTIPLIERS = ("logit_scale", "lm_head_multiplier")
@@ -140,8 +140,9 @@ def _hidden_and_targets(model, input_ids, attention_mask, position_ids, response
     if "position_ids" in inspect.signature(backbone.forward).parameters:
         kwargs["position_ids"] = position_ids
     hidden = backbone(input_ids=input_ids, attention_mask=mask, **kwargs).last_hidden_state
-    # Under autocast the body may return a wider dtype than the head's weight; the head runs in the weight's dtype.
-    hidden = hidden[:, seq_len - 1 - window: seq_len - 1].to(weight.dtype)
+    # No cast here: under autocast the fused op runs its GEMMs in the autocast dtype (bf16 on a GPU) whatever the
+    # dtypes of the hidden states and of the (fp32 master) weight; without autocast they share the model's dtype.
+    hidden = hidden[:, seq_len - 1 - window: seq_len - 1]
     targets = input_ids[:, seq_len - window:].long()
     keep = (response_mask != 0) if response_mask is not None else (mask[:, seq_len - window:] != 0)
     return hidden, targets, keep, weight, bias, scale
@@ -223,7 +224,11 @@ def causal_lm_policy_loss(
     *,
     position_ids: torch.Tensor | None = None,
     temperature: float = 1.0,
-    **policy_loss_kwargs,
+    old_logprobs: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    options: LossOptions | None = None,
+    backend: str = "auto",
+    **option_overrides,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The ReMax / PPO policy loss of a Hugging Face causal LM on prompt + response sequences, without its logits.
 
@@ -235,9 +240,12 @@ def causal_lm_policy_loss(
         response_mask: ``[B, R]`` 0/1 over the last ``R`` tokens of ``input_ids`` (``R <= L - 1``), e.g.
             ``PairedRollout.sampled_response_mask`` with ``input_ids = PairedRollout.sampled_ids``.
         advantages: ``[B]`` or ``[B, R]`` float, e.g. ``remax_advantages(sampled_reward, greedy_reward)``.
-        **policy_loss_kwargs: ``old_logprobs``, ``ref_logprobs`` (``[B, R]``), ``clip_ratio``, ``clip_ratio_c``,
-            ``kl_coef``, ``kl_estimator``, ``entropy_coef``, ``loss_agg_mode``, ``loss_agg_norm``, ``backend``,
-            passed to ``remax_kernels.fused_linear_policy_loss``.
+        old_logprobs, ref_logprobs: optional ``[B, R]``, as in ``remax_kernels.policy_loss``.
+        options, **option_overrides: the loss options (``remax_kernels.LossOptions`` and/or its fields by keyword).
+        backend: for the row kernels, as in ``remax_kernels.fused_linear_policy_loss``.
+
+    Gradients are computed in the forward (``fused_linear_policy_loss``): call it with grad enabled and backward
+    the loss once. Under ``torch.autocast`` the lm-head GEMMs run in the autocast dtype.
 
     Returns:
         ``(loss, metrics)``: float32 0-d loss, differentiable w.r.t. the model's parameters; detached metrics.
@@ -259,5 +267,5 @@ def causal_lm_policy_loss(
     )
     return fused_linear_policy_loss(
         hidden, weight, targets, advantages, response_mask, bias=bias, temperature=temperature / scale,
-        **policy_loss_kwargs,
+        old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, options=options, backend=backend, **option_overrides,
     )

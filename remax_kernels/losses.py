@@ -1,4 +1,6 @@
-"""The ReMax / REINFORCE / PPO-clip policy loss on per-token log-probs ``[B, T]``.
+"""The ReMax / REINFORCE / PPO-clip policy loss: on per-token log-probs (``policy_loss``) or straight from the last
+hidden states and the lm-head (``fused_linear_policy_loss``, ``ReMaxLoss``), with its options stated once
+(``LossOptions``).
 
 Per response token t (``A`` = advantage, ``logp`` = current log-prob, ``old``/``ref`` = behaviour/reference
 log-probs, all constants except ``logp`` and ``entropy``)::
@@ -13,108 +15,299 @@ KL estimators (Schulman's k1/k2/k3, verl's ``kl_penalty``; d = logp - ref)::
 
     k1 = d        k2 = d**2 / 2        k3 = clamp(exp(-d') + d' - 1, -10, 10),  d' = clamp(d, -20, 20)
 
-The per-token losses are aggregated over the response tokens (mask m) as verl's ``agg_loss``::
+The loss is a weighted sum ``sum_t w_t L_t`` over the response tokens (mask m, B rows, T columns), the weights
+``w_t`` fixed by the aggregation mode and the mask alone::
 
-    "token-mean"              sum(L m) / sum(m)                                  (official ReMax, verl default)
-    "seq-mean-token-sum"      (1/B) sum_b sum_t L m
-    "seq-mean-token-mean"     (1/B) sum_b [sum_t L m / sum_t m]
-    "seq-mean-token-sum-norm" sum(L m) / norm, norm = loss_agg_norm or T          (Dr. GRPO)
+    "token-mean"              w = m / sum(m)                                 (official ReMax, verl default)
+    "seq-mean-token-sum"      w = m / B
+    "seq-mean-token-mean"     w = m / (B * sum_t m_b)
+    "seq-mean-token-sum-norm" w = m / (B * norm), norm = loss_agg_norm or T    (Dr. GRPO)
 
-Rows without response tokens add 0 (and still count in the 1/B of the seq-mean modes, as in verl); a batch with no
-response tokens at all gives loss 0 with zero, finite gradients. Values at masked positions are never read into
-the loss, so padding may hold anything (NaN included).
+These are verl's ``agg_loss`` (verl >= 0.8, one data-parallel rank, ``global_batch_size`` = B; earlier verl
+divided "seq-mean-token-sum-norm" by the norm only, i.e. B times this). Rows without response tokens add 0 and
+still count in B; a batch without response tokens gives loss 0 with zero, finite gradients. Values at masked
+positions are never read into the loss, so padding may hold anything (NaN included).
+
+Because the weights are known before any log-prob is, and ``L_t`` depends on its own token only, the gradient
+``d loss / d logp_t = w_t * dL_t/dlogp_t`` is a closed form of ``logp_t`` (``token_loss_terms``): ``policy_loss``
+uses it as its backward, and ``fused_linear_policy_loss`` computes it IN THE FORWARD, chunk by chunk, so its
+gradients w.r.t. hidden, weight and bias are finished when the forward returns (3 GEMM-equivalents in all; see
+``remax_kernels/ops/fused_linear_logprobs.py`` for the pipeline and its cost model).
 """
 
 from __future__ import annotations
 
-import torch
+import dataclasses
+from dataclasses import dataclass
 
-from remax_kernels._validate import check_float, check_same_device, check_tensor
+import torch
+from torch import nn
+
+from remax_kernels._dispatch import check_backend
+from remax_kernels._validate import (
+    check_float,
+    check_index,
+    check_same_device,
+    check_temperature,
+    check_tensor,
+    value_checks_enabled,
+)
+from remax_kernels.ops.fused_linear_logprobs import LmHead, check_lm_head, compute_dtype, scatter_rows, stream
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 # verl's names for the same estimators, accepted so its configs can be passed through unchanged.
-_KL_ALIASES = {"kl": "k1", "mse": "k2", "low_var_kl": "k3"}
+KL_ALIASES = {"kl": "k1", "mse": "k2", "low_var_kl": "k3"}
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64, torch.float32, torch.float16,
                 torch.bfloat16, torch.float64)
 # Bounds from verl: exp(20) ~ 4.9e8 keeps ratios finite in fp32 whatever the log-prob gap.
 _LOG_RATIO_CLAMP = 20.0
 _K3_CLAMP = 10.0
+# Targets outside the response are rewritten to this before the lm-head op sees them.
+_IGNORE_INDEX = -100
 
 
-def check_loss_options(
-    *,
-    clip_ratio,
-    clip_ratio_c,
-    kl_coef,
-    kl_estimator,
-    entropy_coef,
-    loss_agg_mode,
-    loss_agg_norm,
-) -> dict:
-    """Validate the loss options shared by ``policy_loss``, ``fused_linear_policy_loss`` and ``ReMaxLoss``.
+@dataclass(frozen=True)
+class LossOptions:
+    """The options of the policy loss, checked and normalized once (``policy_loss``, ``fused_linear_policy_loss``,
+    ``ReMaxLoss``, ``remax_kernels.hf.causal_lm_policy_loss`` and the ``remax`` trainer all take these).
 
-    Returns them normalized: ``clip_ratio`` as ``(low, high)`` or None, floats, canonical ``kl_estimator`` name.
+    Attributes:
+        clip_ratio: PPO clip eps, or ``(eps_low, eps_high)`` (clip-higher); None = no clipping. Stored as a pair.
+        clip_ratio_c: dual-clip bound c > 1 for negative advantages (verl uses 3.0); None = off.
+        kl_coef: weight of the KL loss term (needs ``ref_logprobs``).
+        kl_estimator: ``"k1"``, ``"k2"`` or ``"k3"`` (verl's ``"kl"``, ``"mse"``, ``"low_var_kl"`` accepted and
+            stored under the canonical name).
+        entropy_coef: weight of the entropy bonus (subtracted from the loss; needs the entropy).
+        loss_agg_mode: one of ``LOSS_AGG_MODES`` (weights in the module docstring).
+        loss_agg_norm: the constant ``norm`` of ``"seq-mean-token-sum-norm"`` (default: T, the padded length).
+
+    Example::
+
+        >>> opts = LossOptions(clip_ratio=0.2, kl_coef=0.05, kl_estimator="low_var_kl")
+        >>> opts.clip_ratio, opts.kl_estimator
+        ((0.2, 0.2), 'k3')
     """
-    if clip_ratio is not None:
-        low, high = clip_ratio if isinstance(clip_ratio, (tuple, list)) else (clip_ratio, clip_ratio)
-        low, high = float(low), float(high)
-        if not (0 < low < 1 and high > 0):
-            raise ValueError(f"clip_ratio: needs eps in (0, 1) or a pair (low in (0, 1), high > 0), got {clip_ratio!r}")
-        clip_ratio = (low, high)
-    if clip_ratio_c is not None:
-        clip_ratio_c = float(clip_ratio_c)
-        if not clip_ratio_c > 1:
-            raise ValueError(f"clip_ratio_c: the dual-clip bound must be > 1, got {clip_ratio_c!r}")
-    kl_coef, entropy_coef = float(kl_coef), float(entropy_coef)
-    for name, value in (("kl_coef", kl_coef), ("entropy_coef", entropy_coef)):
-        if value != value or abs(value) == float("inf"):
-            raise ValueError(f"{name}: must be finite, got {value!r}")
-    if not isinstance(kl_estimator, str) or _KL_ALIASES.get(kl_estimator, kl_estimator) not in KL_ESTIMATORS:
-        raise ValueError(
-            f"kl_estimator: must be one of {KL_ESTIMATORS} (or verl's {tuple(_KL_ALIASES)}), got {kl_estimator!r}"
-        )
-    if loss_agg_mode not in LOSS_AGG_MODES:
-        raise ValueError(f"loss_agg_mode: must be one of {LOSS_AGG_MODES}, got {loss_agg_mode!r}")
-    if loss_agg_norm is not None:
-        if loss_agg_mode != "seq-mean-token-sum-norm":
+
+    clip_ratio: float | tuple[float, float] | None = None
+    clip_ratio_c: float | None = None
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    entropy_coef: float = 0.0
+    loss_agg_mode: str = "token-mean"
+    loss_agg_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        set_ = lambda name, value: object.__setattr__(self, name, value)
+        if self.clip_ratio is not None:
+            pair = self.clip_ratio if isinstance(self.clip_ratio, (tuple, list)) else (self.clip_ratio,) * 2
+            if len(pair) != 2:
+                raise ValueError(f"clip_ratio: expected eps or a pair (low, high), got {self.clip_ratio!r}")
+            low, high = float(pair[0]), float(pair[1])
+            if not (0 < low < 1 and 0 < high < float("inf")):
+                raise ValueError(
+                    f"clip_ratio: needs eps in (0, 1) or a pair (low in (0, 1), high > 0), got {self.clip_ratio!r}")
+            set_("clip_ratio", (low, high))
+        if self.clip_ratio_c is not None:
+            if not float(self.clip_ratio_c) > 1:
+                raise ValueError(f"clip_ratio_c: the dual-clip bound must be > 1, got {self.clip_ratio_c!r}")
+            set_("clip_ratio_c", float(self.clip_ratio_c))
+        for name in ("kl_coef", "entropy_coef"):
+            value = float(getattr(self, name))
+            if value != value or abs(value) == float("inf"):
+                raise ValueError(f"{name}: must be finite, got {getattr(self, name)!r}")
+            set_(name, value)
+        estimator = KL_ALIASES.get(self.kl_estimator, self.kl_estimator) if isinstance(self.kl_estimator, str) else None
+        if estimator not in KL_ESTIMATORS:
             raise ValueError(
-                f"loss_agg_norm: only used by loss_agg_mode='seq-mean-token-sum-norm', got mode {loss_agg_mode!r}"
-            )
-        loss_agg_norm = float(loss_agg_norm)
-        if not (loss_agg_norm > 0 and loss_agg_norm != float("inf")):
-            raise ValueError(f"loss_agg_norm: must be a finite number > 0, got {loss_agg_norm!r}")
-    return dict(
-        clip_ratio=clip_ratio,
-        clip_ratio_c=clip_ratio_c,
-        kl_coef=kl_coef,
-        kl_estimator=_KL_ALIASES.get(kl_estimator, kl_estimator),
-        entropy_coef=entropy_coef,
-        loss_agg_mode=loss_agg_mode,
-        loss_agg_norm=loss_agg_norm,
-    )
+                f"kl_estimator: must be one of {KL_ESTIMATORS} (or verl's {tuple(KL_ALIASES)}), got "
+                f"{self.kl_estimator!r}")
+        set_("kl_estimator", estimator)
+        if self.loss_agg_mode not in LOSS_AGG_MODES:
+            raise ValueError(f"loss_agg_mode: must be one of {LOSS_AGG_MODES}, got {self.loss_agg_mode!r}")
+        if self.loss_agg_norm is not None:
+            if self.loss_agg_mode != "seq-mean-token-sum-norm":
+                raise ValueError(f"loss_agg_norm: only used by loss_agg_mode='seq-mean-token-sum-norm', got mode "
+                                 f"{self.loss_agg_mode!r}")
+            norm = float(self.loss_agg_norm)
+            if not (norm > 0 and norm != float("inf")):
+                raise ValueError(f"loss_agg_norm: must be a finite number > 0, got {self.loss_agg_norm!r}")
+            set_("loss_agg_norm", norm)
+
+    @classmethod
+    def build(cls, options: LossOptions | None = None, **overrides) -> LossOptions:
+        """``options`` (default: all defaults) with keyword ``overrides`` of its fields; an unknown keyword raises
+        ``TypeError`` naming it."""
+        if options is not None and not isinstance(options, LossOptions):
+            raise TypeError(f"options: expected a remax_kernels.LossOptions, got {type(options).__name__}")
+        unknown = sorted(set(overrides) - set(_OPTION_NAMES))
+        if unknown:
+            raise TypeError(f"{', '.join(unknown)}: not a loss option; the options are {list(_OPTION_NAMES)}")
+        base = options or cls()
+        # A plain constructor call (not dataclasses.replace/fields), so that torch.compile traces it.
+        return cls(**{name: overrides.get(name, getattr(base, name)) for name in _OPTION_NAMES})
+
+    def check_inputs(self, *, has_old: bool, has_ref: bool, has_entropy: bool) -> None:
+        """The tensors these options need must be given."""
+        if not has_old and (self.clip_ratio is not None or self.clip_ratio_c is not None):
+            raise ValueError("old_logprobs: is required when clip_ratio or clip_ratio_c is set (the ratio needs it)")
+        if self.kl_coef != 0 and not has_ref:
+            raise ValueError(f"ref_logprobs: is required when kl_coef != 0 (kl_coef={self.kl_coef})")
+        if self.entropy_coef != 0 and not has_entropy:
+            raise ValueError(f"entropy: is required when entropy_coef != 0 (entropy_coef={self.entropy_coef})")
 
 
-def check_required_inputs(opts: dict, *, has_old: bool, has_ref: bool, has_entropy: bool) -> None:
-    """The tensors that the (normalized) options need must be given."""
-    if not has_old and (opts["clip_ratio"] is not None or opts["clip_ratio_c"] is not None):
-        raise ValueError("old_logprobs: is required when clip_ratio or clip_ratio_c is set (the ratio needs it)")
-    if opts["kl_coef"] != 0 and not has_ref:
-        raise ValueError(f"ref_logprobs: is required when kl_coef != 0 (kl_coef={opts['kl_coef']})")
-    if opts["entropy_coef"] != 0 and not has_entropy:
-        raise ValueError(f"entropy: is required when entropy_coef != 0 (entropy_coef={opts['entropy_coef']})")
+_OPTION_NAMES = tuple(f.name for f in dataclasses.fields(LossOptions))
 
 
-def kl_estimate(logp: torch.Tensor, ref: torch.Tensor, estimator: str) -> torch.Tensor:
-    """Per-token KL(pi || ref) estimate from sampled-token log-probs; ``estimator`` in k1/k2/k3 (see module doc)."""
+# ----------------------------------------------------------------------------------------------------------------
+# The per-token formula and the aggregation weights: the one statement of the loss
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def kl_estimate(logp: torch.Tensor, ref: torch.Tensor, estimator: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token KL(pi || ref) estimate from sampled-token log-probs and its derivative w.r.t. ``logp``;
+    ``estimator`` in k1/k2/k3 (see the module docstring). A clamp that is active stops the derivative."""
     d = logp - ref
     if estimator == "k1":
-        return d
+        return d, torch.ones_like(d)
     if estimator == "k2":
-        return 0.5 * d * d
+        return 0.5 * d * d, d
     neg = (-d).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
-    return (torch.exp(neg) - neg - 1).clamp(-_K3_CLAMP, _K3_CLAMP)
+    k3 = torch.exp(neg) - neg - 1
+    passes = (d.abs() <= _LOG_RATIO_CLAMP) & (k3.abs() <= _K3_CLAMP)
+    return k3.clamp(-_K3_CLAMP, _K3_CLAMP), torch.where(passes, 1 - torch.exp(neg), 0.0)
+
+
+def token_loss_terms(
+    logp: torch.Tensor,
+    advantages: torch.Tensor,
+    options: LossOptions,
+    *,
+    old_logprobs: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, dict[str, torch.Tensor]]:
+    """Elementwise: ``(pg, L, dL/dlogp, dL/dentropy, per-token metrics)`` for tokens with these inputs (all the
+    same shape, finite, constants except ``logp``/``entropy``). ``dL/dentropy`` is the constant
+    ``-entropy_coef``. Metrics: ``ppo_kl``, ``clip_frac``, ``clip_frac_lower``, ``kl``, ``entropy`` as the inputs
+    allow."""
+    metrics: dict[str, torch.Tensor] = {}
+    adv = advantages
+    if old_logprobs is None:
+        pg, d_pg = -adv * logp, -adv
+    else:
+        raw = logp - old_logprobs
+        log_ratio = raw.clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+        ratio = torch.exp(log_ratio)
+        d_ratio = torch.where(raw.abs() <= _LOG_RATIO_CLAMP, ratio, 0.0)
+        pg, d_pg = -adv * ratio, -adv * d_ratio
+        metrics["ppo_kl"] = -log_ratio
+        if options.clip_ratio is not None:
+            low, high = options.clip_ratio
+            pg_clipped = -adv * ratio.clamp(1 - low, 1 + high)
+            clipped = pg_clipped > pg  # only then is the clipped branch (with its zero slope) the max
+            metrics["clip_frac"] = clipped.to(pg.dtype)
+            pg = torch.where(clipped, pg_clipped, pg)
+            d_pg = torch.where(clipped, 0.0, d_pg)
+        if options.clip_ratio_c is not None:
+            pg_lower = -adv * options.clip_ratio_c
+            capped = (adv < 0) & (pg > pg_lower)
+            metrics["clip_frac_lower"] = capped.to(pg.dtype)
+            pg = torch.where(capped, pg_lower, pg)
+            d_pg = torch.where(capped, 0.0, d_pg)
+    loss, d_loss = pg, d_pg
+    if ref_logprobs is not None:
+        kl, d_kl = kl_estimate(logp, ref_logprobs, options.kl_estimator)
+        metrics["kl"] = kl
+        if options.kl_coef != 0:
+            loss, d_loss = loss + options.kl_coef * kl, d_loss + options.kl_coef * d_kl
+    if entropy is not None:
+        metrics["entropy"] = entropy
+        if options.entropy_coef != 0:
+            loss = loss - options.entropy_coef * entropy
+    return pg, loss, d_loss, -options.entropy_coef, metrics
+
+
+def aggregation_weights(response_mask: torch.Tensor, options: LossOptions, dtype: torch.dtype) -> torch.Tensor:
+    """``[B, T]`` weights ``w`` with ``loss = sum(w * L)`` (module docstring); 0 outside the response."""
+    weight = response_mask.to(dtype)
+    batch, seq_len = weight.shape
+    mode = options.loss_agg_mode
+    if mode == "token-mean":
+        n = weight.sum()
+        return weight / torch.where(n > 0, n, torch.ones_like(n))
+    if mode == "seq-mean-token-mean":
+        n = weight.sum(-1, keepdim=True)
+        return weight / (torch.where(n > 0, n, torch.ones_like(n)) * max(batch, 1))
+    norm = 1.0 if mode == "seq-mean-token-sum" else (options.loss_agg_norm or max(seq_len, 1))
+    return weight / (max(batch, 1) * norm)
+
+
+class _TokenInputs:
+    """The ``[B, T]`` inputs of the loss in the math dtype, zeroed off the response before any math (so padding
+    garbage, NaN or -inf, reaches neither the loss nor, through 0 * NaN, a gradient)."""
+
+    def __init__(self, response_mask, advantages, old_logprobs, ref_logprobs, dtype):
+        self.valid = response_mask != 0
+        zero = torch.zeros((), dtype=dtype, device=response_mask.device)
+        self.on_response = lambda t: torch.where(self.valid, t.detach().to(dtype), zero)
+        adv = advantages.detach()
+        self.advantages = self.on_response(adv[:, None].expand(self.valid.shape) if adv.dim() == 1 else adv)
+        self.old = None if old_logprobs is None else self.on_response(old_logprobs)
+        self.ref = None if ref_logprobs is None else self.on_response(ref_logprobs)
+
+
+def _check_finite_advantages(inputs: _TokenInputs) -> None:
+    if value_checks_enabled(inputs.advantages.device):
+        n_bad = int((~torch.isfinite(inputs.advantages)).sum())
+        if n_bad:
+            raise ValueError(f"advantages: {n_bad} NaN/inf values at response tokens; advantages must be finite")
+
+
+def _metrics(logp, entropy, inputs: _TokenInputs, weights, options, response_mask, dtype) -> dict[str, torch.Tensor]:
+    """Detached 0-d metrics (no device sync): ``pg_loss`` (aggregated like the loss) and token means over the
+    response of ``logprob_mean``, ``adv_mean``, ``adv_std`` and the per-token metrics of ``token_loss_terms``."""
+    with torch.no_grad():
+        pg, _, _, _, per_token = token_loss_terms(
+            logp, inputs.advantages, options, old_logprobs=inputs.old, ref_logprobs=inputs.ref, entropy=entropy)
+        weight = response_mask.to(dtype)
+        n_tokens = weight.sum()
+        denom = torch.where(n_tokens > 0, n_tokens, torch.ones_like(n_tokens))
+
+        def token_mean(t: torch.Tensor) -> torch.Tensor:
+            return (t * weight).sum() / denom
+
+        out = {"pg_loss": (weights * pg).sum(), "logprob_mean": token_mean(logp)}
+        out.update({name: token_mean(value) for name, value in per_token.items()})
+        adv_mean = token_mean(inputs.advantages)
+        out["adv_mean"] = adv_mean
+        out["adv_std"] = token_mean((inputs.advantages - adv_mean) ** 2).sqrt()
+        out["response_tokens"] = n_tokens
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# policy_loss: from per-token log-probs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _WeightedTokenLoss(torch.autograd.Function):
+    """``sum(w * L(logp, entropy))`` with the closed-form gradient of ``token_loss_terms``."""
+
+    @staticmethod
+    def forward(ctx, logp, entropy, weights, advantages, old, ref, options):
+        _, loss_tok, d_logp, d_entropy, _ = token_loss_terms(
+            logp, advantages, options, old_logprobs=old, ref_logprobs=ref, entropy=entropy)
+        ctx.save_for_backward(weights * d_logp, weights * d_entropy)
+        return (weights * loss_tok).sum()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        g_logp, g_entropy = ctx.saved_tensors
+        return grad * g_logp, grad * g_entropy if ctx.needs_input_grad[1] else None, None, None, None, None, None
 
 
 def _check_token_tensor(name: str, t, shape: tuple) -> torch.Tensor:
@@ -124,21 +317,28 @@ def _check_token_tensor(name: str, t, shape: tuple) -> torch.Tensor:
     return t
 
 
+def _check_mask_and_advantages(response_mask, advantages, shape: tuple, what: str) -> None:
+    check_tensor("response_mask", response_mask)
+    if response_mask.dtype not in _MASK_DTYPES:
+        raise TypeError(f"response_mask: dtype must be bool, integer or float, got {response_mask.dtype}")
+    if tuple(response_mask.shape) != shape:
+        raise ValueError(f"response_mask: shape {tuple(response_mask.shape)} does not match {what} {shape}")
+    check_float("advantages", advantages, _FLOAT_DTYPES)
+    if tuple(advantages.shape) not in ((shape[0],), shape):
+        raise ValueError(
+            f"advantages: shape {tuple(advantages.shape)} does not match {what} {shape}: expected [B] or [B, T]")
+
+
 def policy_loss(
     logprobs: torch.Tensor,
     advantages: torch.Tensor,
     response_mask: torch.Tensor,
     *,
     old_logprobs: torch.Tensor | None = None,
-    clip_ratio: float | tuple[float, float] | None = None,
-    clip_ratio_c: float | None = None,
     ref_logprobs: torch.Tensor | None = None,
-    kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
     entropy: torch.Tensor | None = None,
-    entropy_coef: float = 0.0,
-    loss_agg_mode: str = "token-mean",
-    loss_agg_norm: float | None = None,
+    options: LossOptions | None = None,
+    **option_overrides,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Policy-gradient loss (ReMax/REINFORCE, optionally PPO-clipped) with KL and entropy terms; see the module doc.
 
@@ -148,23 +348,22 @@ def policy_loss(
         response_mask: ``[B, T]`` bool or 0/1 values; 1 at response tokens. Non-binary values act as token weights.
         old_logprobs: ``[B, T]`` behaviour-policy log-probs (constants); enables the importance ratio. Needed by
             ``clip_ratio`` and ``clip_ratio_c``. Passing ``logprobs.detach()`` gives exactly the REINFORCE gradient.
-        clip_ratio: PPO clip eps, or ``(eps_low, eps_high)`` (clip-higher); None = no clipping.
-        clip_ratio_c: dual-clip bound c > 1 for negative advantages (verl uses 3.0); None = off.
         ref_logprobs: ``[B, T]`` reference-policy log-probs (constants), for the KL term and the ``kl`` metric.
-        kl_coef: weight of the KL loss term (needs ``ref_logprobs``).
-        kl_estimator: ``"k1"``, ``"k2"`` or ``"k3"`` (verl's ``"kl"``, ``"mse"``, ``"low_var_kl"`` also accepted).
         entropy: ``[B, T]`` per-token entropy of the current policy (may require grad), for the bonus and metric.
-        entropy_coef: weight of the entropy bonus (subtracted from the loss; needs ``entropy``).
-        loss_agg_mode: one of ``LOSS_AGG_MODES`` (formulas in the module doc).
-        loss_agg_norm: the constant divisor of ``"seq-mean-token-sum-norm"`` (default T).
+        options: a ``LossOptions`` (default: its defaults, the paper's loss).
+        **option_overrides: any ``LossOptions`` field by keyword (``clip_ratio``, ``clip_ratio_c``, ``kl_coef``,
+            ``kl_estimator``, ``entropy_coef``, ``loss_agg_mode``, ``loss_agg_norm``), applied over ``options``.
 
     Returns:
         ``(loss, metrics)``: loss is a float32 0-d tensor (float64 for float64 logprobs); metrics maps names to
-        detached 0-d tensors of that dtype
-        (no device sync), all token means over the response: ``pg_loss`` (the policy-gradient part, aggregated
-        like the loss), ``logprob_mean``, ``adv_mean``, ``adv_std`` (population std), ``response_tokens``; plus
-        ``kl`` (with ``ref_logprobs``), ``entropy`` (with ``entropy``), ``ppo_kl`` (mean old - logp) with
-        ``old_logprobs``, ``clip_frac`` with ``clip_ratio``, ``clip_frac_lower`` with ``clip_ratio_c``.
+        detached 0-d tensors of that dtype (no device sync), all token means over the response: ``pg_loss`` (the
+        policy-gradient part, aggregated like the loss), ``logprob_mean``, ``adv_mean``, ``adv_std`` (population
+        std), ``response_tokens``; plus ``kl`` (with ``ref_logprobs``), ``entropy`` (with ``entropy``), ``ppo_kl``
+        (mean old - logp) with ``old_logprobs``, ``clip_frac`` with ``clip_ratio``, ``clip_frac_lower`` with
+        ``clip_ratio_c``. The backward is the closed form of ``token_loss_terms`` (once differentiable).
+
+    Non-finite advantages at response tokens raise ``ValueError`` on CPU tensors (on CUDA with
+    ``REMAX_KERNELS_CHECKS=1``: the check reads device memory).
 
     Example (the official ReMax loss: REINFORCE, token mean)::
 
@@ -178,17 +377,7 @@ def policy_loss(
     if logprobs.dim() != 2:
         raise ValueError(f"logprobs: expected a 2-D tensor [B, T], got shape {tuple(logprobs.shape)}")
     shape = tuple(logprobs.shape)
-    batch, seq_len = shape
-    check_tensor("response_mask", response_mask)
-    if response_mask.dtype not in _MASK_DTYPES:
-        raise TypeError(f"response_mask: dtype must be bool, integer or float, got {response_mask.dtype}")
-    if tuple(response_mask.shape) != shape:
-        raise ValueError(f"response_mask: shape {tuple(response_mask.shape)} does not match logprobs {shape}")
-    check_float("advantages", advantages, _FLOAT_DTYPES)
-    if tuple(advantages.shape) not in ((batch,), shape):
-        raise ValueError(
-            f"advantages: shape {tuple(advantages.shape)} does not match logprobs {shape}: expected [B] or [B, T]"
-        )
+    _check_mask_and_advantages(response_mask, advantages, shape, "logprobs")
     for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs), ("entropy", entropy)):
         if t is not None:
             _check_token_tensor(name, t, shape)
@@ -196,93 +385,267 @@ def policy_loss(
         logprobs=logprobs, advantages=advantages, response_mask=response_mask, old_logprobs=old_logprobs,
         ref_logprobs=ref_logprobs, entropy=entropy,
     )
-    opts = check_loss_options(
-        clip_ratio=clip_ratio, clip_ratio_c=clip_ratio_c, kl_coef=kl_coef, kl_estimator=kl_estimator,
-        entropy_coef=entropy_coef, loss_agg_mode=loss_agg_mode, loss_agg_norm=loss_agg_norm,
-    )
-    check_required_inputs(
-        opts, has_old=old_logprobs is not None, has_ref=ref_logprobs is not None, has_entropy=entropy is not None
-    )
+    opts = LossOptions.build(options, **option_overrides)
+    opts.check_inputs(has_old=old_logprobs is not None, has_ref=ref_logprobs is not None,
+                      has_entropy=entropy is not None)
     # fp32 math whatever the input precision (float64 inputs stay float64, for references and tests).
     dtype = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
-    valid = response_mask != 0
-    weight = response_mask.to(dtype)
+    inputs = _TokenInputs(response_mask, advantages, old_logprobs, ref_logprobs, dtype)
+    _check_finite_advantages(inputs)
     zero = torch.zeros((), dtype=dtype, device=logprobs.device)
-
-    # Every input is zeroed off the response *before* any math, so padding garbage (NaN, -inf) can reach neither
-    # the loss nor, through 0 * NaN in the backward, the gradient.
-    def on_response(t: torch.Tensor) -> torch.Tensor:
-        return torch.where(valid, t.to(dtype), zero)
-
-    logp = on_response(logprobs)
-    adv = advantages.detach()
-    adv = on_response(adv[:, None].expand(shape) if adv.dim() == 1 else adv)
-    n_bad = int((~torch.isfinite(adv)).sum())
-    if n_bad:
-        raise ValueError(f"advantages: {n_bad} NaN/inf values at response tokens; advantages must be finite")
-
-    metrics: dict[str, torch.Tensor] = {}
-    if old_logprobs is None:
-        pg = -adv * logp
-    else:
-        old = on_response(old_logprobs.detach())
-        log_ratio = (logp - old).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
-        ratio = torch.exp(log_ratio)
-        pg = -adv * ratio
-        metrics["ppo_kl"] = -log_ratio
-        if opts["clip_ratio"] is not None:
-            low, high = opts["clip_ratio"]
-            pg_clipped = -adv * ratio.clamp(1 - low, 1 + high)
-            metrics["clip_frac"] = (pg_clipped > pg).float()
-            pg = torch.maximum(pg, pg_clipped)
-        if opts["clip_ratio_c"] is not None:
-            pg_lower = -adv * opts["clip_ratio_c"]
-            metrics["clip_frac_lower"] = ((pg > pg_lower) & (adv < 0)).float()
-            pg = torch.where(adv < 0, torch.minimum(pg, pg_lower), pg)
-
-    loss_tok = pg
-    if ref_logprobs is not None:
-        kl = kl_estimate(logp, on_response(ref_logprobs.detach()), opts["kl_estimator"])
-        metrics["kl"] = kl
-        if opts["kl_coef"] != 0:
-            loss_tok = loss_tok + opts["kl_coef"] * kl
-    if entropy is not None:
-        ent = on_response(entropy)
-        metrics["entropy"] = ent
-        if opts["entropy_coef"] != 0:
-            loss_tok = loss_tok - opts["entropy_coef"] * ent
-
-    loss = _aggregate(loss_tok, weight, opts["loss_agg_mode"], opts["loss_agg_norm"])
-
-    with torch.no_grad():
-        n_tokens = weight.sum()
-        denom = torch.where(n_tokens > 0, n_tokens, torch.ones_like(n_tokens))
-
-        def token_mean(t: torch.Tensor) -> torch.Tensor:
-            return (t.detach() * weight).sum() / denom
-
-        out = {
-            "pg_loss": _aggregate(pg.detach(), weight, opts["loss_agg_mode"], opts["loss_agg_norm"]),
-            "logprob_mean": token_mean(logp),
-        }
-        out.update({name: token_mean(value) for name, value in metrics.items()})
-        adv_mean = token_mean(adv)
-        out["adv_mean"] = adv_mean
-        out["adv_std"] = token_mean((adv - adv_mean) ** 2).sqrt()
-        out["response_tokens"] = n_tokens
-    return loss, out
+    logp = torch.where(inputs.valid, logprobs.to(dtype), zero)
+    ent = None if entropy is None else torch.where(inputs.valid, entropy.to(dtype), zero)
+    weights = aggregation_weights(response_mask, opts, dtype)
+    loss = _WeightedTokenLoss.apply(logp, ent, weights, inputs.advantages, inputs.old, inputs.ref, opts)
+    return loss, _metrics(logp.detach(), None if ent is None else ent.detach(), inputs, weights, opts, response_mask,
+                          dtype)
 
 
-def _aggregate(loss_tok: torch.Tensor, weight: torch.Tensor, mode: str, norm: float | None) -> torch.Tensor:
-    """Reduce masked per-token losses ``[B, T]`` to a scalar (formulas in the module doc); empty rows add 0."""
-    weighted = loss_tok * weight
-    if mode == "token-mean":
-        n = weight.sum()
-        return weighted.sum() / torch.where(n > 0, n, torch.ones_like(n))
-    batch = max(loss_tok.shape[0], 1)
-    if mode == "seq-mean-token-sum":
-        return weighted.sum() / batch
-    if mode == "seq-mean-token-mean":
-        n = weight.sum(-1)
-        return (weighted.sum(-1) / torch.where(n > 0, n, torch.ones_like(n))).sum() / batch
-    return weighted.sum() / (norm if norm is not None else max(loss_tok.shape[1], 1))
+# ----------------------------------------------------------------------------------------------------------------
+# fused_linear_policy_loss: from hidden states and the lm-head, gradients in the forward
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("remax_kernels::fused_linear_policy_loss", mutates_args=())
+def _fused_loss_op(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+    token_weights: torch.Tensor, advantages: torch.Tensor, old_logprobs: torch.Tensor | None,
+    ref_logprobs: torch.Tensor | None, temperature: float, clip_low: float | None, clip_high: float | None,
+    clip_ratio_c: float | None, kl_coef: float, kl_estimator: str, entropy_coef: float, dtype: torch.dtype,
+    backend: str, need_hidden: bool, need_weight: bool, need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flat ``[N]`` per-token inputs (``targets`` -100 off the response) -> (fp32 0-d loss, logp ``[N]``, entropy
+    ``[N]`` or ``[0]``, grad_hidden, grad_weight, grad_bias for a unit upstream gradient, ``[0]`` when not needed).
+    """
+    if value_checks_enabled(hidden.device):
+        vocab = weight.shape[0]
+        on_response = targets != _IGNORE_INDEX
+        n_bad = int(((targets < 0) & on_response).sum())
+        if n_bad:
+            raise ValueError(f"targets: {n_bad} negative values at response tokens")
+        n_high = int(((targets >= vocab) & on_response).sum())
+        if n_high:
+            raise ValueError(f"targets: {n_high} values >= vocab size {vocab} at response tokens")
+    options = LossOptions(clip_ratio=None if clip_low is None else (clip_low, clip_high), clip_ratio_c=clip_ratio_c,
+                          kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef)
+    n_rows = hidden.shape[0]
+    need_entropy = entropy_coef != 0
+    head = LmHead(hidden, weight, bias, targets, _IGNORE_INDEX, dtype, temperature, backend)
+    per_row = {name: None if t is None else t.index_select(0, head.rows)
+               for name, t in (("w", token_weights), ("adv", advantages), ("old", old_logprobs),
+                               ("ref", ref_logprobs))}
+    losses = []
+
+    def upstream(part, logp, entropy):
+        sel = {name: None if t is None else t[part] for name, t in per_row.items()}
+        _, loss_tok, d_logp, d_entropy, _ = token_loss_terms(
+            logp, sel["adv"], options, old_logprobs=sel["old"], ref_logprobs=sel["ref"], entropy=entropy)
+        losses.append((sel["w"] * loss_tok).sum())
+        return sel["w"] * d_logp, (sel["w"] * d_entropy if need_entropy else None)
+
+    out = stream(head, need_entropy=need_entropy, upstream=upstream, needs=(need_hidden, need_weight, need_bias))
+    loss = torch.stack(losses).sum() if losses else hidden.new_zeros((), dtype=torch.float32)
+    logp = scatter_rows(out["logp"], head, n_rows)
+    entropy = scatter_rows(out["entropy"], head, n_rows) if need_entropy else logp.new_empty(0)
+    empty = lambda: hidden.new_empty(0)  # outputs must not alias each other
+    return (loss, logp, entropy, out["grad_hidden"] if need_hidden else empty(),
+            out["grad_weight"].to(weight.dtype) if need_weight else empty(),
+            out["grad_bias"].to(bias.dtype) if need_bias else empty())
+
+
+@_fused_loss_op.register_fake
+def _(hidden, weight, bias, targets, token_weights, advantages, old_logprobs, ref_logprobs, temperature, clip_low,
+      clip_high, clip_ratio_c, kl_coef, kl_estimator, entropy_coef, dtype, backend, need_hidden, need_weight,
+      need_bias):
+    n = hidden.shape[0]
+    empty = lambda: hidden.new_empty(0)
+    return (hidden.new_empty((), dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32),
+            hidden.new_empty(n if entropy_coef != 0 else 0, dtype=torch.float32),
+            torch.empty_like(hidden) if need_hidden else empty(), torch.empty_like(weight) if need_weight else empty(),
+            torch.empty_like(bias) if need_bias else empty())
+
+
+def _fused_loss_setup_context(ctx, inputs, output):
+    _, logp, entropy, grad_hidden, grad_weight, grad_bias = output
+    need_hidden, need_weight, need_bias = inputs[-3:]
+    # Only the loss is differentiable: the stored gradients must not carry a graph back into this op.
+    ctx.mark_non_differentiable(logp, entropy, grad_hidden, grad_weight, grad_bias)
+    ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+    ctx.needs = (need_hidden, need_weight, need_bias)
+    ctx.set_materialize_grads(False)
+
+
+def _scaled(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    # Eagerly, in place: no second [V, H] buffer at the peak of the backward. While torch.compile traces (the
+    # tensors are then FakeTensor/FunctionalTensor subclasses), out of place: its graphs must not mutate saved
+    # tensors, and it plans the memory itself.
+    if type(grad) is torch.Tensor:
+        return grad.mul_(scale.to(grad.dtype))
+    return grad * scale.to(grad.dtype)
+
+
+def _fused_loss_backward(ctx, grad_loss, *_):
+    # The gradients were finished in the forward for a unit upstream gradient; the chain rule only scales them.
+    # In place, so a second backward through the same graph is refused.
+    if grad_loss is None:
+        return (None,) * 20
+    if getattr(ctx, "used", False):
+        raise RuntimeError("fused_linear_policy_loss: backward through the same loss twice is not supported (its "
+                           "stored gradients were already scaled); compute the loss again")
+    ctx.used = True
+    grads = [_scaled(g, grad_loss) if need else None for g, need in zip(ctx.saved_tensors, ctx.needs, strict=True)]
+    return (*grads,) + (None,) * 17
+
+
+_fused_loss_op.register_autograd(_fused_loss_backward, setup_context=_fused_loss_setup_context)
+
+
+def fused_linear_policy_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    old_logprobs: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    options: LossOptions | None = None,
+    backend: str = "auto",
+    **option_overrides,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``policy_loss(log_softmax((hidden @ weight.T + bias) / temperature)[targets], ...)`` without the logits, its
+    gradients computed in the forward.
+
+    One pass over chunks of the response tokens only (the rest never enter a matmul): per chunk the logits GEMM,
+    the row kernel's log-probs (and entropy when ``entropy_coef != 0``), the loss gradient w.r.t. each log-prob
+    from the closed form of ``token_loss_terms``, the row kernel's gradient over the logits in place, and the two
+    gradient GEMMs. The backward only scales the stored gradients by the upstream gradient: 3 GEMM-equivalents in
+    all (the module docstring of ``remax_kernels.ops.fused_linear_logprobs`` has the cost model and the memory).
+
+    Args:
+        hidden: ``[B, T, H]`` fp32/fp16/bf16, the policy's last hidden states at the positions that predict
+            ``targets``.
+        weight: ``[V, H]``, the lm-head weight; the same dtype as ``hidden`` unless autocast is on (then the GEMMs
+            run in the autocast dtype).
+        targets: ``[B, T]`` int64/int32, the taken tokens, already shifted (``targets[:, t]`` is the token
+            predicted from ``hidden[:, t]``); values outside the response are ignored (any value allowed there).
+        advantages: ``[B]`` or ``[B, T]`` float, e.g. from ``remax_advantages``.
+        response_mask: ``[B, T]`` bool / 0-1, 1 at response tokens.
+        bias: optional ``[V]`` lm-head bias.
+        temperature: the sampling temperature (> 0): log-probs are taken under ``softmax(logits / temperature)``,
+            the distribution the tokens were sampled from.
+        old_logprobs, ref_logprobs: ``[B, T]``, as in ``policy_loss``.
+        options, **option_overrides: the loss options, as in ``policy_loss``.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"`` for the row kernels (see ``remax_kernels._dispatch``).
+
+    Returns:
+        ``(loss, metrics)`` as ``policy_loss``: float32 0-d loss, differentiable w.r.t. ``hidden``, ``weight``
+        and ``bias`` (gradients of whichever require grad, computed in the forward: a call under ``no_grad``
+        computes none); detached 0-d metrics (``entropy`` only when ``entropy_coef != 0``).
+
+    It is the ``torch.library`` op ``remax_kernels::fused_linear_policy_loss`` (fake implementation and autograd
+    registered). Device syncs: one, to count the response tokens. Target values are checked on CPU tensors (on
+    CUDA with ``REMAX_KERNELS_CHECKS=1``).
+
+    Example::
+
+        >>> import torch, remax_kernels as rk
+        >>> B, T, H, V = 2, 8, 64, 1000
+        >>> hidden = torch.randn(B, T, H, requires_grad=True)
+        >>> lm_head = torch.nn.Linear(H, V, bias=False)
+        >>> targets = torch.randint(0, V, (B, T))
+        >>> mask = torch.ones(B, T, dtype=torch.bool)
+        >>> adv = rk.remax_advantages(torch.tensor([1.0, 0.2]), torch.tensor([0.5, 0.4]))
+        >>> loss, metrics = rk.fused_linear_policy_loss(hidden, lm_head.weight, targets, adv, mask)
+        >>> loss.backward()  # fills hidden.grad and lm_head.weight.grad
+    """
+    check_float("hidden", hidden)
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden: expected a 3-D tensor [B, T, H], got shape {tuple(hidden.shape)}")
+    vocab, hidden_size = check_lm_head(hidden, weight, bias)
+    shape = tuple(hidden.shape[:2])
+    check_index("targets", targets)
+    if tuple(targets.shape) != shape:
+        raise ValueError(f"targets: shape {tuple(targets.shape)} does not match hidden's [B, T] = {shape}")
+    _check_mask_and_advantages(response_mask, advantages, shape, "targets")
+    for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
+        if t is not None and tuple(check_tensor(name, t).shape) != shape:
+            raise ValueError(f"{name}: shape {tuple(t.shape)} does not match targets {shape}")
+    check_same_device(
+        hidden=hidden, targets=targets, response_mask=response_mask, advantages=advantages,
+        old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+    )
+    temperature = check_temperature("temperature", temperature)
+    check_backend(backend)
+    opts = LossOptions.build(options, **option_overrides)
+    opts.check_inputs(has_old=old_logprobs is not None, has_ref=ref_logprobs is not None, has_entropy=True)
+    dtype = compute_dtype(hidden, weight)
+
+    inputs = _TokenInputs(response_mask, advantages, old_logprobs, ref_logprobs, torch.float32)
+    weights = aggregation_weights(response_mask, opts, torch.float32)
+    flat = lambda t: None if t is None else t.reshape(-1)
+    grad_on = torch.is_grad_enabled()
+    clip_low, clip_high = opts.clip_ratio if opts.clip_ratio is not None else (None, None)
+    loss, logp, entropy, _, _, _ = _fused_loss_op(
+        hidden.reshape(-1, hidden_size), weight, bias, targets.masked_fill(~inputs.valid, _IGNORE_INDEX).reshape(-1),
+        weights.reshape(-1), inputs.advantages.reshape(-1), flat(inputs.old), flat(inputs.ref), temperature,
+        clip_low, clip_high, opts.clip_ratio_c, opts.kl_coef, opts.kl_estimator, opts.entropy_coef, dtype, backend,
+        grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
+        grad_on and bias is not None and bias.requires_grad,
+    )
+    entropy = entropy.view(shape) if opts.entropy_coef != 0 else None
+    return loss, _metrics(logp.view(shape), entropy, inputs, weights, opts, response_mask, torch.float32)
+
+
+class ReMaxLoss(nn.Module):
+    """``fused_linear_policy_loss`` with its options fixed at construction (checked there, so a bad config fails
+    before the first step).
+
+    Args:
+        options: a ``LossOptions``; or its fields as keywords (``**option_overrides``).
+        temperature: the sampling temperature (> 0).
+        backend: ``"auto"``, ``"triton"`` or ``"torch"`` for the row kernels.
+
+    Defaults are the paper's ReMax loss: REINFORCE (no ratio, no clipping), token mean, no KL term, no entropy.
+
+    Example::
+
+        >>> import torch, remax_kernels as rk
+        >>> hidden, lm_head = torch.randn(2, 8, 64), torch.nn.Linear(64, 1000, bias=False)
+        >>> targets, mask = torch.randint(0, 1000, (2, 8)), torch.ones(2, 8, dtype=torch.bool)
+        >>> ref_logp = torch.randn(2, 8) - 7.0  # the reference model's log-probs of the same tokens
+        >>> loss_fn = rk.ReMaxLoss(kl_coef=0.05, kl_estimator="k3")
+        >>> loss, metrics = loss_fn(hidden, lm_head.weight, targets, torch.tensor([0.5, -1.0]), mask,
+        ...                         ref_logprobs=ref_logp)
+    """
+
+    def __init__(self, options: LossOptions | None = None, *, temperature: float = 1.0, backend: str = "auto",
+                 **option_overrides) -> None:
+        super().__init__()
+        self.options = LossOptions.build(options, **option_overrides)
+        self.temperature = check_temperature("temperature", temperature)
+        self.backend = check_backend(backend)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        lm_head_weight: torch.Tensor,
+        targets: torch.Tensor,
+        advantages: torch.Tensor,
+        response_mask: torch.Tensor,
+        *,
+        bias: torch.Tensor | None = None,
+        ref_logprobs: torch.Tensor | None = None,
+        old_logprobs: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Shapes as ``fused_linear_policy_loss``; returns ``(loss, metrics)``."""
+        return fused_linear_policy_loss(
+            hidden, lm_head_weight, targets, advantages, response_mask, bias=bias, temperature=self.temperature,
+            old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, options=self.options, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self.options, name)!r}" for name in _OPTION_NAMES)
+        return f"{fields}, temperature={self.temperature}, backend={self.backend!r}"

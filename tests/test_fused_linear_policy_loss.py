@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import remax_kernels.ops.fused_linear_policy_loss as fused_linear_policy_loss_module
+import remax_kernels.losses as losses_module
 from remax_kernels import ReMaxLoss, fused_linear_policy_loss
 from tests.helpers import assert_rel_close
 from tests.helpers.ref_logprobs import ref_fused_linear_logprobs
@@ -147,13 +147,12 @@ def test_bad_inputs_fail_before_the_kernel(device, monkeypatch):
     # Every check below must fire before any log-prob work starts.
     bad_targets = targets.clone()
     bad_targets[0, 1] = weight.shape[0] + 3
-    with pytest.raises(ValueError, match="targets.*vocab"):  # checked by fused_linear_logprobs, before its kernels
-        fused_linear_policy_loss(hidden, weight, bad_targets, adv, mask)
-
     def no_kernel(*args, **kwargs):
-        raise AssertionError("fused_linear_logprobs ran on bad input")
+        raise AssertionError("the lm-head pipeline ran on bad input")
 
-    monkeypatch.setattr(fused_linear_policy_loss_module, "fused_linear_logprobs", no_kernel)
+    monkeypatch.setattr(losses_module, "stream", no_kernel)
+    with pytest.raises(ValueError, match="targets.*vocab"):  # value checks run in the op, before the pipeline
+        fused_linear_policy_loss(hidden, weight, bad_targets, adv, mask)
     with pytest.raises(ValueError, match="hidden.*3-D"):
         fused_linear_policy_loss(hidden[0], weight, targets, adv, mask)
     with pytest.raises(ValueError, match=r"targets.*\(3, 4\).*\(3, 5\)"):
@@ -178,7 +177,9 @@ def test_bad_inputs_fail_before_the_kernel(device, monkeypatch):
     with pytest.raises(ValueError, match="temperature"):
         ReMaxLoss(temperature=0.0)
     with pytest.raises(ValueError, match="backend"):
-        ReMaxLoss(backend="cuda")
+        ReMaxLoss(backend="gpu")
+    with pytest.raises(TypeError, match="kl_coeff.*not a loss option"):
+        ReMaxLoss(kl_coeff=0.1)
 
 
 @pytest.mark.cuda

@@ -158,12 +158,28 @@ def test_extreme_log_ratios_stay_finite(kl_estimator):
 
 
 def test_loss_agg_norm_is_the_constant_divisor():
+    """Dr. GRPO as verl >= 0.8 computes it: sum(L * m) / (B * norm), norm = T by default."""
     logp, adv, mask, *_ = batch()
     default, _ = policy_loss(logp, adv, mask, loss_agg_mode="seq-mean-token-sum-norm")
     normed, _ = policy_loss(logp, adv, mask, loss_agg_mode="seq-mean-token-sum-norm", loss_agg_norm=1000.0)
     total = (-(adv[:, None] * logp) * mask).sum()
-    torch.testing.assert_close(default, total / logp.shape[1])
-    torch.testing.assert_close(normed, total / 1000.0)
+    batch_size = logp.shape[0]
+    torch.testing.assert_close(default, total / (batch_size * logp.shape[1]))
+    torch.testing.assert_close(normed, total / (batch_size * 1000.0))
+
+
+@pytest.mark.parametrize("loss_agg_mode", LOSS_AGG_MODES)
+def test_loss_does_not_grow_with_the_batch(loss_agg_mode):
+    """Every mode is a mean over the batch: the same rows twice give the same loss and per-token gradients half as
+    large (no batch-size-dependent learning rate)."""
+    logp, adv, mask, *_ = batch()
+    lp, lp2 = logp.clone().requires_grad_(), torch.cat([logp, logp]).requires_grad_()
+    one, _ = policy_loss(lp, adv, mask, loss_agg_mode=loss_agg_mode)
+    two, _ = policy_loss(lp2, torch.cat([adv, adv]), torch.cat([mask, mask]), loss_agg_mode=loss_agg_mode)
+    torch.testing.assert_close(two, one)
+    one.backward()
+    two.backward()
+    torch.testing.assert_close(lp2.grad[: logp.shape[0]] * 2, lp.grad)
 
 
 def test_metrics():

@@ -1,53 +1,64 @@
 """Per-token log-probs (and entropy) straight from hidden states and the lm-head, without the ``[N, V]`` logits.
 
 ``fused_linear_logprobs(hidden, weight, targets)`` equals ``token_logprobs(hidden @ weight.T + bias, targets)``
-but only ever holds a tile (Triton) or a chunk of rows (torch) of the logits.
+but only ever holds the logits of one chunk of rows.
 
-Triton path (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``):
-- forward: ``_fwd_partials_kernel`` over a 2-D grid (token blocks x vocabulary splits). Each program streams its
-  vocabulary range tile by tile (``tl.dot`` over H in BLOCK_H steps, fp32 accumulation), keeps an online
-  logsumexp, and writes per-split partials to ``[splits, N]`` fp32 buffers: max m, sum exp(z - m),
-  sum exp(z - m) (z - m) (for the entropy, kept relative to m so that no large terms cancel) and the target's logit
-  (0 when the target is in another split). Torch merges the partials with fixed-shape reductions. No locks and no
-  atomics, so the result is bitwise reproducible (cut-cross-entropy's spin-lock merge is not).
-- backward: two deterministic kernels that recompute the logit tiles instead of storing them.
-  ``_bwd_hidden_kernel`` (one program per token block) loops over the vocabulary and accumulates
-  grad_hidden = dlogits @ W; ``_bwd_weight_kernel`` (one program per vocabulary block) loops over the tokens and
-  accumulates grad_weight = dlogits^T @ hidden and grad_bias = sum dlogits. Each program owns its output rows, so
-  nothing is shared between programs. Only hidden/weight/bias/targets and ``[N]`` lse/entropy are saved.
-- cost: 5 N*H*V matmul-equivalents (forward, two recomputes, two gradient products) against 3 for an unfused
-  matmul + log_softmax. The two recomputes are the price of determinism without atomics: one fused backward
-  kernel would have to add both gradients across programs. An atomics-based variant (one recompute, 4 N*H*V) is a
-  GPU-tuning follow-up, as is keeping grad tiles on-chip: the gradient accumulators ``[BLOCK_N, H]`` /
-  ``[BLOCK_V, H]`` do not fit in registers for real H, so each program read-modify-writes its own rows of an
-  fp32 scratch buffer once per tile of the loop (extra ``8 * N*H * V/BLOCK_V`` + ``8 * V*H * N/BLOCK_N`` bytes of
-  mostly-L2 traffic).
+The pipeline (this module's ``stream``; also the engine of ``remax_kernels.fused_linear_policy_loss``)
+--------------------------------------------------------------------------------------------------------
+1. Rows whose target is ``ignore_index`` (prompt, padding after EOS: a quarter to a half of an RL batch) are dropped
+   before any matmul: the valid rows are gathered with ``nonzero``, the ONE device-to-host synchronization of a
+   call (it needs their count). The forward and the backward each make it once.
+2. Per chunk of valid rows: ``logits = hidden[chunk] @ W.T (+ bias)`` by cuBLAS in the compute dtype (bf16/fp16
+   tensor cores; fp32 inputs stay fp32 and use TF32 only when torch's matmul precision allows it; under autocast
+   the autocast dtype), into one ``[chunk, V]`` buffer.
+3. The row kernels of ``token_logprobs`` (``row_forward``: one read of the chunk -> log-prob, entropy, row max and
+   log-normalizer; ``row_backward``: one read and one write, the gradient over the logits written IN PLACE).
+4. ``grad_hidden[chunk] = dlogits @ W`` and ``grad_W += dlogits^T @ hidden[chunk]`` (fp32 accumulation across
+   chunks, a fixed chunk order: bitwise deterministic), ``grad_bias += sum(dlogits)``.
 
-torch path (CPU tensors, or ``backend="torch"``): the same autograd.Function over chunks of rows; each chunk's
-logits ``[chunk, V]`` are formed, shifted by their row max (for the entropy, as above), reduced with
-``_torch_math`` and dropped; backward recomputes them. The chunk is sized from ``_TORCH_CHUNK_BYTES`` of fp32
-logits, so extra memory is O(chunk x V) (about 5x the budget in temporaries), never O(N x V).
+``fused_linear_logprobs`` (any downstream loss): the forward runs steps 1-3 (forward row pass only) and keeps the
+per-row statistics; the backward re-runs steps 1-4 with those statistics and the upstream gradients.
+``fused_linear_policy_loss`` (a scalar loss): one pass 1-4 in the forward, the per-token upstream gradients coming
+from the loss formula (known once the chunk's log-probs are); its backward only scales the stored gradients.
 
-Both paths: ignored rows (``ignore_index``) give exactly zero gradient even when their hidden state is NaN/inf
-(padding); gradients accumulate in fp32 and are written in the input dtype; dlogits enter the gradient matmuls
-in the input dtype (as with autograd through ``hidden @ weight.T``).
+Cost model (N valid rows, hidden size H, vocabulary V, compute dtype of s bytes; one GEMM-equivalent = 2 N H V flops)
+------------------------------------------------------------------------------------------------------------------
+=================================  =====================  ==========================================================
+op                                 GEMM-equivalents       memory traffic besides the GEMMs' operands
+=================================  =====================  ==========================================================
+fused_linear_logprobs fwd          1                      write + read of the logits: 2 N V s
+fused_linear_logprobs fwd + bwd    4 (the floor is 3:     fwd + recompute write, read + write in place: 5 N V s,
+                                   logits are recomputed) fp32 grad_W read-modify-write per chunk: 8 V H (chunks-1)
+fused_linear_policy_loss fwd+bwd   3 (the floor)          write, read, read + write: 4 N V s; grad_W as above
+=================================  =====================  ==========================================================
 
-Math (z = logits / T, p = softmax(z), lse = logsumexp(z), H = entropy):
-  logp = z[target] - lse,  H = lse - sum_v p_v z_v
-  d/dlogits = g_logp * (onehot - p) / T  -  g_entropy * p * (z - lse + H) / T
+At N = 8192, H = 4096, V = 128256, bf16 on an H200 (~790 TFLOP/s bf16 GEMM, ~4.3 TB/s): one GEMM-equivalent is
+8.6 TFLOP = 10.9 ms; the logits are 2.1 GB (0.49 ms per pass). Policy loss: 32.7 ms of GEMMs + ~2 ms of row passes
++ ~1 ms of grad_W accumulation (2 chunks at the default budget) = ~1.1x the 3-GEMM floor. ``python -m
+benchmarks.model`` prints this table for every benchmark shape.
+
+Peak extra memory (besides inputs and returned gradients): one chunk of logits, ``chunk * V * s`` bytes (1 GiB
+budget by default, ``REMAX_KERNELS_CHUNK_MB``), the compute-dtype copy of the weight when its dtype differs
+(``V * H * s``), the chunk's hidden rows and grad_hidden rows (``2 * chunk * H * s``), and an fp32 grad_W
+accumulator (``4 * V * H``) when the weight gradient is needed. The eager path holds ``[N, V]`` logits in the
+compute dtype plus their fp32 log-softmax and its gradient (``>= N * V * (s + 8)`` bytes).
+
+The chunk is ``budget // (V * s)`` rows, never fewer than 512 on CUDA (a GEMM with M >= 512 keeps every SM's
+tensor cores busy at these V and H), then evened out so that the chunks are about equal.
+
+Every op is a ``torch.library`` op with a fake implementation and registered autograd:
+``remax_kernels::fused_linear_logprobs`` and ``remax_kernels::fused_linear_logprobs_backward``.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import os
+from collections.abc import Callable
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from remax_kernels._dispatch import interpreter_enabled, resolve_backend
-from remax_kernels._torch_math import grad_logits_chunk, logprobs_entropy_chunk
-from remax_kernels._triton import jit, tl, triton
+from remax_kernels._dispatch import check_backend, resolve_backend
 from remax_kernels._validate import (
     check_float,
     check_index,
@@ -55,12 +66,42 @@ from remax_kernels._validate import (
     check_shape,
     check_targets,
     check_temperature,
+    value_checks_enabled,
 )
+from remax_kernels.ops.token_logprobs import row_backward, row_forward
 
-# Ignored rows reach the kernels and the torch chunks with this target (never a vocabulary column).
-_NO_TARGET = -1
-# fp32 logits per chunk of the torch path; temporaries are a few times this (~5x in backward).
-_TORCH_CHUNK_BYTES = 16 * 2**20
+CHUNK_ENV_VAR = "REMAX_KERNELS_CHUNK_MB"
+# Default budget for one chunk of logits, by device type: well under the eager path's [N, V] on a GPU; small on
+# the CPU, where the torch row path adds a few fp32 temporaries of the chunk's size.
+_DEFAULT_CHUNK_MB = {"cuda": 1024, "cpu": 16}
+# Fewer rows than this would leave a GEMM too short to fill the GPU.
+_MIN_CHUNK_ROWS = {"cuda": 512, "cpu": 1}
+
+
+def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the lm-head GEMMs run in: autocast's when it is on for the device, else the inputs' (which must
+    then agree). Host-side only, so ``torch.compile`` traces it."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    if weight.dtype != hidden.dtype:
+        raise TypeError(
+            f"weight: dtype {str(weight.dtype).replace('torch.', '')} does not match hidden's "
+            f"{str(hidden.dtype).replace('torch.', '')}; cast them to one dtype (or run under torch.autocast)"
+        )
+    return hidden.dtype
+
+
+def chunk_rows(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Rows per chunk for ``n_rows`` valid rows: the budget's worth of ``[rows, vocab]`` logits in ``dtype``, at
+    least the device's minimum, then evened out over the chunks that takes (see the module docstring)."""
+    budget_mb = float(os.environ.get(CHUNK_ENV_VAR, _DEFAULT_CHUNK_MB.get(device.type, 16)))
+    if not budget_mb > 0:
+        raise ValueError(f"{CHUNK_ENV_VAR}: must be a number > 0 (MiB), got {os.environ.get(CHUNK_ENV_VAR)!r}")
+    elem = torch.empty((), dtype=dtype).element_size()
+    rows = max(int(budget_mb * 2**20) // (vocab * elem), _MIN_CHUNK_ROWS.get(device.type, 1), 1)
+    n_chunks = max(1, -(-n_rows // rows))
+    return max(1, -(-n_rows // n_chunks))
 
 
 def _new_buffer(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -68,499 +109,261 @@ def _new_buffer(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return torch.empty(shape, dtype=torch.float32, device=device)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Triton kernels
-# ----------------------------------------------------------------------------------------------------------------
+@functools.cache
+def _fp32_out_gemm_works(device: torch.device) -> bool:
+    """Whether cuBLAS takes low-precision operands into an fp32 output accumulated in place (``addmm`` with
+    ``out_dtype``, torch >= 2.8), checked once per device on a tiny case."""
+    try:
+        a = torch.ones(2, 3, dtype=torch.bfloat16, device=device)
+        acc = torch.ones(2, 2, dtype=torch.float32, device=device)
+        torch.addmm(acc, a, a.T, out_dtype=torch.float32, out=acc)
+        return bool((acc == 4).all())
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
 
 
-@jit
-def _logits_tile(
-    hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, mask_n, mask_v, hidden_size,
-    stride_hn, stride_hh, stride_wv, stride_wh, temperature,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-):
-    # z = (hidden[offs_n] @ weight[offs_v].T + bias[offs_v]) / T as an fp32 [BLOCK_N, BLOCK_V] tile; one pass over
-    # the H columns of both operands. Masked-off rows/columns read zeros (callers mask the result).
-    offs_h = tl.arange(0, BLOCK_H)
-    h_rows = hidden_ptr + offs_n.to(tl.int64)[:, None] * stride_hn
-    w_cols = weight_ptr + offs_v.to(tl.int64)[None, :] * stride_wv
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    for h0 in range(0, hidden_size, BLOCK_H):
-        cur_h = h0 + offs_h
-        mask_h = cur_h < hidden_size
-        a = tl.load(h_rows + cur_h[None, :].to(tl.int64) * stride_hh, mask=mask_n[:, None] & mask_h[None, :], other=0.0)
-        b = tl.load(w_cols + cur_h[:, None].to(tl.int64) * stride_wh, mask=mask_h[:, None] & mask_v[None, :], other=0.0)
-        if DOT_FP32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        # "ieee": fp32 inputs must not silently drop to tf32 (it would cost ~3 digits); no effect on fp16/bf16.
-        acc = tl.dot(a, b, acc, input_precision="ieee")
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
-    return acc / temperature
-
-
-@jit
-def _dlogits_tile(
-    z, offs_v, mask_v, row_ok, targets, lse, entropy, grad_logp, grad_entropy, temperature,
-    HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
-):
-    # d(sum g_logp*logp + g_entropy*entropy)/dlogits for one fp32 tile; exactly 0 outside the vocabulary and in
-    # ignored or out-of-range rows (even when their logits are NaN).
-    p = tl.exp(z - lse[:, None])
-    d = tl.zeros(z.shape, dtype=tl.float32)
-    if HAS_GRAD_LOGP:
-        onehot = tl.where(offs_v[None, :] == targets[:, None], 1.0, 0.0)
-        d += grad_logp[:, None] * (onehot - p)
-    if HAS_GRAD_ENTROPY:
-        d -= grad_entropy[:, None] * p * (z - lse[:, None] + entropy[:, None])
-    return tl.where(row_ok[:, None] & mask_v[None, :], d / temperature, 0.0)
-
-
-@jit
-def _fwd_partials_kernel(
-    hidden_ptr, weight_ptr, bias_ptr, targets_ptr,
-    part_max_ptr, part_sumexp_ptr, part_sumexp_dz_ptr, part_target_ptr,
-    n_rows, vocab, hidden_size, v_per_split,
-    stride_hn, stride_hh, stride_wv, stride_wh, temperature,
-    HAS_BIAS: tl.constexpr, NEED_ENTROPY: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_FP32: tl.constexpr,
-):
-    # Partials of one (token block, vocabulary split), with m = max_v z: m, sum_v exp(z - m),
-    # sum_v exp(z - m) * (z - m) and z[target] (0 if the target is outside the split), each an fp32 [BLOCK_N] row
-    # of a [splits, N] buffer. Keeping z - m (<= 0) rather than z makes the entropy log(S) - sum p (z - m) a sum
-    # of non-negative terms: no cancellation between lse and sum p z when the logits are large.
-    # Grid (cdiv(N, BLOCK_N), splits); reads this block's hidden rows once per vocabulary tile and the split's
-    # weight rows once.
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < n_rows
-    targets = tl.load(targets_ptr + offs_n, mask=mask_n, other=-1)
-    v_start = split * v_per_split
-    v_end = tl.minimum(v_start + v_per_split, vocab)
-
-    run_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-    sum_exp = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    sum_exp_dz = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    target_z = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for v0 in range(v_start, v_end, BLOCK_V):
-        offs_v = v0 + tl.arange(0, BLOCK_V)
-        mask_v = offs_v < v_end
-        z = _logits_tile(
-            hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, mask_n, mask_v, hidden_size,
-            stride_hn, stride_hh, stride_wv, stride_wh, temperature,
-            HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_FP32,
-        )
-        z = tl.where(mask_v[None, :], z, float("-inf"))
-        # Every split starts with a tile holding >= 1 real column, so new_max is finite for finite logits.
-        new_max = tl.maximum(run_max, tl.max(z, axis=1))
-        rescale = tl.exp(run_max - new_max)
-        e = tl.exp(z - new_max[:, None])
-        if NEED_ENTROPY:
-            # Re-base sum e (z - old max) on the new max: sum e' (z - new) = rescale * (sum_exp_dz + delta * sum_exp).
-            # delta is 0 before the first tile (and -inf * 0 would be NaN); padded columns contribute 0 * 0.
-            delta = tl.where(sum_exp > 0, run_max - new_max, 0.0)
-            sum_exp_dz = rescale * (sum_exp_dz + delta * sum_exp) + tl.sum(
-                e * tl.where(mask_v[None, :], z - new_max[:, None], 0.0), axis=1
-            )
-        sum_exp = sum_exp * rescale + tl.sum(e, axis=1)
-        target_z += tl.sum(tl.where(offs_v[None, :] == targets[:, None], z, 0.0), axis=1)
-        run_max = new_max
-
-    out = split.to(tl.int64) * n_rows + offs_n
-    tl.store(part_max_ptr + out, run_max, mask=mask_n)
-    tl.store(part_sumexp_ptr + out, sum_exp, mask=mask_n)
-    if NEED_ENTROPY:
-        tl.store(part_sumexp_dz_ptr + out, sum_exp_dz, mask=mask_n)
-    tl.store(part_target_ptr + out, target_z, mask=mask_n)
-
-
-@jit
-def _row_state(
-    targets_ptr, lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr, offs_n, mask_n,
-    HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
-):
-    # What both backward kernels need per token row; ignored rows (target < 0) get zero incoming gradients.
-    targets = tl.load(targets_ptr + offs_n, mask=mask_n, other=-1)
-    row_ok = mask_n & (targets >= 0)
-    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
-    entropy = tl.zeros_like(lse)
-    grad_logp = tl.zeros_like(lse)
-    grad_entropy = tl.zeros_like(lse)
-    if HAS_GRAD_LOGP:
-        grad_logp = tl.load(grad_logp_ptr + offs_n, mask=row_ok, other=0.0)
-    if HAS_GRAD_ENTROPY:
-        entropy = tl.load(entropy_ptr + offs_n, mask=row_ok, other=0.0)
-        grad_entropy = tl.load(grad_entropy_ptr + offs_n, mask=row_ok, other=0.0)
-    return targets, row_ok, lse, entropy, grad_logp, grad_entropy
-
-
-@jit
-def _bwd_hidden_kernel(
-    hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr,
-    grad_hidden_ptr,
-    n_rows, vocab, hidden_size,
-    stride_hn, stride_hh, stride_wv, stride_wh, temperature,
-    HAS_BIAS: tl.constexpr, HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_FP32: tl.constexpr,
-):
-    # grad_hidden[rows] = dlogits[rows, :] @ W, accumulated in an fp32 [N, H] buffer (zero-initialized) that only
-    # this program touches. Grid (cdiv(N, BLOCK_N),); per vocabulary tile: one recompute pass over H, then one
-    # read-modify-write pass over this block's grad_hidden rows and the tile's weight rows.
-    pid = tl.program_id(0)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < n_rows
-    targets, row_ok, lse, entropy, grad_logp, grad_entropy = _row_state(
-        targets_ptr, lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr, offs_n, mask_n,
-        HAS_GRAD_LOGP, HAS_GRAD_ENTROPY,
-    )
-
-    offs_h = tl.arange(0, BLOCK_H)
-    gh_rows = grad_hidden_ptr + offs_n.to(tl.int64)[:, None] * hidden_size
-    for v0 in range(0, vocab, BLOCK_V):
-        offs_v = v0 + tl.arange(0, BLOCK_V)
-        mask_v = offs_v < vocab
-        z = _logits_tile(
-            hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, mask_n, mask_v, hidden_size,
-            stride_hn, stride_hh, stride_wv, stride_wh, temperature,
-            HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_FP32,
-        )
-        d = _dlogits_tile(
-            z, offs_v, mask_v, row_ok, targets, lse, entropy, grad_logp, grad_entropy, temperature,
-            HAS_GRAD_LOGP, HAS_GRAD_ENTROPY,
-        ).to(weight_ptr.dtype.element_ty)
-        if DOT_FP32:
-            d = d.to(tl.float32)
-        w_rows = weight_ptr + offs_v.to(tl.int64)[:, None] * stride_wv
-        # The previous tile's stores to these rows may come from other threads of this program (the store and
-        # the load need not share a register layout): make them visible before reading.
-        tl.debug_barrier()
-        for h0 in range(0, hidden_size, BLOCK_H):
-            cur_h = h0 + offs_h
-            mask_h = cur_h < hidden_size
-            w = tl.load(w_rows + cur_h[None, :].to(tl.int64) * stride_wh, mask=mask_v[:, None] & mask_h[None, :],
-                        other=0.0)
-            if DOT_FP32:
-                w = w.to(tl.float32)
-            gh_mask = mask_n[:, None] & mask_h[None, :]
-            gh = tl.load(gh_rows + cur_h[None, :], mask=gh_mask, other=0.0)
-            gh = tl.dot(d, w, gh, input_precision="ieee")
-            tl.store(gh_rows + cur_h[None, :], gh, mask=gh_mask)
-
-
-@jit
-def _bwd_weight_kernel(
-    hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr,
-    grad_weight_ptr, grad_bias_ptr,
-    n_rows, vocab, hidden_size,
-    stride_hn, stride_hh, stride_wv, stride_wh, temperature,
-    HAS_BIAS: tl.constexpr, HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
-    NEED_GRAD_WEIGHT: tl.constexpr, NEED_GRAD_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_FP32: tl.constexpr,
-):
-    # grad_weight[cols] = dlogits[:, cols]^T @ hidden (fp32 [V, H] buffer, zero-initialized, rows owned by this
-    # program) and grad_bias[cols] = sum_n dlogits[n, cols] (fp32 registers). Grid (cdiv(V, BLOCK_V),); per token
-    # tile: one recompute pass over H, then one read-modify-write pass over this block's grad_weight rows.
-    pid = tl.program_id(0)
-    offs_v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
-    mask_v = offs_v < vocab
-    offs_h = tl.arange(0, BLOCK_H)
-    gw_rows = grad_weight_ptr + offs_v.to(tl.int64)[:, None] * hidden_size
-    grad_bias = tl.zeros((BLOCK_V,), dtype=tl.float32)
-    for n0 in range(0, n_rows, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < n_rows
-        targets, row_ok, lse, entropy, grad_logp, grad_entropy = _row_state(
-            targets_ptr, lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr, offs_n, mask_n,
-            HAS_GRAD_LOGP, HAS_GRAD_ENTROPY,
-        )
-        z = _logits_tile(
-            hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, mask_n, mask_v, hidden_size,
-            stride_hn, stride_hh, stride_wv, stride_wh, temperature,
-            HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_FP32,
-        )
-        d = _dlogits_tile(
-            z, offs_v, mask_v, row_ok, targets, lse, entropy, grad_logp, grad_entropy, temperature,
-            HAS_GRAD_LOGP, HAS_GRAD_ENTROPY,
-        )
-        if NEED_GRAD_BIAS:
-            grad_bias += tl.sum(d, axis=0)
-        if NEED_GRAD_WEIGHT:
-            d_t = tl.trans(d.to(hidden_ptr.dtype.element_ty))
-            if DOT_FP32:
-                d_t = d_t.to(tl.float32)
-            h_rows = hidden_ptr + offs_n.to(tl.int64)[:, None] * stride_hn
-            tl.debug_barrier()  # see _bwd_hidden_kernel: the previous tile's stores must be visible
-            for h0 in range(0, hidden_size, BLOCK_H):
-                cur_h = h0 + offs_h
-                mask_h = cur_h < hidden_size
-                # Ignored rows read as 0, so padding with non-finite hidden states cannot reach grad_weight.
-                h = tl.load(h_rows + cur_h[None, :].to(tl.int64) * stride_hh, mask=row_ok[:, None] & mask_h[None, :],
-                            other=0.0)
-                if DOT_FP32:
-                    h = h.to(tl.float32)
-                gw_mask = mask_v[:, None] & mask_h[None, :]
-                gw = tl.load(gw_rows + cur_h[None, :], mask=gw_mask, other=0.0)
-                gw = tl.dot(d_t, h, gw, input_precision="ieee")
-                tl.store(gw_rows + cur_h[None, :], gw, mask=gw_mask)
-    if NEED_GRAD_BIAS:
-        tl.store(grad_bias_ptr + offs_v, grad_bias, mask=mask_v)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Launchers
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Blocks:
-    block_n: int
-    block_v: int
-    block_h: int
-    v_per_split: int  # a multiple of block_v: vocabulary columns per forward program
-    num_warps: int
-    num_stages: int
-
-
-@functools.lru_cache(maxsize=8)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _pick_blocks(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device, *, backward: bool) -> _Blocks:
-    """Fixed block sizes from the shapes (no autotuning: it cannot run under the interpreter)."""
-    if device.type != "cuda":
-        # Interpreter: every tl op is a numpy call per program, so small tiles keep tests fast; two tiles per split
-        # exercise both the in-program online logsumexp and the cross-split merge.
-        block_n, block_v, block_h = 16, 32, 32
-        return _Blocks(block_n, block_v, block_h, v_per_split=2 * block_v, num_warps=4, num_stages=1)
-    # Chosen (untimed) as the largest tiles that compile for sm_90 without register spills: the fp32 "ieee" dot
-    # runs on FMA units and needs far more registers than the 16-bit tensor-core dot; the backward holds the
-    # dlogits tile next to the grad tile. Timed tuning on a GPU is a follow-up.
-    if dtype == torch.float32:
-        block_n, block_v, block_h = 64, 64, 16
+def _add_product_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` for an fp32 accumulator and operands in the compute dtype, accumulated in fp32."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif a.is_cuda and _fp32_out_gemm_works(a.device):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    elif a.is_cuda:
+        acc += a @ b  # older torch: the product is rounded to the compute dtype once per chunk
     else:
-        block_n, block_v, block_h = 64, 128, 32 if backward else 64
-    row_blocks = triton.cdiv(n_rows, block_n)
-    v_tiles = triton.cdiv(vocab, block_v)
-    # Forward: split the vocabulary until there are ~2 programs per SM; more splits only add merge work.
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    splits = max(1, min(v_tiles, triton.cdiv(2 * _sm_count(index), row_blocks)))
-    v_per_split = triton.cdiv(v_tiles, splits) * block_v
-    return _Blocks(block_n, block_v, block_h, v_per_split, num_warps=8, num_stages=2 if dtype == torch.float32 else 3)
+        acc.addmm_(a.float(), b.float())
 
 
-def _dot_fp32(dtype: torch.dtype, device: torch.device) -> bool:
-    # The interpreter's tl.dot is wrong for bf16 operands: upcast there (GPU runs keep the bf16 tensor-core dot).
-    return dtype == torch.bfloat16 and device.type == "cpu" and interpreter_enabled()
+class LmHead:
+    """One call's lm-head inputs in the compute dtype and its valid rows: what every pass over the chunks needs.
+
+    ``hidden`` ``[N, H]``, ``weight`` ``[V, H]``, ``bias`` ``[V]`` or None (any float dtypes); ``targets`` ``[N]``
+    int, rows equal to ``ignore_index`` are skipped. Finding the valid rows is the call's one device sync.
+    """
+
+    def __init__(self, hidden, weight, bias, targets, ignore_index, dtype, temperature, backend):
+        self.hidden, self.weight, self.bias = hidden, weight, bias
+        self.dtype, self.temperature = dtype, temperature
+        self.impl = resolve_backend(backend, hidden.device)
+        self.weight_c = weight.to(dtype)
+        self.bias_c = None if bias is None else bias.to(dtype)
+        targets = targets.reshape(-1)
+        self.rows = (targets != ignore_index).nonzero().squeeze(1)
+        self.targets = targets.index_select(0, self.rows).contiguous()
+        self.chunk = chunk_rows(self.rows.numel(), weight.shape[0], dtype, hidden.device)
+
+    def chunks(self):
+        """``(slice into the valid rows, their row indices, their hidden states in the compute dtype)``."""
+        for start in range(0, self.rows.numel(), self.chunk):
+            part = slice(start, start + self.chunk)
+            rows = self.rows[part]
+            yield part, rows, self.hidden.index_select(0, rows).to(self.dtype)
+
+    def logits(self, hidden_c: torch.Tensor) -> torch.Tensor:
+        if self.bias_c is None:
+            return hidden_c @ self.weight_c.T
+        return torch.addmm(self.bias_c, hidden_c, self.weight_c.T)
 
 
-def _triton_forward(hidden, weight, bias, targets, temperature, need_entropy):
-    n_rows, hidden_size = hidden.shape
-    vocab = weight.shape[0]
-    blocks = _pick_blocks(n_rows, vocab, hidden.dtype, hidden.device, backward=False)
-    splits = triton.cdiv(vocab, blocks.v_per_split)
-    part_max, part_sumexp, part_target = (_new_buffer((splits, n_rows), hidden.device) for _ in range(3))
-    part_sumexp_dz = _new_buffer((splits, n_rows), hidden.device) if need_entropy else part_max
-    grid = (triton.cdiv(n_rows, blocks.block_n), splits)
-    _fwd_partials_kernel[grid](
-        hidden, weight, bias if bias is not None else hidden, targets,
-        part_max, part_sumexp, part_sumexp_dz, part_target,
-        n_rows, vocab, hidden_size, blocks.v_per_split,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), temperature,
-        HAS_BIAS=bias is not None, NEED_ENTROPY=need_entropy,
-        BLOCK_N=blocks.block_n, BLOCK_V=blocks.block_v, BLOCK_H=blocks.block_h,
-        DOT_FP32=_dot_fp32(hidden.dtype, hidden.device),
-        num_warps=blocks.num_warps, num_stages=blocks.num_stages,
-    )
-    # Merge of the [splits, N] partials: fixed-shape torch reductions, so deterministic.
-    row_max = part_max.max(dim=0).values
-    rescale = torch.exp(part_max - row_max)
-    sum_exp = (part_sumexp * rescale).sum(dim=0)
-    log_sum_exp = torch.log(sum_exp)
-    lse = row_max + log_sum_exp
-    logp = part_target.sum(dim=0) - lse
-    entropy = None
-    if need_entropy:
-        # sum_v exp(z - M) (z - M) = sum_splits rescale * (sum_exp_dz + (m - M) * sum_exp), with M the row max.
-        sum_exp_dz = (rescale * (part_sumexp_dz + (part_max - row_max) * part_sumexp)).sum(dim=0)
-        entropy = log_sum_exp - sum_exp_dz / sum_exp
-    return logp, entropy, (lse,)
+Upstream = Callable[[slice, torch.Tensor | None, torch.Tensor | None], tuple[torch.Tensor | None, ...]]
 
 
-def _triton_backward(hidden, weight, bias, targets, stats, entropy, grad_logp, grad_entropy, temperature, needs):
-    (lse,) = stats
-    need_hidden, need_weight, need_bias = needs
-    n_rows, hidden_size = hidden.shape
-    vocab = weight.shape[0]
-    blocks = _pick_blocks(n_rows, vocab, hidden.dtype, hidden.device, backward=True)
-    common = dict(
-        HAS_BIAS=bias is not None, HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENTROPY=grad_entropy is not None,
-        BLOCK_N=blocks.block_n, BLOCK_V=blocks.block_v, BLOCK_H=blocks.block_h,
-        DOT_FP32=_dot_fp32(hidden.dtype, hidden.device), num_warps=blocks.num_warps, num_stages=blocks.num_stages,
-    )
-    # Unused pointer slots get any valid tensor; the constexpr flags keep the kernels from touching them.
-    args = (
-        hidden, weight, bias if bias is not None else lse, targets, lse,
-        entropy if entropy is not None else lse,
-        grad_logp if grad_logp is not None else lse,
-        grad_entropy if grad_entropy is not None else lse,
-    )
-    scalars = (n_rows, vocab, hidden_size, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-               temperature)
-    grad_hidden = grad_weight = grad_bias = None
+def stream(
+    head: LmHead,
+    *,
+    need_entropy: bool,
+    stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+    upstream: Upstream | None = None,
+    needs: tuple[bool, bool, bool] = (False, False, False),
+) -> dict[str, torch.Tensor | None]:
+    """One pass over the chunks of ``head`` (the module docstring's steps 2-4).
+
+    Args:
+        need_entropy: compute (or, with ``stats``, use) the per-row entropy.
+        stats: ``(row_max, log_norm, entropy or None)`` per VALID row from an earlier forward: the row pass that
+            computes them is skipped. Without it, the forward row pass runs and its results are returned.
+        upstream: ``upstream(part, logp_c, entropy_c) -> (grad_logp_c or None, grad_entropy_c or None)``, the
+            per-row upstream gradients of the chunk ``part`` (a slice of the valid rows), given its log-probs and
+            entropy (None when ``stats`` were given). With it, the gradients of ``needs = (hidden, weight, bias)``
+            are computed (none when all three are False; ``upstream`` still sees every chunk).
+
+    Returns:
+        ``logp``/``entropy`` ``[n_valid]`` fp32 and ``row_max``/``log_norm`` (without ``stats``);
+        ``grad_hidden`` ``[N, H]`` (hidden's dtype, 0 at skipped rows), ``grad_weight`` ``[V, H]`` and
+        ``grad_bias`` ``[V]`` (fp32) as requested; absent entries are None.
+    """
+    n_valid = head.rows.numel()
+    device = head.hidden.device
+    out: dict[str, torch.Tensor | None] = dict.fromkeys(
+        ("logp", "entropy", "row_max", "log_norm", "grad_hidden", "grad_weight", "grad_bias"))
+    if stats is None:
+        for name in ("logp", "row_max", "log_norm") + (("entropy",) if need_entropy else ()):
+            out[name] = _new_buffer((n_valid,), device)
+    need_hidden, need_weight, need_bias = needs if upstream is not None else (False, False, False)
     if need_hidden:
-        grad_hidden = torch.zeros((n_rows, hidden_size), dtype=torch.float32, device=hidden.device)
-        _bwd_hidden_kernel[(triton.cdiv(n_rows, blocks.block_n),)](*args, grad_hidden, *scalars, **common)
-        grad_hidden = grad_hidden.to(hidden.dtype)
-    if need_weight or need_bias:
-        grad_weight = (torch.zeros((vocab, hidden_size), dtype=torch.float32, device=hidden.device)
-                       if need_weight else lse)
-        grad_bias = _new_buffer((vocab,), hidden.device) if need_bias else lse
-        _bwd_weight_kernel[(triton.cdiv(vocab, blocks.block_v),)](
-            *args, grad_weight, grad_bias, *scalars,
-            NEED_GRAD_WEIGHT=need_weight, NEED_GRAD_BIAS=need_bias, **common,
-        )
-        grad_weight = grad_weight.to(weight.dtype) if need_weight else None
-        grad_bias = grad_bias.to(bias.dtype) if need_bias else None
-    return grad_hidden, grad_weight, grad_bias
+        out["grad_hidden"] = torch.zeros(head.hidden.shape, dtype=head.hidden.dtype, device=device)
+    if need_weight:
+        out["grad_weight"] = torch.zeros(head.weight.shape, dtype=torch.float32, device=device)
+    if need_bias:
+        out["grad_bias"] = torch.zeros(head.weight.shape[0], dtype=torch.float32, device=device)
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# torch path (chunked over rows)
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _torch_chunk_rows(vocab: int) -> int:
-    return max(1, _TORCH_CHUNK_BYTES // (4 * vocab))
-
-
-def _shifted_chunk_logits(hidden_chunk, weight, bias, row_max=None):
-    """fp32 ``logits - row_max`` for a chunk of rows; ``row_max`` defaults to the chunk's own row maxima.
-
-    The matmul runs in the input dtype, as ``hidden @ weight.T`` would (an fp32 copy of a large weight would cost
-    V*H*4 bytes). Log-probs and entropy do not change under a per-row shift, but with logits <= 0 the entropy
-    lse - sum p z is a sum of two non-negative terms instead of a difference of two large ones.
-    """
-    logits = hidden_chunk @ weight.T if bias is None else torch.addmm(bias, hidden_chunk, weight.T)
-    logits = logits.float()
-    if row_max is None:
-        row_max = logits.amax(dim=-1)
-    logits -= row_max.unsqueeze(-1)
-    return logits, row_max
-
-
-def _torch_forward(hidden, weight, bias, targets, temperature, need_entropy):
-    n_rows = hidden.shape[0]
-    logp = _new_buffer((n_rows,), hidden.device)
-    lse_shifted = _new_buffer((n_rows,), hidden.device)
-    row_max = _new_buffer((n_rows,), hidden.device)
-    entropy = _new_buffer((n_rows,), hidden.device) if need_entropy else None
-    chunk = _torch_chunk_rows(weight.shape[0])
-    for start in range(0, n_rows, chunk):
-        rows = slice(start, start + chunk)
-        logits, row_max[rows] = _shifted_chunk_logits(hidden[rows], weight, bias)
-        lp, ent, lse = logprobs_entropy_chunk(logits, targets[rows], temperature, _NO_TARGET, need_entropy)
-        logp[rows], lse_shifted[rows] = lp, lse
-        if need_entropy:
-            entropy[rows] = ent
-        del logits, lp, ent, lse
-    return logp, entropy, (lse_shifted, row_max)
-
-
-def _torch_backward(hidden, weight, bias, targets, stats, entropy, grad_logp, grad_entropy, temperature, needs):
-    lse_shifted, row_max = stats
-    need_hidden, need_weight, need_bias = needs
-    n_rows, hidden_size = hidden.shape
-    vocab = weight.shape[0]
-    grad_hidden = torch.empty((n_rows, hidden_size), dtype=hidden.dtype, device=hidden.device) if need_hidden else None
-    grad_weight = torch.zeros((vocab, hidden_size), dtype=torch.float32, device=hidden.device) if need_weight else None
-    grad_bias = torch.zeros((vocab,), dtype=torch.float32, device=hidden.device) if need_bias else None
-    chunk = _torch_chunk_rows(vocab)
-    for start in range(0, n_rows, chunk):
-        rows = slice(start, start + chunk)
-        tg = targets[rows]
-        # Shift by the forward's row max so the saved (shifted) lse applies as is.
-        logits, _ = _shifted_chunk_logits(hidden[rows], weight, bias, row_max[rows])
-        g = grad_logits_chunk(
-            logits, tg, lse_shifted[rows], None if entropy is None else entropy[rows],
-            None if grad_logp is None else grad_logp[rows], None if grad_entropy is None else grad_entropy[rows],
-            temperature, _NO_TARGET,
-        )
-        del logits
-        ignored = (tg == _NO_TARGET).unsqueeze(-1)
-        # Ignored rows give 0 * p, which is NaN when their logits are: force exact zeros.
-        g.masked_fill_(ignored, 0.0)
+    for part, rows, hidden_c in head.chunks():
+        logits = head.logits(hidden_c)
+        layout = (logits.shape[0], 0, logits.shape[1])
+        targets = head.targets[part]
+        if stats is None:
+            logp, entropy, row_max, log_norm = row_forward(
+                logits, layout, targets, head.temperature, -1, need_entropy, head.impl)
+            out["logp"][part], out["row_max"][part], out["log_norm"][part] = logp, row_max, log_norm
+            if need_entropy:
+                out["entropy"][part] = entropy
+        else:
+            logp = None
+            row_max, log_norm = stats[0][part], stats[1][part]
+            entropy = stats[2][part] if need_entropy else None
+        if upstream is None:
+            continue
+        grad_logp, grad_entropy = upstream(part, logp, entropy)
+        if not (need_hidden or need_weight or need_bias):
+            continue
+        dlogits = row_backward(logits, layout, targets, row_max, log_norm, entropy, grad_logp, grad_entropy,
+                               head.temperature, -1, True, head.impl)
         if need_hidden:
-            grad_hidden[rows] = g.to(hidden.dtype) @ weight
+            product = dlogits @ head.weight_c
+            out["grad_hidden"].index_copy_(0, rows, product.to(head.hidden.dtype))
         if need_weight:
-            grad_weight.addmm_(g.T, hidden[rows].float().masked_fill(ignored, 0.0))
+            _add_product_(out["grad_weight"], dlogits.T, hidden_c)
         if need_bias:
-            grad_bias += g.sum(dim=0)
-        del g
-    return (
-        grad_hidden,
-        None if grad_weight is None else grad_weight.to(weight.dtype),
-        None if grad_bias is None else grad_bias.to(bias.dtype),
+            out["grad_bias"] += dlogits.sum(0, dtype=torch.float32)
+    return out
+
+
+def scatter_rows(values: torch.Tensor, head: LmHead, n_rows: int) -> torch.Tensor:
+    """``[n_valid]`` values of the valid rows -> ``[n_rows]`` with 0 at the skipped rows."""
+    full = torch.zeros(n_rows, dtype=values.dtype, device=values.device)
+    return full.index_copy_(0, head.rows, values)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch.library ops
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("remax_kernels::fused_linear_logprobs", mutates_args=())
+def _forward_op(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+    ignore_index: int, temperature: float, need_entropy: bool, dtype: torch.dtype, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hidden ``[N, H]``, targets ``[N]`` -> fp32 ``[N]`` (logp, entropy or ``[0]``, row_max, log_norm)."""
+    if value_checks_enabled(hidden.device):
+        check_targets("targets", targets, weight.shape[0], ignore_index)
+    n_rows = hidden.shape[0]
+    head = LmHead(hidden, weight, bias, targets, ignore_index, dtype, temperature, backend)
+    out = stream(head, need_entropy=need_entropy)
+    full = [scatter_rows(out[name], head, n_rows) for name in ("logp", "row_max", "log_norm")]
+    entropy = scatter_rows(out["entropy"], head, n_rows) if need_entropy else hidden.new_empty(0, dtype=torch.float32)
+    return full[0], entropy, full[1], full[2]
+
+
+@_forward_op.register_fake
+def _(hidden, weight, bias, targets, ignore_index, temperature, need_entropy, dtype, backend):
+    n = hidden.shape[0]
+    new = lambda size: hidden.new_empty(size, dtype=torch.float32)
+    return new(n), new(n if need_entropy else 0), new(n), new(n)
+
+
+@torch.library.custom_op("remax_kernels::fused_linear_logprobs_backward", mutates_args=())
+def _backward_op(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+    ignore_index: int, row_max: torch.Tensor, log_norm: torch.Tensor, entropy: torch.Tensor | None,
+    grad_logp: torch.Tensor | None, grad_entropy: torch.Tensor | None, temperature: float, dtype: torch.dtype,
+    backend: str, need_hidden: bool, need_weight: bool, need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients w.r.t. (hidden, weight, bias) in their dtypes; ``[0]`` for the ones not needed."""
+    head = LmHead(hidden, weight, bias, targets, ignore_index, dtype, temperature, backend)
+    rows = head.rows
+    need_entropy = entropy is not None
+    stats = (row_max.index_select(0, rows), log_norm.index_select(0, rows),
+             entropy.index_select(0, rows) if need_entropy else None)
+    g_logp = None if grad_logp is None else grad_logp.index_select(0, rows).float()
+    g_entropy = None if grad_entropy is None else grad_entropy.index_select(0, rows).float()
+
+    def upstream(part, _logp, _entropy):
+        return (None if g_logp is None else g_logp[part]), (None if g_entropy is None else g_entropy[part])
+
+    out = stream(head, need_entropy=need_entropy and g_entropy is not None, stats=stats, upstream=upstream,
+                 needs=(need_hidden, need_weight, need_bias))
+    empty = lambda: hidden.new_empty(0)  # outputs must not alias each other
+    grad_weight = out["grad_weight"].to(weight.dtype) if need_weight else empty()
+    grad_bias = out["grad_bias"].to(bias.dtype) if need_bias else empty()
+    return (out["grad_hidden"] if need_hidden else empty()), grad_weight, grad_bias
+
+
+@_backward_op.register_fake
+def _(hidden, weight, bias, targets, ignore_index, row_max, log_norm, entropy, grad_logp, grad_entropy,
+      temperature, dtype, backend, need_hidden, need_weight, need_bias):
+    empty = lambda: hidden.new_empty(0)
+    return (torch.empty_like(hidden) if need_hidden else empty(), torch.empty_like(weight) if need_weight else empty(),
+            torch.empty_like(bias) if need_bias else empty())
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, targets, ignore_index, temperature, need_entropy, dtype, backend = inputs
+    _, entropy, row_max, log_norm = output
+    ctx.mark_non_differentiable(row_max, log_norm)
+    ctx.save_for_backward(hidden, weight, bias, targets, row_max, log_norm, entropy if need_entropy else None)
+    ctx.ignore_index, ctx.temperature, ctx.dtype, ctx.backend = ignore_index, temperature, dtype, backend
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_logp, grad_entropy, _grad_row_max, _grad_log_norm):
+    hidden, weight, bias, targets, row_max, log_norm, entropy = ctx.saved_tensors
+    if entropy is None:
+        grad_entropy = None  # the [0] placeholder output of a call without entropy
+    need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+    if (grad_logp is None and grad_entropy is None) or not (need_hidden or need_weight or need_bias):
+        return (None,) * 9
+    grad_hidden, grad_weight, grad_bias = torch.ops.remax_kernels.fused_linear_logprobs_backward(
+        hidden, weight, bias, targets, ctx.ignore_index, row_max, log_norm,
+        entropy if grad_entropy is not None else None, grad_logp, grad_entropy, ctx.temperature, ctx.dtype,
+        ctx.backend, need_hidden, need_weight, need_bias and bias is not None,
     )
+    return (grad_hidden if need_hidden else None, grad_weight if need_weight else None,
+            grad_bias if need_bias and bias is not None else None) + (None,) * 6
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# autograd glue and the public function
-# ----------------------------------------------------------------------------------------------------------------
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _FusedLinearLogprobs(torch.autograd.Function):
-    """hidden ``[N, H]``, weight ``[V, H]``, bias ``[V]`` or None, targets ``[N]`` int32 (-1 = ignored) ->
-    fp32 logp ``[N]`` (and entropy ``[N]`` when ``need_entropy``).
-
-    Saved for backward: the inputs, the entropy, and the backend's ``[N]`` statistics (Triton: lse; torch: lse of
-    the max-shifted logits and the row max).
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, need_entropy, backend):
-        if hidden.shape[0] == 0:
-            logp = torch.zeros(0, dtype=torch.float32, device=hidden.device)
-            entropy, stats = (logp.clone() if need_entropy else None), ()
-        elif backend == "triton":
-            logp, entropy, stats = _triton_forward(hidden, weight, bias, targets, temperature, need_entropy)
-        else:
-            logp, entropy, stats = _torch_forward(hidden, weight, bias, targets, temperature, need_entropy)
-        ignored = targets == _NO_TARGET
-        logp = logp.masked_fill(ignored, 0.0)
-        if need_entropy:
-            entropy = entropy.masked_fill(ignored, 0.0)
-        ctx.save_for_backward(hidden, weight, bias, targets, entropy, *stats)
-        ctx.temperature = temperature
-        ctx.backend = backend
-        ctx.set_materialize_grads(False)
-        return (logp, entropy) if need_entropy else logp
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, *grads):
-        hidden, weight, bias, targets, entropy, *stats = ctx.saved_tensors
-        grad_logp = grads[0]
-        grad_entropy = grads[1] if len(grads) > 1 else None
-        needs = tuple(ctx.needs_input_grad[:3])
-        none_tail = (None, None, None, None)
-        if grad_logp is None and grad_entropy is None:
-            return (None, None, None) + none_tail
-        grad_logp = None if grad_logp is None else grad_logp.float().contiguous()
-        grad_entropy = None if grad_entropy is None else grad_entropy.float().contiguous()
-        if hidden.shape[0] == 0:
-            grad_hidden = torch.zeros_like(hidden) if needs[0] else None
-            grad_weight = torch.zeros_like(weight) if needs[1] else None
-            grad_bias = torch.zeros_like(bias) if needs[2] else None
-        else:
-            backward_impl = _triton_backward if ctx.backend == "triton" else _torch_backward
-            grad_hidden, grad_weight, grad_bias = backward_impl(
-                hidden, weight, bias, targets, stats, entropy, grad_logp, grad_entropy, ctx.temperature, needs
-            )
-        return (grad_hidden, grad_weight, grad_bias) + none_tail
+def check_lm_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int]:
+    """Shape/dtype/device checks shared by the fused lm-head ops (host metadata only); returns ``(V, H)``."""
+    check_float("hidden", hidden)
+    check_float("weight", weight)
+    if bias is not None:
+        check_float("bias", bias)
+    if hidden.dim() < 1:
+        raise ValueError("hidden: expected a tensor [..., H] with at least one dimension, got a 0-d tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"weight: expected a 2-D tensor [V, H], got shape {tuple(weight.shape)}")
+    if bias is not None and bias.dtype != weight.dtype:
+        raise TypeError(
+            f"bias: dtype {str(bias.dtype).replace('torch.', '')} does not match weight's "
+            f"{str(weight.dtype).replace('torch.', '')}; cast them to one dtype"
+        )
+    vocab, hidden_size = weight.shape
+    if hidden.shape[-1] != hidden_size:
+        raise ValueError(
+            f"hidden, weight: hidden size mismatch: hidden.shape[-1] = {hidden.shape[-1]} but weight is [V, H] = "
+            f"{tuple(weight.shape)}"
+        )
+    if hidden_size == 0:
+        raise ValueError("hidden: hidden size H must be > 0")
+    if vocab == 0:
+        raise ValueError("weight: vocabulary size V must be > 0")
+    if bias is not None:
+        check_shape("bias", bias, (vocab,), "[V], V = weight.shape[0]")
+    check_same_device(hidden=hidden, weight=weight, bias=bias)
+    return vocab, hidden_size
 
 
 def fused_linear_logprobs(
@@ -576,30 +379,32 @@ def fused_linear_logprobs(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of ``targets`` under ``softmax((hidden @ weight.T + bias) / temperature)``, without the logits.
 
-    The same values as ``token_logprobs(hidden @ weight.T + bias, targets, ...)``, but the ``[N, V]`` logits are
-    never stored: the Triton kernels work on tiles, the torch path on chunks of rows. Differentiable w.r.t.
-    ``hidden``, ``weight`` and ``bias``, through the log-probs and the entropy, with per-token upstream gradients;
-    the backward recomputes the logits. Deterministic: the same inputs give bitwise the same outputs and gradients.
+    The same values as ``token_logprobs(hidden @ weight.T + bias, targets, ...)``, but only one chunk of rows'
+    logits ever exists (see the module docstring: the pipeline, its cost model and its memory). Differentiable
+    w.r.t. ``hidden``, ``weight`` and ``bias``, through the log-probs and the entropy, with per-token upstream
+    gradients; the backward recomputes the logits chunk by chunk. Deterministic: the same inputs give bitwise the
+    same outputs and gradients on the same device.
 
     Args:
         hidden: ``[..., H]`` float32/float16/bfloat16, the last hidden states (e.g. ``[B, T, H]``).
-        weight: ``[V, H]``, same dtype and device as ``hidden``: the lm-head weight.
-        targets: ``hidden.shape[:-1]`` int64/int32 token ids in ``[0, V)``, or ``ignore_index``.
-        bias: optional ``[V]`` lm-head bias, same dtype as ``hidden``.
+        weight: ``[V, H]``, the lm-head weight; the same dtype as ``hidden`` unless autocast is on.
+        targets: ``hidden.shape[:-1]`` int64/int32 token ids in ``[0, V)``, or ``ignore_index``. Values are checked
+            on CPU tensors, and on CUDA only with ``REMAX_KERNELS_CHECKS=1`` (it reads device memory).
+        bias: optional ``[V]`` lm-head bias, the weight's dtype.
         temperature: > 0; log-probs are taken under ``softmax(logits / temperature)`` (the sampling distribution).
         ignore_index: targets equal to this give log-prob 0, entropy 0 and exactly zero gradient (even if that
-            row's hidden state is not finite).
+            row's hidden state is not finite); their rows never enter a matmul.
         return_entropy: also return the entropy of ``softmax(logits / temperature)`` per token.
-        backend: ``"auto"`` (CUDA -> Triton, CPU -> torch), ``"triton"`` or ``"torch"``; see
-            ``remax_kernels._dispatch``.
+        backend: the row kernels: ``"auto"`` (CUDA -> Triton, CPU -> torch), ``"triton"`` or ``"torch"``; see
+            ``remax_kernels._dispatch``. The GEMMs are torch's (cuBLAS on CUDA) either way.
+
+    Compute dtype: under ``torch.autocast`` the GEMMs run in the autocast dtype (fp32 inputs are cast once per
+    call); otherwise in the inputs' dtype (fp32 uses TF32 only if ``torch.backends.cuda.matmul`` allows it). The
+    row math is fp32 always.
 
     Returns:
         float32 log-probs with ``targets.shape`` (all <= 0), or ``(logprobs, entropy)`` when ``return_entropy``.
-        Gradients are written in the dtype of ``hidden`` / ``weight`` / ``bias`` (accumulated in fp32).
-
-    Memory: the Triton path keeps ``[N]`` lse/entropy for backward and uses fp32 scratch of ``N*H`` and ``V*H``
-    floats while computing gradients; the torch path allocates O(chunk x V) temporaries (16 MiB of fp32 logits per
-    chunk, a few times that in temporaries).
+        Gradients come in the dtype of ``hidden`` / ``weight`` / ``bias`` (grad_weight accumulated in fp32).
 
     Example::
 
@@ -612,48 +417,19 @@ def fused_linear_logprobs(
         (torch.Size([2, 5]), torch.float32)
         >>> (logp.sum() + 0.01 * entropy.sum()).backward()
     """
-    check_float("hidden", hidden)
-    check_float("weight", weight)
     check_index("targets", targets)
-    if bias is not None:
-        check_float("bias", bias)
-    if hidden.dim() < 1:
-        raise ValueError("hidden: expected a tensor [..., H] with at least one dimension, got a 0-d tensor")
-    if weight.dim() != 2:
-        raise ValueError(f"weight: expected a 2-D tensor [V, H], got shape {tuple(weight.shape)}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.dtype != hidden.dtype:
-            raise TypeError(
-                f"{name}: dtype {str(t.dtype).replace('torch.', '')} does not match hidden's "
-                f"{str(hidden.dtype).replace('torch.', '')}; cast them to one dtype"
-            )
-    vocab, hidden_size = weight.shape
-    if hidden.shape[-1] != hidden_size:
-        raise ValueError(
-            f"hidden, weight: hidden size mismatch: hidden.shape[-1] = {hidden.shape[-1]} but weight is [V, H] = "
-            f"{tuple(weight.shape)}"
-        )
-    if hidden_size == 0:
-        raise ValueError("hidden: hidden size H must be > 0")
-    if vocab == 0:
-        raise ValueError("weight: vocabulary size V must be > 0")
-    if bias is not None:
-        check_shape("bias", bias, (vocab,), "[V], V = weight.shape[0]")
+    vocab, hidden_size = check_lm_head(hidden, weight, bias)
     check_shape("targets", targets, tuple(hidden.shape[:-1]), "hidden.shape[:-1]")
+    check_same_device(hidden=hidden, targets=targets)
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
     if not isinstance(return_entropy, bool):
         raise TypeError(f"return_entropy: expected a bool, got {type(return_entropy).__name__}")
     temperature = check_temperature("temperature", temperature)
-    device = check_same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
-    impl = resolve_backend(backend, device)
-    check_targets("targets", targets, vocab, ignore_index)
-
-    kernel_targets = targets.reshape(-1).masked_fill(targets.reshape(-1) == ignore_index, _NO_TARGET)
-    kernel_targets = kernel_targets.to(torch.int32).contiguous()
-    out = _FusedLinearLogprobs.apply(
-        hidden.reshape(-1, hidden_size), weight, bias, kernel_targets, temperature, return_entropy, impl
-    )
+    check_backend(backend)
+    dtype = compute_dtype(hidden, weight)
+    logp, entropy, _, _ = _forward_op(hidden.reshape(-1, hidden_size), weight, bias, targets.reshape(-1),
+                                      ignore_index, temperature, return_entropy, dtype, backend)
     if return_entropy:
-        return out[0].view(targets.shape), out[1].view(targets.shape)
-    return out.view(targets.shape)
+        return logp.view(targets.shape), entropy.view(targets.shape)
+    return logp.view(targets.shape)

@@ -4,8 +4,9 @@
 ``[N, V]`` log-softmax, in fp32, and optionally the entropy of the same distribution. Its backward makes one more
 pass over the logits and writes ``d/d logits`` directly (optionally into the logits' own storage).
 
-In this file, in order: the Triton kernels, the launcher (block sizes, grid, row layout), the autograd Functions
-(Triton and a chunked torch path for CPU tensors), and the public function.
+In this file, in order: the Triton kernels; the row layout and launchers; ``row_forward`` / ``row_backward``, the
+row passes for every backend (also run by the fused lm-head pipeline between its GEMMs); a chunked torch path for
+CPU tensors; the ``torch.library`` ops with their fake implementations and autograd; the public function.
 
 Row layout. The kernels address row ``r`` of a ``[..., V]`` tensor at ``(r // T1) * s0 + (r % T1) * s1`` elements
 from its data pointer, so a view such as ``logits[:, :-1]`` of a ``[B, T, V]`` tensor (rows of one sequence are
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from remax_kernels._dispatch import resolve_backend
+from remax_kernels._dispatch import check_backend, resolve_backend
 from remax_kernels._torch_math import grad_logits_chunk, logprobs_entropy_chunk
 from remax_kernels._triton import jit, tl, triton
 from remax_kernels._validate import (
@@ -28,6 +29,7 @@ from remax_kernels._validate import (
     check_shape,
     check_targets,
     check_temperature,
+    value_checks_enabled,
 )
 
 # Largest vocabulary block one program holds in registers per loop step (fp32: 16 values per thread at 8 warps).
@@ -67,7 +69,10 @@ def _token_logprobs_fwd_kernel(
     base = (row // T1) * stride_0 + (row % T1) * stride_1
     target = tl.load(targets_ptr + row).to(tl.int64)
     valid = target != ignore_index
-    x_target = tl.load(logits_ptr + base + target, mask=valid, other=0.0).to(tl.float32)
+    # Targets are range-checked on the host only on request (it needs a device sync): an out-of-range one must
+    # not read outside the row, and gives a NaN log-prob instead.
+    in_range = (target >= 0) & (target < V)
+    x_target = tl.load(logits_ptr + base + target, mask=valid & in_range, other=float("nan")).to(tl.float32)
 
     offs = tl.arange(0, BLOCK_V)
     m = float("-inf")
@@ -212,11 +217,41 @@ def _launch_config(vocab_size: int) -> tuple[int, int]:
     return block_v, max(1, min(8, block_v // 256))
 
 
-def _triton_forward(
+# ----------------------------------------------------------------------------------------------------------------
+# Row passes, one entry point per direction for every backend. The fused lm-head pipeline
+# (``fused_linear_logprobs.py``) runs these same functions between its GEMMs.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def row_forward(
     logits: torch.Tensor, layout: tuple[int, int, int], targets: torch.Tensor, temperature: float,
-    ignore_index: int, need_entropy: bool,
+    ignore_index: int, need_entropy: bool, impl: str,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """-> fp32 ``[N]`` ``(logp, entropy or None, row_max, log_norm)``; the last two are for the backward."""
+    """One pass over rows of ``logits`` (addressed through ``layout``) -> fp32 ``[N]``
+    ``(logp, entropy or None, row_max, log_norm)``, with ``log p_v = (x_v - row_max) / T - log_norm``.
+
+    ``targets`` is a contiguous ``[N]`` int tensor; rows whose target is ``ignore_index`` get zeros everywhere.
+    ``impl`` is ``"triton"`` or ``"torch"`` (see ``_dispatch``).
+    """
+    if impl == "triton":
+        return _triton_forward(logits, layout, targets, temperature, ignore_index, need_entropy)
+    return _torch_forward(logits, layout, targets, temperature, ignore_index, need_entropy)
+
+
+def row_backward(
+    logits: torch.Tensor, layout: tuple[int, int, int], targets: torch.Tensor, row_max: torch.Tensor,
+    log_norm: torch.Tensor, entropy: torch.Tensor | None, grad_logp: torch.Tensor | None,
+    grad_entropy: torch.Tensor | None, temperature: float, ignore_index: int, inplace: bool, impl: str,
+) -> torch.Tensor:
+    """d(sum grad_logp * logp + grad_entropy * entropy) / d logits, in the logits' dtype, from the forward's
+    ``row_max``/``log_norm``/``entropy``. ``inplace=True`` writes it over ``logits`` itself (each block is read
+    before it is overwritten) and returns ``logits``; else a new tensor shaped like ``logits``, contiguous."""
+    backward = _triton_backward if impl == "triton" else _torch_backward
+    return backward(logits, layout, targets, row_max, log_norm, entropy, grad_logp, grad_entropy, temperature,
+                    ignore_index, inplace)
+
+
+def _triton_forward(logits, layout, targets, temperature, ignore_index, need_entropy):
     n, vocab_size = targets.numel(), logits.shape[-1]
     logp, row_max, log_norm = (torch.empty(n, dtype=torch.float32, device=logits.device) for _ in range(3))
     entropy = torch.empty(n, dtype=torch.float32, device=logits.device) if need_entropy else None
@@ -232,11 +267,8 @@ def _triton_forward(
     return logp, entropy, row_max, log_norm
 
 
-def _triton_backward(
-    logits: torch.Tensor, layout: tuple[int, int, int], targets: torch.Tensor, row_max: torch.Tensor,
-    log_norm: torch.Tensor, entropy: torch.Tensor | None, grad_logp: torch.Tensor | None,
-    grad_entropy: torch.Tensor | None, temperature: float, ignore_index: int, inplace: bool,
-) -> torch.Tensor:
+def _triton_backward(logits, layout, targets, row_max, log_norm, entropy, grad_logp, grad_entropy, temperature,
+                     ignore_index, inplace):
     n, vocab_size = targets.numel(), logits.shape[-1]
     if inplace:
         grad, grad_layout = logits, layout
@@ -257,48 +289,6 @@ def _triton_backward(
         num_warps=num_warps,
     )
     return grad
-
-
-def _mark_overwritten(t: torch.Tensor) -> None:
-    # The kernel wrote through the data pointer, invisible to autograd: bump the version counter so that any other
-    # autograd node that saved these logits raises "modified by an inplace operation" instead of using garbage.
-    increment_version = getattr(torch.autograd.graph, "increment_version", None)
-    if increment_version is not None:
-        increment_version(t)
-
-
-def _flat_grad(g: torch.Tensor | None) -> torch.Tensor | None:
-    return None if g is None else g.reshape(-1).contiguous()
-
-
-class _TokenLogprobsTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, targets, temperature, ignore_index, return_entropy, inplace_backward):
-        rows, layout = _readable_rows(logits)
-        targets_flat = targets.reshape(-1).contiguous()
-        logp, entropy, row_max, log_norm = _triton_forward(
-            rows, layout, targets_flat, temperature, ignore_index, return_entropy
-        )
-        ctx.save_for_backward(rows, targets_flat, row_max, log_norm, entropy)
-        ctx.layout, ctx.temperature, ctx.ignore_index = layout, temperature, ignore_index
-        ctx.inplace_backward, ctx.copied = inplace_backward, rows is not logits
-        ctx.set_materialize_grads(False)
-        shape = targets.shape
-        return (logp.view(shape), entropy.view(shape)) if return_entropy else logp.view(shape)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_logp, grad_entropy=None):
-        rows, targets, row_max, log_norm, entropy = ctx.saved_tensors
-        if grad_logp is None and grad_entropy is None:
-            return None, None, None, None, None, None
-        grad = _triton_backward(
-            rows, ctx.layout, targets, row_max, log_norm, entropy, _flat_grad(grad_logp), _flat_grad(grad_entropy),
-            ctx.temperature, ctx.ignore_index, ctx.inplace_backward,
-        )
-        if ctx.inplace_backward and not ctx.copied:
-            _mark_overwritten(rows)
-        return grad, None, None, None, None, None
 
 
 def _row_chunks(logits: torch.Tensor, layout: tuple[int, int, int], chunk_rows: int):
@@ -323,64 +313,170 @@ def _shifted_chunk(view: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
     return view.reshape(-1, view.shape[-1]).float() - row_max.unsqueeze(-1)
 
 
-class _TokenLogprobsTorch(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, targets, temperature, ignore_index, return_entropy, inplace_backward):
-        rows, layout = _readable_rows(logits)
-        targets_flat = targets.reshape(-1)
-        n, vocab_size = targets_flat.numel(), logits.shape[-1]
-        chunk_rows = max(1, _TORCH_CHUNK_ELEMENTS // vocab_size)
-        logp = torch.empty(n, dtype=torch.float32, device=logits.device)
-        lse = torch.empty(n, dtype=torch.float32, device=logits.device)
-        entropy = torch.empty(n, dtype=torch.float32, device=logits.device) if return_entropy else None
-        row_max = torch.empty(n, dtype=torch.float32, device=logits.device)
-        for r0, view in _row_chunks(rows, layout, chunk_rows):
-            r1 = r0 + view.shape[0] * view.shape[1]
-            row_max[r0:r1] = view.amax(dim=-1).reshape(-1)
-            chunk = _shifted_chunk(view, row_max[r0:r1])
-            lp, ent, ls = logprobs_entropy_chunk(chunk, targets_flat[r0:r1], temperature, ignore_index, return_entropy)
-            # Exact bounds that rounding could cross by an ulp (see the forward kernel); clamp keeps NaN.
-            logp[r0:r1], lse[r0:r1] = lp.clamp_(max=0.0), ls
-            if return_entropy:
-                entropy[r0:r1] = ent.clamp_(min=0.0)
-        ctx.save_for_backward(rows, targets_flat, row_max, lse, entropy)
-        ctx.layout, ctx.temperature, ctx.ignore_index = layout, temperature, ignore_index
-        ctx.inplace_backward, ctx.copied, ctx.chunk_rows = inplace_backward, rows is not logits, chunk_rows
-        ctx.set_materialize_grads(False)
-        shape = targets.shape
-        return (logp.view(shape), entropy.view(shape)) if return_entropy else logp.view(shape)
+def _torch_chunk_rows(vocab_size: int) -> int:
+    return max(1, _TORCH_CHUNK_ELEMENTS // vocab_size)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_logp, grad_entropy=None):
-        rows, targets, row_max, lse, entropy = ctx.saved_tensors
-        if grad_logp is None and grad_entropy is None:
-            return None, None, None, None, None, None
-        grad_logp, grad_entropy = _flat_grad(grad_logp), _flat_grad(grad_entropy)
-        if ctx.inplace_backward:
-            grad, grad_layout = rows, ctx.layout
-        else:
-            grad = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
-            grad_layout = _contiguous_layout(ctx.layout, rows.shape[-1])
-        # Both generators walk the rows in the same order and chunk sizes, so the chunk pairs line up; in the
-        # in-place case each chunk is read (and upcast to fp32) before the same rows are overwritten.
-        chunk_pairs = zip(
-            _row_chunks(rows, ctx.layout, ctx.chunk_rows), _row_chunks(grad, grad_layout, ctx.chunk_rows),
-            strict=True,
+
+def _torch_forward(logits, layout, targets, temperature, ignore_index, need_entropy):
+    n = targets.numel()
+    logp, log_norm, row_max = (torch.empty(n, dtype=torch.float32, device=logits.device) for _ in range(3))
+    entropy = torch.empty(n, dtype=torch.float32, device=logits.device) if need_entropy else None
+    for r0, view in _row_chunks(logits, layout, _torch_chunk_rows(logits.shape[-1])):
+        r1 = r0 + view.shape[0] * view.shape[1]
+        row_max[r0:r1] = view.amax(dim=-1).reshape(-1)
+        chunk = _shifted_chunk(view, row_max[r0:r1])
+        # The chunk is shifted by its row max, so the lse this returns is log_norm (the kernel's definition).
+        lp, ent, ls = logprobs_entropy_chunk(chunk, targets[r0:r1], temperature, ignore_index, need_entropy)
+        # Exact bounds that rounding could cross by an ulp (see the forward kernel); clamp keeps NaN.
+        logp[r0:r1], log_norm[r0:r1] = lp.clamp_(max=0.0), ls
+        if need_entropy:
+            entropy[r0:r1] = ent.clamp_(min=0.0)
+    return logp, entropy, row_max, log_norm
+
+
+def _torch_backward(logits, layout, targets, row_max, log_norm, entropy, grad_logp, grad_entropy, temperature,
+                    ignore_index, inplace):
+    if inplace:
+        grad, grad_layout = logits, layout
+    else:
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        grad_layout = _contiguous_layout(layout, logits.shape[-1])
+    chunk_rows = _torch_chunk_rows(logits.shape[-1])
+    # Both generators walk the rows in the same order and chunk sizes, so the chunk pairs line up; in the in-place
+    # case each chunk is read (and upcast to fp32) before the same rows are overwritten.
+    chunk_pairs = zip(_row_chunks(logits, layout, chunk_rows), _row_chunks(grad, grad_layout, chunk_rows),
+                      strict=True)
+    for (r0, view), (_, grad_view) in chunk_pairs:
+        r1 = r0 + view.shape[0] * view.shape[1]
+        chunk = _shifted_chunk(view, row_max[r0:r1])
+        g = grad_logits_chunk(
+            chunk, targets[r0:r1], log_norm[r0:r1], None if entropy is None else entropy[r0:r1],
+            None if grad_logp is None else grad_logp[r0:r1], None if grad_entropy is None else grad_entropy[r0:r1],
+            temperature, ignore_index,
         )
-        for (r0, view), (_, grad_view) in chunk_pairs:
-            r1 = r0 + view.shape[0] * view.shape[1]
-            chunk = _shifted_chunk(view, row_max[r0:r1])
-            g = grad_logits_chunk(
-                chunk, targets[r0:r1], lse[r0:r1], None if entropy is None else entropy[r0:r1],
-                None if grad_logp is None else grad_logp[r0:r1],
-                None if grad_entropy is None else grad_entropy[r0:r1],
-                ctx.temperature, ctx.ignore_index,
-            )
-            grad_view.copy_(g.view(grad_view.shape))
-        if ctx.inplace_backward and not ctx.copied:
-            _mark_overwritten(rows)
-        return grad, None, None, None, None, None
+        grad_view.copy_(g.view(grad_view.shape))
+    return grad
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch.library ops: one forward op, two backward ops (new buffer / in place), autograd wiring
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _needs_copy(logits: torch.Tensor) -> bool:
+    """Host-side metadata only: True when the kernels cannot address the rows of ``logits`` in place."""
+    return _row_layout(logits) is None or (logits.stride(-1) != 1 and logits.shape[-1] > 1)
+
+
+def _forward_impl(logits, targets, temperature, ignore_index, need_entropy, backend):
+    if value_checks_enabled(logits.device):
+        check_targets("targets", targets, logits.shape[-1], ignore_index)
+    rows, layout = _readable_rows(logits)
+    logp, entropy, row_max, log_norm = row_forward(
+        rows, layout, targets.reshape(-1).contiguous(), temperature, ignore_index, need_entropy,
+        resolve_backend(backend, logits.device),
+    )
+    return logp, entropy if need_entropy else logp.new_empty(0), row_max, log_norm
+
+
+def _forward_fake(logits, targets, temperature, ignore_index, need_entropy, backend):
+    n = targets.numel()
+    new = lambda size: logits.new_empty(size, dtype=torch.float32)
+    return new(n), new(n if need_entropy else 0), new(n), new(n)
+
+
+@torch.library.custom_op("remax_kernels::token_logprobs", mutates_args=())
+def _token_logprobs_op(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float, ignore_index: int, need_entropy: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> fp32 ``[N]`` (logp, entropy (``[0]`` when not needed), row_max, log_norm), N = targets.numel()."""
+    return _forward_impl(logits, targets, temperature, ignore_index, need_entropy, backend)
+
+
+# The in-place variant differs only in its backward; a second op keeps each op's autograd formula fixed (what
+# torch.compile needs), and the public function chooses between them from host-side metadata.
+@torch.library.custom_op("remax_kernels::token_logprobs_inplace_backward", mutates_args=())
+def _token_logprobs_inplace_op(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float, ignore_index: int, need_entropy: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``remax_kernels::token_logprobs`` whose backward overwrites the logits with their gradient."""
+    return _forward_impl(logits, targets, temperature, ignore_index, need_entropy, backend)
+
+
+_token_logprobs_op.register_fake(_forward_fake)
+_token_logprobs_inplace_op.register_fake(_forward_fake)
+
+
+@torch.library.custom_op("remax_kernels::token_logprobs_backward", mutates_args=())
+def _token_logprobs_backward_op(
+    logits: torch.Tensor, targets: torch.Tensor, row_max: torch.Tensor, log_norm: torch.Tensor,
+    entropy: torch.Tensor | None, grad_logp: torch.Tensor | None, grad_entropy: torch.Tensor | None,
+    temperature: float, ignore_index: int, backend: str,
+) -> torch.Tensor:
+    """-> the gradient w.r.t. ``logits`` in a new contiguous tensor of the logits' shape and dtype."""
+    rows, layout = _readable_rows(logits)
+    return row_backward(
+        rows, layout, targets.reshape(-1).contiguous(), row_max, log_norm, entropy, grad_logp, grad_entropy,
+        temperature, ignore_index, False, resolve_backend(backend, logits.device),
+    ).view(logits.shape)
+
+
+@_token_logprobs_backward_op.register_fake
+def _(logits, targets, row_max, log_norm, entropy, grad_logp, grad_entropy, temperature, ignore_index, backend):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+@torch.library.custom_op("remax_kernels::token_logprobs_backward_", mutates_args=("logits",))
+def _token_logprobs_backward_inplace_op(
+    logits: torch.Tensor, targets: torch.Tensor, row_max: torch.Tensor, log_norm: torch.Tensor,
+    entropy: torch.Tensor | None, grad_logp: torch.Tensor | None, grad_entropy: torch.Tensor | None,
+    temperature: float, ignore_index: int, backend: str,
+) -> None:
+    """The same gradient, written over ``logits`` (which must not need a copy: see ``_needs_copy``)."""
+    row_backward(
+        logits, _row_layout(logits), targets.reshape(-1).contiguous(), row_max, log_norm, entropy, grad_logp,
+        grad_entropy, temperature, ignore_index, True, resolve_backend(backend, logits.device),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    logits, targets, temperature, ignore_index, need_entropy, backend = inputs
+    _, entropy, row_max, log_norm = output
+    ctx.mark_non_differentiable(row_max, log_norm)
+    ctx.save_for_backward(logits, targets, row_max, log_norm, entropy if need_entropy else None)
+    ctx.temperature, ctx.ignore_index, ctx.backend = temperature, ignore_index, backend
+    ctx.set_materialize_grads(False)
+
+
+def _flat_grad(g: torch.Tensor | None) -> torch.Tensor | None:
+    return None if g is None else g.reshape(-1).float().contiguous()
+
+
+def _backward(ctx, grad_logp, grad_entropy, _grad_row_max, _grad_log_norm):
+    logits, targets, row_max, log_norm, entropy = ctx.saved_tensors
+    if entropy is None:
+        grad_entropy = None  # the [0] placeholder output of a call without entropy
+    if grad_logp is None and grad_entropy is None:
+        return None, None, None, None, None, None
+    args = (targets, row_max, log_norm, entropy, _flat_grad(grad_logp), _flat_grad(grad_entropy), ctx.temperature,
+            ctx.ignore_index, ctx.backend)
+    if getattr(ctx, "inplace_backward", False):
+        torch.ops.remax_kernels.token_logprobs_backward_(logits, *args)
+        grad = logits
+    else:
+        grad = torch.ops.remax_kernels.token_logprobs_backward(logits, *args)
+    return grad, None, None, None, None, None
+
+
+def _setup_context_inplace(ctx, inputs, output):
+    _setup_context(ctx, inputs, output)
+    ctx.inplace_backward = True
+
+
+_token_logprobs_op.register_autograd(_backward, setup_context=_setup_context)
+_token_logprobs_inplace_op.register_autograd(_backward, setup_context=_setup_context_inplace)
 
 
 def token_logprobs(
@@ -401,15 +497,16 @@ def token_logprobs(
             place. It is copied only when its leading dimensions cannot be described by two strides after merging
             (e.g. a permuted 4-D view) or its last dimension is not contiguous.
         targets: int64/int32 with shape ``logits.shape[:-1]``, on the same device; each value in ``[0, V)`` or equal
-            to ``ignore_index``.
+            to ``ignore_index`` (checked on CPU tensors; on CUDA only with ``REMAX_KERNELS_CHECKS=1``, since it
+            reads device memory).
         temperature: ``> 0``; log-probs and entropy are those of ``softmax(logits / temperature)``, the distribution
             the tokens were sampled from.
         ignore_index: targets equal to it get log-prob 0, entropy 0 and a zero gradient.
         return_entropy: also return the entropy of ``softmax(logits / temperature)`` per token.
         inplace_backward: write the gradient into the logits' own storage instead of a new ``[..., V]`` buffer.
             The backward then OVERWRITES ``logits`` (and returns that storage as the gradient), so the logits must
-            not be used after ``backward()`` and the graph cannot be backpropagated twice. If the logits had to be
-            copied (see above), the copy is overwritten instead and ``logits`` stay intact.
+            not be used after ``backward()`` and the graph cannot be backpropagated twice. If the logits need a
+            copy to be read (see above), the gradient goes to a new buffer and ``logits`` stay intact.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see ``remax_kernels._dispatch``). The torch path
             processes rows in chunks, so its extra memory is ``O(chunk x V)`` fp32 in forward and backward.
 
@@ -419,7 +516,11 @@ def token_logprobs(
         differentiable w.r.t. ``logits`` (per-token upstream gradients are applied token by token). A row containing
         NaN or +inf gives NaN in that row only.
 
-    The forward keeps ``O(N)`` floats (log-sum-exp, entropy) for the backward plus a reference to ``logits``.
+    Cost (Triton, one program per row): forward ONE read of the logits; backward one read and one write. The
+    forward keeps ``O(N)`` floats (row max, log-normalizer, entropy) for the backward plus a reference to
+    ``logits``. No device-to-host synchronization. It is the ``torch.library`` op ``remax_kernels::token_logprobs``
+    (fake implementation and autograd registered), so ``torch.compile(fullgraph=True)`` and CUDA graphs see one
+    node; under autocast the logits are read in the dtype they come in (the math is fp32 either way).
 
     Example::
 
@@ -450,8 +551,8 @@ def token_logprobs(
             "inplace_backward: logits has a stride-0 (expanded) dimension, so rows share memory and cannot each hold "
             "their own gradient; pass inplace_backward=False"
         )
-    check_targets("targets", targets, vocab_size, ignore_index)
-
-    function = _TokenLogprobsTriton if resolve_backend(backend, logits.device) == "triton" else _TokenLogprobsTorch
-    return function.apply(logits, targets, temperature, ignore_index, return_entropy, inplace_backward)
-
+    check_backend(backend)
+    op = _token_logprobs_inplace_op if inplace_backward and not _needs_copy(logits) else _token_logprobs_op
+    logp, entropy, _, _ = op(logits, targets, temperature, ignore_index, return_entropy, backend)
+    shape = targets.shape
+    return (logp.view(shape), entropy.view(shape)) if return_entropy else logp.view(shape)

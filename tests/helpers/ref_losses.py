@@ -7,7 +7,8 @@
   beta * KL at every response token, return-to-go by a reverse cumulative sum, minus the greedy reward.
 - ``ref_discounted_advantages``: the textbook recursion G_t = r_t + gamma * G_next over response tokens, with the
   sequence score arriving one step after the last token.
-- ``ref_policy_loss``: per-token PPO/REINFORCE loss + KL + entropy and verl's ``agg_loss``, differentiable.
+- ``ref_policy_loss``: per-token PPO/REINFORCE loss + KL + entropy and verl's (>= 0.8) ``agg_loss``,
+  differentiable.
 """
 
 from __future__ import annotations
@@ -150,6 +151,6 @@ def ref_policy_loss(
         return sum(row_sums, zero) / batch
     if loss_agg_mode == "seq-mean-token-mean":
         return sum((s / c for s, c in zip(row_sums, row_counts, strict=True) if c > 0), zero) / batch
-    if loss_agg_mode == "seq-mean-token-sum-norm":
-        return sum(row_sums, zero) / (loss_agg_norm if loss_agg_norm is not None else seq_len)
+    if loss_agg_mode == "seq-mean-token-sum-norm":  # verl >= 0.8: per-sequence sums / norm, then the batch mean
+        return sum(row_sums, zero) / (batch * (loss_agg_norm if loss_agg_norm is not None else seq_len))
     raise ValueError(loss_agg_mode)
