@@ -9,12 +9,16 @@ the default configuration and for the opt-in static cache + CUDA graph decode st
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import torch
 
 import remax_kernels as rk
 from benchmarks import baselines as bl
 from benchmarks import harness as hz
 
+FAMILY = "generate"
 FULL = {
     "model": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                   num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096,
@@ -26,6 +30,7 @@ SMOKE = {
                   num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True),
     "B": 2, "prompt": (3, 5), "new_tokens": 3,
 }
+SHAPES = {"full": FULL, "smoke": SMOKE}
 TOP_P = 0.9
 PAD_TOKEN_ID = 0
 
@@ -58,29 +63,57 @@ def left_padded_prompts(batch: int, lengths: tuple[int, int], vocab: int, device
     return input_ids, attention_mask.long()
 
 
-def run(s: hz.Settings, ceilings: dict) -> list[dict]:
-    shapes = SMOKE if s.smoke else FULL
+@dataclasses.dataclass
+class Inputs:
+    model: torch.nn.Module
+    input_ids: torch.Tensor  # [B, P] left-padded
+    attention_mask: torch.Tensor  # [B, P]
+    new_tokens: int
+
+    def options(self) -> dict:
+        return dict(max_new_tokens=self.new_tokens, temperature=1.0, top_p=TOP_P, eos_token_id=None,
+                    pad_token_id=PAD_TOKEN_ID, seed=0)
+
+
+def _hf_twice(s: hz.Settings, x: Inputs):
+    @torch.no_grad()
+    def hf_twice():
+        return bl.hf_generate_twice(x.model, x.input_ids, x.attention_mask, max_new_tokens=x.new_tokens,
+                                    temperature=1.0, top_p=TOP_P, pad_token_id=PAD_TOKEN_ID)
+
+    return hf_twice
+
+
+# The columns of the case, "ours" first (see hz.ProviderFactory). ours_static_cuda_graph is not a baseline but our
+# opt-in configuration (static cache + CUDA graphs), timed beside the default so the default can be chosen from
+# measurements; its "speedup" entry is its time over the default's.
+PROVIDERS: dict[str, hz.ProviderFactory] = {
+    "ours": lambda s, x: lambda: rk.generate_pairs(x.model, x.input_ids, x.attention_mask, **x.options()),
+    "hf_generate_x2": _hf_twice,
+    "ours_static_cuda_graph": lambda s, x: hz.cuda_only(s) or (lambda: rk.generate_pairs(
+        x.model, x.input_ids, x.attention_mask, cache_implementation="static", use_cuda_graph=True, **x.options())),
+}
+
+
+def specs(size: str) -> list[hz.CaseSpec]:
+    shapes = SHAPES[size]
+    return [hz.CaseSpec(
+        family=FAMILY, size=size, name=case_name(shapes["B"], shapes["new_tokens"]), op="generate_pairs",
+        mode="rollout", shape={"B": shapes["B"], "prompt_len": list(shapes["prompt"]),
+                               "new_tokens": shapes["new_tokens"], "model": "Qwen2 from config", **shapes["model"]},
+        providers=tuple(PROVIDERS), build=functools.partial(_build, shapes=shapes),
+    )]
+
+
+def _build(s: hz.Settings, *, shapes: dict) -> hz.Case:
     model = build_model(shapes["model"], s)
     batch, new_tokens = shapes["B"], shapes["new_tokens"]
     input_ids, attention_mask = left_padded_prompts(batch, shapes["prompt"], shapes["model"]["vocab_size"], s.device)
-
-    options = dict(max_new_tokens=new_tokens, temperature=1.0, top_p=TOP_P, eos_token_id=None,
-                   pad_token_id=PAD_TOKEN_ID, seed=0)
-    ours = lambda: rk.generate_pairs(model, input_ids, attention_mask, **options)
-
-    @torch.no_grad()
-    def hf_twice():
-        return bl.hf_generate_twice(model, input_ids, attention_mask, max_new_tokens=new_tokens, temperature=1.0,
-                                    top_p=TOP_P, pad_token_id=PAD_TOKEN_ID)
-
-    # Not a baseline but our opt-in configuration (static cache + CUDA graphs), timed beside the default so the
-    # default can be chosen from measurements; its "speedup" entry is its time over the default's.
-    cuda_graph = "CUDA only" if not s.cuda else lambda: rk.generate_pairs(
-        model, input_ids, attention_mask, cache_implementation="static", use_cuda_graph=True, **options
-    )
+    x = Inputs(model, input_ids, attention_mask, new_tokens)
+    calls = hz.provider_calls(PROVIDERS, s, x)
 
     def checks():
-        rollout = ours()
+        rollout = calls["ours"]()
         hf_greedy = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens,
                                    min_new_tokens=new_tokens, do_sample=False, pad_token_id=PAD_TOKEN_ID,
                                    eos_token_id=None)
@@ -91,28 +124,20 @@ def run(s: hz.Settings, ceilings: dict) -> list[dict]:
             "greedy_tokens_equal_hf": float((rollout.greedy_ids == hf_greedy).float().mean()),
         }
 
-    n_params = sum(p.numel() for p in model.parameters())
-    case = hz.run_case(
-        s, ceilings,
-        name=case_name(batch, new_tokens), op="generate_pairs", mode="rollout",
-        shape={"B": batch, "prompt_len": list(shapes["prompt"]), "new_tokens": new_tokens,
-               "model": "Qwen2 from config", "params": n_params, **shapes["model"]},
-        ours=ours, baselines={"hf_generate_x2": hf_twice, "ours_static_cuda_graph": cuda_graph},
-        # A whole rollout takes seconds: a fixed small number of calls.
-        time_kw={} if s.smoke else {"warmup": 1, "reps": 3},
+    generated = 2 * batch * new_tokens
+    return hz.Case(
+        calls=calls,
+        shape={"params": sum(p.numel() for p in model.parameters())},
         inputs_grads_bytes=hz.tensor_bytes(*model.parameters()),
         extra={"checks": hz.check(checks), "top_p": TOP_P, "temperature": 1.0},
+        provider_extra=lambda label, entry: {"tokens_per_s": generated / (entry["ms"] / 1e3)},
+        # A whole rollout takes seconds: a fixed small number of calls.
+        time_kw={} if s.smoke else {"warmup": 1, "reps": 3},
     )
-    generated = 2 * batch * new_tokens
-    case["extra"]["tokens_per_s"] = {
-        label: generated / (entry["ms"] / 1e3)
-        for label, entry in [("ours", case["ours"]), *case["baselines"].items()] if "ms" in entry
-    }
-    return [case]
 
 
-def targets(cases: list[dict], ceilings: dict, s: hz.Settings) -> list[dict]:
-    shapes = SMOKE if s.smoke else FULL
+def targets(cases: list[dict], size: str) -> list[dict]:
+    shapes = SHAPES[size]
     case = hz.find_case(cases, case_name(shapes["B"], shapes["new_tokens"]))
     hf_ms = hz.baseline_ms(case, "hf_generate_x2")
     return [

@@ -15,137 +15,112 @@ as advantages are), and gradients are taken with ``torch.autograd.grad`` so noth
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import torch
 
 import remax_kernels as rk
 from benchmarks import baselines as bl
 from benchmarks import harness as hz
 
-FULL = {"token_n": 8192, "token_vocabs": (32000, 128256, 151936), "linear": (8192, 4096, 128256)}
-SMOKE = {"token_n": 16, "token_vocabs": (300,), "linear": (16, 32, 300)}
+FAMILY = "logprobs"
+SHAPES = {
+    "full": {"token_n": 8192, "token_vocabs": (32000, 128256, 151936), "linear": (8192, 4096, 128256)},
+    "smoke": {"token_n": 16, "token_vocabs": (300,), "linear": (16, 32, 300)},
+}
+MODES = ("fwd", "fwd+bwd")
 
 
-def token_case_name(mode: str, n: int, vocab: int) -> str:
-    return f"token_logprobs {mode} N={n} V={vocab}"
+@dataclasses.dataclass
+class TokenInputs:
+    logits: torch.Tensor  # [N, V], requires grad in fwd+bwd
+    targets: torch.Tensor  # [N]
+    grad_out: torch.Tensor  # [N] float32 upstream gradient (per-token weights, as advantages are)
+    backward: bool
+
+    def runner(self, logprob_fn):
+        """One call of ``logprob_fn(logits, targets)``, with the gradient of the logits in fwd+bwd."""
+        if not self.backward:
+            return lambda: logprob_fn(self.logits, self.targets)
+        return lambda: torch.autograd.grad(logprob_fn(self.logits, self.targets), self.logits, self.grad_out)
 
 
-def linear_case_name(mode: str, n: int, hidden: int, vocab: int) -> str:
-    return f"fused_linear_logprobs {mode} N={n} H={hidden} V={vocab}"
+@dataclasses.dataclass
+class LinearInputs:
+    hidden: torch.Tensor  # [N, H]
+    weight: torch.Tensor  # [V, H]
+    targets: torch.Tensor  # [N]
+    grad_out: torch.Tensor  # [N] float32
+    backward: bool
+
+    def runner(self, logprob_fn):
+        """One call of ``logprob_fn(hidden, weight, targets)``, with both gradients in fwd+bwd."""
+        args = (self.hidden, self.weight, self.targets)
+        if not self.backward:
+            return lambda: logprob_fn(*args)
+        return lambda: torch.autograd.grad(logprob_fn(*args), (self.hidden, self.weight), self.grad_out)
 
 
-def run(s: hz.Settings, ceilings: dict) -> list[dict]:
-    shapes = SMOKE if s.smoke else FULL
-    cases = []
-    for vocab in shapes["token_vocabs"]:
-        for mode in ("fwd", "fwd+bwd"):
-            cases.append(_token_case(s, ceilings, mode, shapes["token_n"], vocab))
-    n, hidden, vocab = shapes["linear"]
-    for mode in ("fwd", "fwd+bwd"):
-        cases.append(_linear_case(s, ceilings, mode, n, hidden, vocab))
-    return cases
+def _token_inplace(s: hz.Settings, x: TokenInputs):
+    if not x.backward:
+        return "an option of the backward: measured in fwd+bwd"
+    return x.runner(lambda logits, targets: rk.token_logprobs(logits, targets, inplace_backward=True,
+                                                               backend=s.backend))
 
 
-def _token_case(s: hz.Settings, ceilings: dict, mode: str, n: int, vocab: int) -> dict:
-    backward = mode == "fwd+bwd"
-    # Scale 2 keeps the softmax away from uniform; the kernels' work does not depend on the values.
-    logits = (2.0 * torch.randn(n, vocab, device=s.device, dtype=s.dtype)).requires_grad_(backward)
-    targets = torch.randint(0, vocab, (n,), device=s.device)
-    grad_out = torch.randn(n, device=s.device)
-
-    def runner(logprob_fn):
-        if not backward:
-            return lambda: logprob_fn(logits, targets)
-        return lambda: torch.autograd.grad(logprob_fn(logits, targets), logits, grad_out)
-
-    ours_fn = lambda x, t: rk.token_logprobs(x, t, backend=s.backend)
-    compiled_fn = bl.compiled(bl.eager_token_logprobs, s.compile_backend)
-    baselines = {"eager": runner(bl.eager_token_logprobs), "compile": runner(compiled_fn)}
-    if backward:
-        # Our opt-in memory saver, timed beside the default; it overwrites the logits with their gradient, so it
-        # runs after every entry that needs the original values (the values do not change the work done).
-        baselines["ours_inplace_backward"] = lambda: torch.autograd.grad(
-            rk.token_logprobs(logits, targets, inplace_backward=True, backend=s.backend), logits, grad_out
-        )
+def _token_liger(s: hz.Settings, x: TokenInputs):
     liger = bl.optional_import("liger_kernel.transformers")
     if isinstance(liger, str):
-        baselines["liger"] = liger
-    elif not backward:
-        baselines["liger"] = "Liger's cross-entropy computes the gradient inside its forward: compared in fwd+bwd"
-    else:
-        # Last on purpose: Liger writes the gradient into the logits' storage, as inplace_backward does.
-        liger_loss = liger.LigerCrossEntropyLoss(reduction="sum")
-        baselines["liger"] = lambda: torch.autograd.grad(liger_loss(logits, targets), logits)
-
-    row_bytes = vocab * logits.element_size()
-    # Minimum traffic: forward reads the logits once; backward reads them again and writes the gradient.
-    bytes_moved = n * row_bytes * (3 if backward else 1) + n * (targets.element_size() + 4 * (2 if backward else 1))
-    diff = hz.check(lambda: hz.max_abs_diff(ours_fn(logits, targets), bl.eager_token_logprobs(logits, targets)))
-    return hz.run_case(
-        s, ceilings,
-        name=token_case_name(mode, n, vocab), op="token_logprobs", mode=mode, shape={"N": n, "V": vocab},
-        ours=runner(ours_fn), baselines=baselines, bytes_moved=bytes_moved,
-        inputs_grads_bytes=hz.tensor_bytes(logits, targets, grad_out) + (hz.tensor_bytes(logits) if backward else 0),
-        extra={"max_abs_diff_logprobs_vs_eager": diff},
-    )
+        return liger
+    if not x.backward:
+        return "Liger's cross-entropy computes the gradient inside its forward: compared in fwd+bwd"
+    loss = liger.LigerCrossEntropyLoss(reduction="sum")
+    return lambda: torch.autograd.grad(loss(x.logits, x.targets), x.logits)
 
 
-def _linear_case(s: hz.Settings, ceilings: dict, mode: str, n: int, hidden_size: int, vocab: int) -> dict:
-    backward = mode == "fwd+bwd"
-    hidden = torch.randn(n, hidden_size, device=s.device, dtype=s.dtype).requires_grad_(backward)
-    # std H^-1/2 makes logits ~ N(0, 1) like a trained lm-head on normalized hidden states.
-    weight = (torch.randn(vocab, hidden_size, device=s.device, dtype=s.dtype) * hidden_size**-0.5)
-    weight.requires_grad_(backward)
-    targets = torch.randint(0, vocab, (n,), device=s.device)
-    grad_out = torch.randn(n, device=s.device)
+# The columns of the token_logprobs cases, "ours" first, in measuring order (see hz.ProviderFactory). The last two
+# write the gradient into the logits' storage, so they run after every entry that needs the original values (the
+# values do not change the work done).
+TOKEN_PROVIDERS: dict[str, hz.ProviderFactory] = {
+    "ours": lambda s, x: x.runner(lambda logits, targets: rk.token_logprobs(logits, targets, backend=s.backend)),
+    "eager": lambda s, x: x.runner(bl.eager_token_logprobs),
+    "compile": lambda s, x: x.runner(bl.compiled(bl.eager_token_logprobs, s.compile_backend)),
+    "ours_inplace_backward": _token_inplace,
+    "liger": _token_liger,
+}
 
-    def runner(logprob_fn):
-        if not backward:
-            return lambda: logprob_fn(hidden, weight, targets)
-        return lambda: torch.autograd.grad(logprob_fn(hidden, weight, targets), (hidden, weight), grad_out)
 
-    ours_fn = lambda h, w, t: rk.fused_linear_logprobs(h, w, t, backend=s.backend)
-    compiled_fn = bl.compiled(bl.eager_fused_linear_logprobs, s.compile_backend)
-    baselines = {"eager": runner(bl.eager_fused_linear_logprobs), "compile": runner(compiled_fn)}
+def _linear_liger(s: hz.Settings, x: LinearInputs):
     liger = bl.optional_import("liger_kernel.transformers")
+    if isinstance(liger, str):
+        return liger
+    if not x.backward:
+        return "fused cross-entropy losses are compared in fwd+bwd"
+    loss = liger.LigerFusedLinearCrossEntropyLoss(reduction="sum")
+    return lambda: torch.autograd.grad(loss(x.weight, x.hidden, x.targets), (x.hidden, x.weight))
+
+
+def _linear_cce(s: hz.Settings, x: LinearInputs):
     cce = bl.optional_import("cut_cross_entropy")
-    if not backward:
-        baselines["liger"] = baselines["cce"] = "fused cross-entropy losses are compared in fwd+bwd"
-    else:
-        if isinstance(liger, str):
-            baselines["liger"] = liger
-        else:
-            liger_loss = liger.LigerFusedLinearCrossEntropyLoss(reduction="sum")
-            baselines["liger"] = lambda: torch.autograd.grad(liger_loss(weight, hidden, targets), (hidden, weight))
-        if isinstance(cce, str):
-            baselines["cce"] = cce
-        else:
-            baselines["cce"] = lambda: torch.autograd.grad(
-                cce.linear_cross_entropy(hidden, weight, targets, reduction="sum"), (hidden, weight)
-            )
-        baselines["cublas_4mm"] = _four_matmuls(hidden, weight, s)
-
-    flops = 2 * n * hidden_size * vocab * (3 if backward else 1)
-    eager_logp = lambda: bl.eager_fused_linear_logprobs(hidden, weight, targets)
-    diff = hz.check(lambda: hz.max_abs_diff(ours_fn(hidden, weight, targets), eager_logp()))
-    grads = hz.tensor_bytes(hidden, weight) if backward else 0
-    return hz.run_case(
-        s, ceilings,
-        name=linear_case_name(mode, n, hidden_size, vocab), op="fused_linear_logprobs", mode=mode,
-        shape={"N": n, "H": hidden_size, "V": vocab}, ours=runner(ours_fn), baselines=baselines, flops=flops,
-        inputs_grads_bytes=hz.tensor_bytes(hidden, weight, targets, grad_out) + grads,
-        extra={"max_abs_diff_logprobs_vs_eager": diff,
-               "flops_counted": "model flops: 1 matmul forward, 3 forward+backward (recomputation not counted)"},
-    )
+    if isinstance(cce, str):
+        return cce
+    if not x.backward:
+        return "fused cross-entropy losses are compared in fwd+bwd"
+    return lambda: torch.autograd.grad(cce.linear_cross_entropy(x.hidden, x.weight, x.targets, reduction="sum"),
+                                       (x.hidden, x.weight))
 
 
-def _four_matmuls(hidden: torch.Tensor, weight: torch.Tensor, s: hz.Settings):
+def _four_matmuls(s: hz.Settings, x: LinearInputs):
     """cuBLAS lower bound of a recomputing fused backward: logits twice, grad_hidden, grad_weight.
 
     Its ``[N, V]`` buffers are allocated at its first (warm-up) call, after every other entry of the case has been
     measured, so they never count in another entry's peak memory.
     """
+    if not x.backward:
+        return "the four-matmul bound is for fwd+bwd"
     buffers: dict[str, torch.Tensor] = {}
-    h, w = hidden.detach(), weight.detach()
+    h, w = x.hidden.detach(), x.weight.detach()
 
     def four_matmuls():
         if not buffers:
@@ -158,8 +133,85 @@ def _four_matmuls(hidden: torch.Tensor, weight: torch.Tensor, s: hz.Settings):
     return four_matmuls
 
 
-def targets(cases: list[dict], ceilings: dict, s: hz.Settings) -> list[dict]:
-    shapes = SMOKE if s.smoke else FULL
+# The columns of the fused_linear_logprobs cases, "ours" first, in measuring order (see hz.ProviderFactory).
+LINEAR_PROVIDERS: dict[str, hz.ProviderFactory] = {
+    "ours": lambda s, x: x.runner(lambda h, w, t: rk.fused_linear_logprobs(h, w, t, backend=s.backend)),
+    "eager": lambda s, x: x.runner(bl.eager_fused_linear_logprobs),
+    "compile": lambda s, x: x.runner(bl.compiled(bl.eager_fused_linear_logprobs, s.compile_backend)),
+    "liger": _linear_liger,
+    "cce": _linear_cce,
+    "cublas_4mm": _four_matmuls,
+}
+
+
+def token_case_name(mode: str, n: int, vocab: int) -> str:
+    return f"token_logprobs {mode} N={n} V={vocab}"
+
+
+def linear_case_name(mode: str, n: int, hidden: int, vocab: int) -> str:
+    return f"fused_linear_logprobs {mode} N={n} H={hidden} V={vocab}"
+
+
+def specs(size: str) -> list[hz.CaseSpec]:
+    shapes = SHAPES[size]
+    n = shapes["token_n"]
+    out = [
+        hz.CaseSpec(family=FAMILY, size=size, name=token_case_name(mode, n, vocab), op="token_logprobs", mode=mode,
+                    shape={"N": n, "V": vocab}, providers=tuple(TOKEN_PROVIDERS),
+                    build=functools.partial(_build_token, mode=mode, n=n, vocab=vocab))
+        for vocab in shapes["token_vocabs"]
+        for mode in MODES
+    ]
+    n, hidden_size, vocab = shapes["linear"]
+    out += [
+        hz.CaseSpec(family=FAMILY, size=size, name=linear_case_name(mode, n, hidden_size, vocab),
+                    op="fused_linear_logprobs", mode=mode, shape={"N": n, "H": hidden_size, "V": vocab},
+                    providers=tuple(LINEAR_PROVIDERS),
+                    build=functools.partial(_build_linear, mode=mode, n=n, hidden_size=hidden_size, vocab=vocab))
+        for mode in MODES
+    ]
+    return out
+
+
+def _build_token(s: hz.Settings, *, mode: str, n: int, vocab: int) -> hz.Case:
+    backward = mode == "fwd+bwd"
+    # Scale 2 keeps the softmax away from uniform; the kernels' work does not depend on the values.
+    logits = (2.0 * torch.randn(n, vocab, device=s.device, dtype=s.dtype)).requires_grad_(backward)
+    x = TokenInputs(logits, torch.randint(0, vocab, (n,), device=s.device), torch.randn(n, device=s.device), backward)
+    row_bytes = vocab * logits.element_size()
+    # Minimum traffic: forward reads the logits once; backward reads them again and writes the gradient.
+    bytes_moved = n * row_bytes * (3 if backward else 1) + n * (x.targets.element_size() + 4 * (2 if backward else 1))
+    ours = lambda: rk.token_logprobs(logits, x.targets, backend=s.backend)
+    diff = hz.check(lambda: hz.max_abs_diff(ours(), bl.eager_token_logprobs(logits, x.targets)))
+    grads = hz.tensor_bytes(logits) if backward else 0
+    return hz.Case(
+        calls=hz.provider_calls(TOKEN_PROVIDERS, s, x), bytes_moved=bytes_moved,
+        inputs_grads_bytes=hz.tensor_bytes(logits, x.targets, x.grad_out) + grads,
+        extra={"max_abs_diff_logprobs_vs_eager": diff},
+    )
+
+
+def _build_linear(s: hz.Settings, *, mode: str, n: int, hidden_size: int, vocab: int) -> hz.Case:
+    backward = mode == "fwd+bwd"
+    hidden = torch.randn(n, hidden_size, device=s.device, dtype=s.dtype).requires_grad_(backward)
+    # std H^-1/2 makes logits ~ N(0, 1) like a trained lm-head on normalized hidden states.
+    weight = (torch.randn(vocab, hidden_size, device=s.device, dtype=s.dtype) * hidden_size**-0.5)
+    weight.requires_grad_(backward)
+    x = LinearInputs(hidden, weight, torch.randint(0, vocab, (n,), device=s.device), torch.randn(n, device=s.device),
+                     backward)
+    ours = lambda: rk.fused_linear_logprobs(hidden, weight, x.targets, backend=s.backend)
+    diff = hz.check(lambda: hz.max_abs_diff(ours(), bl.eager_fused_linear_logprobs(hidden, weight, x.targets)))
+    grads = hz.tensor_bytes(hidden, weight) if backward else 0
+    return hz.Case(
+        calls=hz.provider_calls(LINEAR_PROVIDERS, s, x), flops=2 * n * hidden_size * vocab * (3 if backward else 1),
+        inputs_grads_bytes=hz.tensor_bytes(hidden, weight, x.targets, x.grad_out) + grads,
+        extra={"max_abs_diff_logprobs_vs_eager": diff,
+               "flops_counted": "model flops: 1 matmul forward, 3 forward+backward (recomputation not counted)"},
+    )
+
+
+def targets(cases: list[dict], size: str) -> list[dict]:
+    shapes = SHAPES[size]
     n = shapes["token_n"]
     out = []
     for vocab in shapes["token_vocabs"]:

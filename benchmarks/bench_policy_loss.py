@@ -11,83 +11,112 @@ set to ``ignore_index``, as the loss does internally): the loss should add almos
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import torch
 
 import remax_kernels as rk
 from benchmarks import baselines as bl
 from benchmarks import harness as hz
 
-FULL = {"H": 4096, "V": 128256, "T": 1024, "N": (4096, 8192, 16384)}
-SMOKE = {"H": 32, "V": 300, "T": 8, "N": (16,)}
+FAMILY = "policy_loss"
+SHAPES = {
+    "full": {"H": 4096, "V": 128256, "T": 1024, "N": (4096, 8192, 16384)},
+    "smoke": {"H": 32, "V": 300, "T": 8, "N": (16,)},
+}
 # The loss-vs-log-probs time target is checked at this N (the middle of the range); memory at every N.
 TIME_TARGET_N = {"full": 8192, "smoke": 16}
+
+
+@dataclasses.dataclass
+class Inputs:
+    hidden: torch.Tensor  # [B, T, H], requires grad
+    weight: torch.Tensor  # [V, H], requires grad
+    targets: torch.Tensor  # [B, T]
+    advantages: torch.Tensor  # [B] float32
+    response_mask: torch.Tensor  # [B, T] bool, a random 50-100% prefix of each row
+
+    def loss_runner(self, loss_fn):
+        """One call of ``loss_fn(hidden, weight, targets, advantages, response_mask)`` and its two gradients."""
+        args = (self.hidden, self.weight, self.targets, self.advantages, self.response_mask)
+        return lambda: torch.autograd.grad(loss_fn(*args), (self.hidden, self.weight))
+
+
+def _ours_loss(s: hz.Settings):
+    return lambda *args: rk.fused_linear_policy_loss(*args, backend=s.backend)[0]
+
+
+def _logprobs_only(s: hz.Settings, x: Inputs):
+    """Our fused_linear_logprobs fwd+bwd on the same inputs (targets outside the response ignored, as the loss does
+    internally, and a random per-token upstream gradient): what the loss costs at least."""
+    kernel_targets = x.targets.masked_fill(~x.response_mask, -100).reshape(-1)
+    flat_hidden = x.hidden.view(-1, x.hidden.shape[-1])
+    grad_logp = torch.randn(kernel_targets.numel(), device=s.device)
+
+    def logprobs_only():
+        logp = rk.fused_linear_logprobs(flat_hidden, x.weight, kernel_targets, backend=s.backend)
+        return torch.autograd.grad(logp, (x.hidden, x.weight), grad_logp)
+
+    return logprobs_only
+
+
+# The columns of every case, "ours" first, in measuring order (see hz.ProviderFactory).
+PROVIDERS: dict[str, hz.ProviderFactory] = {
+    "ours": lambda s, x: x.loss_runner(_ours_loss(s)),
+    "eager": lambda s, x: x.loss_runner(bl.eager_remax_loss),
+    "compile": lambda s, x: x.loss_runner(bl.compiled(bl.eager_remax_loss, s.compile_backend)),
+    "fused_linear_logprobs": _logprobs_only,
+}
 
 
 def case_name(n: int, hidden: int, vocab: int) -> str:
     return f"fused_linear_policy_loss fwd+bwd N={n} H={hidden} V={vocab}"
 
 
-def run(s: hz.Settings, ceilings: dict) -> list[dict]:
-    shapes = SMOKE if s.smoke else FULL
-    return [_case(s, ceilings, n, shapes["T"], shapes["H"], shapes["V"]) for n in shapes["N"]]
+def specs(size: str) -> list[hz.CaseSpec]:
+    shapes = SHAPES[size]
+    hidden_size, vocab, seq_len = shapes["H"], shapes["V"], shapes["T"]
+    return [
+        hz.CaseSpec(family=FAMILY, size=size, name=case_name(n, hidden_size, vocab), op="fused_linear_policy_loss",
+                    mode="fwd+bwd", shape={"N": n, "B": n // seq_len, "T": seq_len, "H": hidden_size, "V": vocab},
+                    providers=tuple(PROVIDERS),
+                    build=functools.partial(_build, n=n, seq_len=seq_len, hidden_size=hidden_size, vocab=vocab))
+        for n in shapes["N"]
+    ]
 
 
-def _case(s: hz.Settings, ceilings: dict, n: int, seq_len: int, hidden_size: int, vocab: int) -> dict:
+def _build(s: hz.Settings, *, n: int, seq_len: int, hidden_size: int, vocab: int) -> hz.Case:
     batch = n // seq_len
     hidden = torch.randn(batch, seq_len, hidden_size, device=s.device, dtype=s.dtype).requires_grad_(True)
     weight = torch.randn(vocab, hidden_size, device=s.device, dtype=s.dtype) * hidden_size**-0.5
     weight.requires_grad_(True)
-    targets = torch.randint(0, vocab, (batch, seq_len), device=s.device)
     lengths = torch.randint(seq_len // 2, seq_len + 1, (batch, 1), device=s.device)
-    response_mask = torch.arange(seq_len, device=s.device) < lengths
-    advantages = torch.randn(batch, device=s.device)
-    params = (hidden, weight)
-
-    def ours():
-        loss, _ = rk.fused_linear_policy_loss(hidden, weight, targets, advantages, response_mask, backend=s.backend)
-        return torch.autograd.grad(loss, params)
-
-    def loss_runner(loss_fn):
-        return lambda: torch.autograd.grad(loss_fn(hidden, weight, targets, advantages, response_mask), params)
-
-    kernel_targets = targets.masked_fill(~response_mask, -100).reshape(-1)
-    flat_hidden = hidden.view(-1, hidden_size)
-    grad_logp = torch.randn(n, device=s.device)
-
-    def logprobs_only():
-        logp = rk.fused_linear_logprobs(flat_hidden, weight, kernel_targets, backend=s.backend)
-        return torch.autograd.grad(logp, params, grad_logp)
-
-    baselines = {
-        "eager": loss_runner(bl.eager_remax_loss),
-        "compile": loss_runner(bl.compiled(bl.eager_remax_loss, s.compile_backend)),
-        "fused_linear_logprobs": logprobs_only,
-    }
+    x = Inputs(hidden, weight, torch.randint(0, vocab, (batch, seq_len), device=s.device),
+               torch.randn(batch, device=s.device), torch.arange(seq_len, device=s.device) < lengths)
+    args = (hidden, weight, x.targets, x.advantages, x.response_mask)
 
     def loss_diff():
-        loss, _ = rk.fused_linear_policy_loss(hidden, weight, targets, advantages, response_mask, backend=s.backend)
-        return abs(float(loss) - float(bl.eager_remax_loss(hidden, weight, targets, advantages, response_mask)))
+        return abs(float(_ours_loss(s)(*args)) - float(bl.eager_remax_loss(*args)))
 
-    return hz.run_case(
-        s, ceilings,
-        name=case_name(n, hidden_size, vocab), op="fused_linear_policy_loss", mode="fwd+bwd",
-        shape={"N": n, "B": batch, "T": seq_len, "H": hidden_size, "V": vocab, "response_tokens": int(lengths.sum())},
-        ours=ours, baselines=baselines, flops=6 * n * hidden_size * vocab,
-        inputs_grads_bytes=hz.tensor_bytes(hidden, weight, targets, response_mask, advantages, hidden, weight),
+    return hz.Case(
+        calls=hz.provider_calls(PROVIDERS, s, x), flops=6 * n * hidden_size * vocab,
+        shape={"response_tokens": int(lengths.sum())},
+        inputs_grads_bytes=hz.tensor_bytes(*args, hidden, weight),
         extra={"abs_diff_loss_vs_eager": hz.check(loss_diff),
                "flops_counted": "model flops: 3 matmuls of N*H*V (recomputation not counted)"},
     )
 
 
-def targets(cases: list[dict], ceilings: dict, s: hz.Settings) -> list[dict]:
-    shapes = SMOKE if s.smoke else FULL
+def targets(cases: list[dict], size: str) -> list[dict]:
+    shapes = SHAPES[size]
     out = []
     for n in shapes["N"]:
         case = hz.find_case(cases, case_name(n, shapes["H"], shapes["V"]))
         out.append(hz.target(f"fused_linear_policy_loss N={n}: eager peak memory / ours",
                              hz.ratio(hz.peak_bytes(case, "eager"), hz.peak_bytes(case)), 3.0,
                              higher_is_better=True, unit="x"))
-    n = TIME_TARGET_N["smoke" if s.smoke else "full"]
+    n = TIME_TARGET_N[size]
     case = hz.find_case(cases, case_name(n, shapes["H"], shapes["V"]))
     out.append(hz.target(f"fused_linear_policy_loss N={n}: time / fused_linear_logprobs fwd+bwd time",
                          hz.ratio(hz.ours_ms(case), hz.baseline_ms(case, "fused_linear_logprobs")), 1.1,

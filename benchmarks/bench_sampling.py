@@ -10,61 +10,85 @@ bandwidth measured in the same run (``frac_copy_bw`` of the case: 1.0 = as fast 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import torch
 
 import remax_kernels as rk
 from benchmarks import baselines as bl
 from benchmarks import harness as hz
 
-FULL = {"B": 256, "V": (128256, 151936), "top_p": (1.0, 0.9)}
-SMOKE = {"B": 4, "V": (300,), "top_p": (1.0, 0.9)}
+FAMILY = "sampling"
+SHAPES = {
+    "full": {"B": 256, "V": (128256, 151936), "top_p": (1.0, 0.9)},
+    "smoke": {"B": 4, "V": (300,), "top_p": (1.0, 0.9)},
+}
+
+
+@dataclasses.dataclass
+class Inputs:
+    logits: torch.Tensor  # [B, V]
+    greedy_mask: torch.Tensor  # [B] bool, the second half of the rows
+    top_p: float
+
+
+def _compiled(s: hz.Settings, x: Inputs):
+    step = bl.compiled(bl.eager_sample_and_greedy, s.compile_backend)
+    return lambda: step(x.logits, x.greedy_mask, temperature=1.0, top_p=x.top_p)
+
+
+# The columns of every case, "ours" first (see hz.ProviderFactory): one entry per backend, baseline or peer.
+PROVIDERS: dict[str, hz.ProviderFactory] = {
+    "ours": lambda s, x: lambda: rk.sample_and_greedy(x.logits, x.greedy_mask, temperature=1.0, top_p=x.top_p,
+                                                      seed=0, step=0, backend=s.backend),
+    "eager": lambda s, x: lambda: bl.eager_sample_and_greedy(x.logits, x.greedy_mask, temperature=1.0,
+                                                             top_p=x.top_p),
+    "compile": _compiled,
+}
 
 
 def case_name(batch: int, vocab: int, top_p: float) -> str:
     return f"sample_and_greedy B={batch} V={vocab} top_p={top_p:g}"
 
 
-def run(s: hz.Settings, ceilings: dict) -> list[dict]:
-    shapes = SMOKE if s.smoke else FULL
-    return [_case(s, ceilings, shapes["B"], vocab, top_p) for vocab in shapes["V"] for top_p in shapes["top_p"]]
+def specs(size: str) -> list[hz.CaseSpec]:
+    shapes = SHAPES[size]
+    batch = shapes["B"]
+    return [
+        hz.CaseSpec(family=FAMILY, size=size, name=case_name(batch, vocab, top_p), op="sample_and_greedy",
+                    mode="step", shape={"B": batch, "V": vocab, "top_p": top_p, "greedy_rows": batch - batch // 2},
+                    providers=tuple(PROVIDERS), build=functools.partial(_build, batch=batch, vocab=vocab, top_p=top_p))
+        for vocab in shapes["V"]
+        for top_p in shapes["top_p"]
+    ]
 
 
-def _case(s: hz.Settings, ceilings: dict, batch: int, vocab: int, top_p: float) -> dict:
+def _build(s: hz.Settings, *, batch: int, vocab: int, top_p: float) -> hz.Case:
     # Scale 3: top-p 0.9 then keeps ~4% of the vocabulary (the mass sits in the tail above ~1.7 sigma).
     logits = 3.0 * torch.randn(batch, vocab, device=s.device, dtype=s.dtype)
-    greedy_mask = torch.arange(batch, device=s.device) >= batch // 2
-
-    def ours():
-        return rk.sample_and_greedy(logits, greedy_mask, temperature=1.0, top_p=top_p, seed=0, step=0,
-                                    backend=s.backend)
-
-    eager_fn = lambda: bl.eager_sample_and_greedy(logits, greedy_mask, temperature=1.0, top_p=top_p)
-    compiled_fn = bl.compiled(bl.eager_sample_and_greedy, s.compile_backend)
+    x = Inputs(logits, torch.arange(batch, device=s.device) >= batch // 2, top_p)
+    calls = hz.provider_calls(PROVIDERS, s, x)
 
     def checks():
-        tokens, logprobs = ours()
-        greedy_ok = tokens[greedy_mask] == logits[greedy_mask].argmax(dim=-1)
+        tokens, logprobs = calls["ours"]()
+        greedy_ok = tokens[x.greedy_mask] == logits[x.greedy_mask].argmax(dim=-1)
         return {
             "tokens_in_range": bool(((tokens >= 0) & (tokens < vocab)).all()),
             "greedy_rows_equal_argmax": float(greedy_ok.float().mean()),
             "logprobs_finite_and_nonpositive": bool((torch.isfinite(logprobs) & (logprobs <= 0)).all()),
         }
 
-    return hz.run_case(
-        s, ceilings,
-        name=case_name(batch, vocab, top_p), op="sample_and_greedy", mode="step",
-        shape={"B": batch, "V": vocab, "top_p": top_p, "greedy_rows": batch - batch // 2},
-        ours=ours,
-        baselines={"eager": eager_fn,
-                   "compile": lambda: compiled_fn(logits, greedy_mask, temperature=1.0, top_p=top_p)},
+    return hz.Case(
+        calls=calls,
         bytes_moved=logits.numel() * logits.element_size(),
-        inputs_grads_bytes=hz.tensor_bytes(logits, greedy_mask),
+        inputs_grads_bytes=hz.tensor_bytes(logits, x.greedy_mask),
         extra={"checks": hz.check(checks), "bytes_counted": "one read of the logits"},
     )
 
 
-def targets(cases: list[dict], ceilings: dict, s: hz.Settings) -> list[dict]:
-    shapes = SMOKE if s.smoke else FULL
+def targets(cases: list[dict], size: str) -> list[dict]:
+    shapes = SHAPES[size]
     out = []
     for vocab in shapes["V"]:
         case = hz.find_case(cases, case_name(shapes["B"], vocab, 0.9))

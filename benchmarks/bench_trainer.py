@@ -16,6 +16,7 @@ step's split into rollout / reward / train seconds, from the trainer's own metri
 
 from __future__ import annotations
 
+import functools
 import gc
 import tempfile
 
@@ -29,8 +30,11 @@ from remax import TrainConfig
 from remax.trainer import Trainer
 from remax_kernels.hf import position_ids_from_attention_mask
 
-FULL = {"model": bench_generate.FULL["model"], "B": 32, "prompt": (64, 128), "new_tokens": 256}
-SMOKE = {"model": bench_generate.SMOKE["model"], "B": 2, "prompt": (3, 5), "new_tokens": 3}
+FAMILY = "trainer"
+SHAPES = {
+    "full": {"model": bench_generate.FULL["model"], "B": 32, "prompt": (64, 128), "new_tokens": 256},
+    "smoke": {"model": bench_generate.SMOKE["model"], "B": 2, "prompt": (3, 5), "new_tokens": 3},
+}
 # Token ids 0-2 are special; the rest are "t<id>", so a response decodes to text and back without loss.
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 N_PROMPTS = 256
@@ -96,9 +100,9 @@ def _build_trainer(kind: str, shapes: dict, s: hz.Settings, run_dir: str):
         device=s.device.type, bf16=True, progress=False, plot=False, save_every=0, save_final_model=False,
         run_dir=run_dir,
     )
-    cls = Trainer if kind == "ours" else EagerLogitsTrainer
+    cls = {"ours": Trainer, "eager_logits_loss": EagerLogitsTrainer}[kind]
     prompts = random_prompts(N_PROMPTS, shapes["prompt"], vocab)
-    return cls(policy, tokenizer, even_token_reward, config=train_config, prompts=prompts, log=lambda *a: None)
+    return cls(policy, tokenizer, even_token_reward, config=train_config, prompts=prompts)
 
 
 class _Steps:
@@ -149,28 +153,41 @@ def _summary(records: list[dict]) -> dict:
     return {name: last[key] for name, key in keys.items()}
 
 
-def run(s: hz.Settings, ceilings: dict) -> list[dict]:
-    shapes = SMOKE if s.smoke else FULL
-    with tempfile.TemporaryDirectory() as run_dir:
-        steps = _Steps(shapes, s, run_dir)
-        check = hz.check(lambda: _loss_check(steps))
-        n_params = sum(p.numel() for p in steps.get("ours").policy.parameters())
-        case = hz.run_case(
-            s, ceilings,
-            name=case_name(shapes["B"], shapes["new_tokens"]), op="remax.Trainer.train_step", mode="rl_step",
-            shape={"B": shapes["B"], "prompt_len": list(shapes["prompt"]), "new_tokens": shapes["new_tokens"],
-                   "model": "Qwen2 from config", "params": n_params, **shapes["model"]},
-            ours=lambda: steps.step("ours"), baselines={"eager_logits_loss": lambda: steps.step("eager")},
-            # A step takes seconds: a fixed small number of calls (each is a real optimizer step).
-            time_kw={} if s.smoke else {"warmup": 1, "reps": 3},
-            extra={"checks": check},
-        )
-        case["extra"]["step_split"] = {kind: _summary(recs) for kind, recs in steps.records.items()}
-    return [case]
+# The columns of the case, "ours" first (see hz.ProviderFactory); each call is one real RL step of its variant.
+PROVIDERS: dict[str, hz.ProviderFactory] = {
+    "ours": lambda s, steps: lambda: steps.step("ours"),
+    "eager_logits_loss": lambda s, steps: lambda: steps.step("eager_logits_loss"),
+}
 
 
-def targets(cases: list[dict], ceilings: dict, s: hz.Settings) -> list[dict]:
-    shapes = SMOKE if s.smoke else FULL
+def specs(size: str) -> list[hz.CaseSpec]:
+    shapes = SHAPES[size]
+    return [hz.CaseSpec(
+        family=FAMILY, size=size, name=case_name(shapes["B"], shapes["new_tokens"]), op="remax.Trainer.train_step",
+        mode="rl_step", shape={"B": shapes["B"], "prompt_len": list(shapes["prompt"]),
+                               "new_tokens": shapes["new_tokens"], "model": "Qwen2 from config", **shapes["model"]},
+        providers=tuple(PROVIDERS), build=functools.partial(_build, shapes=shapes),
+    )]
+
+
+def _build(s: hz.Settings, *, shapes: dict) -> hz.Case:
+    run_dir = tempfile.TemporaryDirectory()
+    steps = _Steps(shapes, s, run_dir.name)
+    check = hz.check(lambda: _loss_check(steps))
+    n_params = sum(p.numel() for p in steps.get("ours").policy.parameters())
+    return hz.Case(
+        calls=hz.provider_calls(PROVIDERS, s, steps),
+        shape={"params": n_params},
+        extra={"checks": check},
+        provider_extra=lambda label, entry: {"step_split": _summary(steps.records[label])},
+        # A step takes seconds: a fixed small number of calls (each is a real optimizer step).
+        time_kw={} if s.smoke else {"warmup": 1, "reps": 3},
+        close=run_dir.cleanup,
+    )
+
+
+def targets(cases: list[dict], size: str) -> list[dict]:
+    shapes = SHAPES[size]
     case = hz.find_case(cases, case_name(shapes["B"], shapes["new_tokens"]))
     eager_ms = hz.baseline_ms(case, "eager_logits_loss")
     eager_peak, ours_peak = hz.peak_bytes(case, "eager_logits_loss"), hz.peak_bytes(case)

@@ -1,6 +1,10 @@
-"""The one benchmark harness: settings, timing, peak memory, device ceilings, case records and printed tables.
+"""The one benchmark harness: settings, cases, timing, peak memory, device ceilings, case records and printed tables.
 
-Every op family (``bench_*.py``) describes its cases as closures and hands them to :func:`run_case`, which
+Every op family (``bench_*.py``) lists its cases as :class:`CaseSpec` objects (names, shapes and provider labels,
+nothing allocated); a spec's ``build`` allocates the inputs and returns a :class:`Case` with one zero-argument call
+per provider (ours, the baselines, the peers, our own options). Two runners measure the same cases:
+``python -m benchmarks.run`` through :func:`run_case`, and pytest-benchmark (``benchmarks/test_bench_*.py``, one
+test per case and provider, same warm-up, L2 flush and CUDA-event timing). :func:`run_case`
 
 - warms each function up (first calls compile Triton kernels / ``torch.compile`` graphs and fill the allocator),
 - times it with CUDA events around each call, after overwriting a 256 MiB buffer so the L2 cache holds nothing of the
@@ -83,24 +87,42 @@ def free_memory(s: Settings) -> None:
         torch.cuda.empty_cache()
 
 
-def time_fn(fn: Callable[[], Any], s: Settings, *, warmup: int | None = None, reps: int | None = None) -> dict:
-    """Median time of ``fn()`` in milliseconds (plus p20/p80 and the number of timed calls).
+def warm_up(fn: Callable[[], Any], s: Settings, *, warmup: int | None = None, reps: int | None = None) -> int:
+    """Call ``fn`` ``warmup`` times, then return how many timed calls to make: ``reps`` when given, else as many as
+    fit in the settings' time budget (estimated from one more call), within ``[min_reps, max_reps]``.
 
     ``warmup``/``reps`` override the settings for slow cases (e.g. a whole generation).
     """
     for _ in range(s.warmup if warmup is None else warmup):
         fn()
     synchronize(s)
-    if reps is None:
-        t0 = time.perf_counter()
-        fn()
-        synchronize(s)
-        estimate_ms = (time.perf_counter() - t0) * 1e3
-        reps = int(s.budget_ms / max(estimate_ms, 1e-3))
-        reps = max(s.min_reps, min(s.max_reps, reps))
+    if reps is not None:
+        return reps
+    t0 = time.perf_counter()
+    fn()
+    synchronize(s)
+    estimate_ms = (time.perf_counter() - t0) * 1e3
+    return max(s.min_reps, min(s.max_reps, int(s.budget_ms / max(estimate_ms, 1e-3))))
+
+
+def l2_flush_buffer(s: Settings) -> torch.Tensor | None:
+    """A buffer bigger than the L2 cache; ``buffer.zero_()`` before a timed call evicts the call's inputs from L2.
+    None on the CPU (its caches are not flushed: smoke numbers mean nothing anyway)."""
+    return torch.empty(_L2_FLUSH_BYTES, dtype=torch.int8, device=s.device) if s.cuda else None
+
+
+def timing_summary(times_ms: list[float]) -> dict:
+    """Median, p20 and p80 of the timed calls (ms) and their number: the timing part of a provider's record."""
+    return {"ms": statistics.median(times_ms), "ms_p20": _quantile(times_ms, 0.2),
+            "ms_p80": _quantile(times_ms, 0.8), "reps": len(times_ms)}
+
+
+def time_fn(fn: Callable[[], Any], s: Settings, *, warmup: int | None = None, reps: int | None = None) -> dict:
+    """Median time of ``fn()`` in milliseconds (plus p20/p80 and the number of timed calls); see :func:`warm_up`."""
+    reps = warm_up(fn, s, warmup=warmup, reps=reps)
     times = []
     if s.cuda:
-        flush = torch.empty(_L2_FLUSH_BYTES, dtype=torch.int8, device=s.device)
+        flush = l2_flush_buffer(s)
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         for i in range(reps):
@@ -116,8 +138,7 @@ def time_fn(fn: Callable[[], Any], s: Settings, *, warmup: int | None = None, re
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    return {"ms": statistics.median(times), "ms_p20": _quantile(times, 0.2), "ms_p80": _quantile(times, 0.8),
-            "reps": reps}
+    return timing_summary(times)
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -144,10 +165,10 @@ def peak_memory(fn: Callable[[], Any], s: Settings) -> dict | None:
     return {"peak_bytes": peak, "peak_net_bytes": peak - base, "allocated_before_bytes": base}
 
 
-def measure(fn: Callable[[], Any], s: Settings, *, memory: bool = True, **time_kw) -> dict:
-    """Timing (:func:`time_fn`) and, when asked, peak memory (:func:`peak_memory`) of one function."""
+def measure(fn: Callable[[], Any], s: Settings, **time_kw) -> dict:
+    """Timing (:func:`time_fn`) and peak memory (:func:`peak_memory`) of one function."""
     result = time_fn(fn, s, **time_kw)
-    result["memory"] = peak_memory(fn, s) if memory else None
+    result["memory"] = peak_memory(fn, s)
     return result
 
 
@@ -231,6 +252,9 @@ class FamilySkipped(Exception):
     """Raised by a family that cannot run here (e.g. transformers missing); the message is the reason."""
 
 
+PLACEHOLDER_REASON = "op not implemented yet (placeholder raises NotImplementedError)"
+
+
 def is_placeholder_error(exc: BaseException) -> bool:
     """True for the ``NotImplementedError`` of an op that has not landed yet (raised inside remax_kernels)."""
     if not isinstance(exc, NotImplementedError):
@@ -246,59 +270,103 @@ def _error_record(exc: BaseException, s: Settings) -> dict:
     return {"error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
 
 
-def run_case(
-    s: Settings,
-    ceilings: dict,
-    *,
-    name: str,
-    op: str,
-    mode: str,
-    shape: dict,
-    ours: Callable[[], Any],
-    baselines: dict[str, Callable[[], Any] | str],
-    bytes_moved: int | None = None,
-    flops: int | None = None,
-    memory: bool = True,
-    inputs_grads_bytes: int | None = None,
-    extra: dict | None = None,
-    time_kw: dict | None = None,
-) -> dict:
-    """Measure ``ours`` and each baseline; return the case record (a JSON-ready dict).
+SIZES = ("full", "smoke")  # full: the GPU shapes of the issue's targets; smoke: tiny shapes for the CPU
 
-    Args:
-        name: unique, human-readable case name (printed, and used by the targets).
-        op, mode, shape: what is measured (e.g. ``"token_logprobs"``, ``"fwd+bwd"``, ``{"N": 8192, "V": 32000}``).
-        ours: zero-argument closure running our op once.
-        baselines: name -> closure, or name -> string giving why that baseline is skipped (e.g. not installed).
-        bytes_moved: the minimum bytes our op must read + write; gives GB/s and the fraction of copy bandwidth.
-        flops: the op's useful flops; gives TFLOP/s and the fraction of the matmul ceiling.
-        inputs_grads_bytes: bytes of the inputs plus the gradients the call returns, to compare peak memory with.
-        extra: anything else worth keeping (correctness checks, notes).
+# How a family builds one provider's call from a built case's inputs: the zero-argument call, or a string saying why
+# that provider cannot run here (not installed, CUDA only, not applicable to this mode).
+ProviderFactory = Callable[[Settings, Any], "Callable[[], Any] | str"]
 
-    A placeholder op (``NotImplementedError`` raised in remax_kernels) propagates, so the runner skips the family.
-    Any other failure, ours or a baseline's (out of memory included), is recorded in the case as ``{"error": ...}``.
+
+def size_of(s: Settings) -> str:
+    return "smoke" if s.smoke else "full"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CaseSpec:
+    """One benchmark case as both runners list it: names, shapes and provider labels; nothing is allocated.
+
+    ``providers`` are the entries measured, ``"ours"`` first, in measuring order (an entry that overwrites the
+    inputs, e.g. an in-place backward, comes last). ``build(settings)`` allocates the inputs and returns the
+    :class:`Case` whose ``calls`` have exactly these labels.
     """
-    time_kw = time_kw or {}
-    record: dict[str, Any] = {"name": name, "op": op, "mode": mode, "shape": shape, "dtype": _dtype_name(s.dtype)}
-    free_memory(s)
-    try:
-        record["ours"] = measure(ours, s, memory=memory, **time_kw)
-    except Exception as exc:
-        if is_placeholder_error(exc):
-            raise
-        record["ours"] = _error_record(exc, s)
-    free_memory(s)
-    record["baselines"] = {}
-    for label, fn in baselines.items():
-        if isinstance(fn, str):
-            record["baselines"][label] = {"skipped": fn}
-            continue
-        try:
-            record["baselines"][label] = measure(fn, s, memory=memory, **time_kw)
-        except Exception as exc:
-            record["baselines"][label] = _error_record(exc, s)
-        free_memory(s)
 
+    family: str
+    size: str  # one of SIZES
+    name: str  # unique, human-readable (printed, used by the targets and as the pytest-benchmark group)
+    op: str
+    mode: str
+    shape: dict
+    providers: tuple[str, ...]
+    build: Callable[[Settings], Case]
+
+    @property
+    def test_id(self) -> str:
+        """The case's pytest id: the name with characters ``-k`` expressions cannot hold squeezed out."""
+        return re.sub(r"[^\w.+-]+", "-", self.name.replace("=", "")).strip("-")
+
+
+@dataclasses.dataclass(eq=False)
+class Case:
+    """A built case: its inputs allocated and one call (or skip reason) per provider.
+
+    bytes_moved: the minimum bytes our op must read + write; gives GB/s and the fraction of copy bandwidth.
+    flops: the op's useful flops; gives TFLOP/s and the fraction of the matmul ceiling.
+    inputs_grads_bytes: bytes of the inputs plus the gradients the call returns, to compare peak memory with.
+    shape: shape facts known only once built (a parameter count, a random response length), added to the spec's.
+    extra: correctness checks (run at build time, against the eager baseline) and notes.
+    provider_extra: ``(label, timing entry) -> dict`` of facts derived from one provider's measurement (tokens/s);
+        stored as ``extra[key][label]``.
+    time_kw: ``warmup``/``reps`` overrides for slow cases (a whole rollout).
+    close: releases what the case holds beyond its tensors (temporary folders).
+    """
+
+    calls: dict[str, Callable[[], Any] | str]
+    bytes_moved: int | None = None
+    flops: int | None = None
+    inputs_grads_bytes: int | None = None
+    shape: dict = dataclasses.field(default_factory=dict)
+    extra: dict = dataclasses.field(default_factory=dict)
+    provider_extra: Callable[[str, dict], dict] | None = None
+    time_kw: dict = dataclasses.field(default_factory=dict)
+    close: Callable[[], None] | None = None
+
+
+def provider_calls(providers: dict[str, ProviderFactory], s: Settings, inputs: Any) -> dict:
+    """Each provider's call (or skip reason) on one case's inputs, in the table's order."""
+    return {label: make(s, inputs) for label, make in providers.items()}
+
+
+def cuda_only(s: Settings) -> str | None:
+    """The skip reason of a provider that needs a CUDA device, or None on one: ``cuda_only(s) or (lambda: ...)``."""
+    return None if s.cuda else "CUDA only"
+
+
+def build_case(spec: CaseSpec, s: Settings) -> Case:
+    """``spec.build(s)``, checked: the built calls carry exactly the spec's provider labels, in its order."""
+    case = spec.build(s)
+    if tuple(case.calls) != spec.providers:
+        raise RuntimeError(f"{spec.name}: built providers {tuple(case.calls)} != declared {spec.providers}")
+    return case
+
+
+def work_metrics(ms: float | None, ceilings: dict, *, bytes_moved: int | None, flops: int | None) -> dict:
+    """The op's minimum work and, for a time ``ms``, the achieved rate and its fraction of the device ceiling."""
+    work: dict[str, Any] = {}
+    if bytes_moved is not None:
+        work["bytes"] = bytes_moved
+        if ms:
+            work["gbps"] = bytes_moved / ms / 1e6
+            work["frac_copy_bw"] = work["gbps"] / ceilings["copy_gbps"]
+    if flops is not None:
+        work["flops"] = flops
+        if ms:
+            work["tflops"] = flops / ms / 1e9
+            work["frac_matmul"] = work["tflops"] / ceilings["matmul_tflops"]
+    return work
+
+
+def compare(record: dict, ceilings: dict, *, bytes_moved: int | None, flops: int | None) -> dict:
+    """Fill a case record's ``speedup``, ``memory_ratio`` (each baseline over ours) and ``work`` (ours) in place."""
     ours_ms = record["ours"].get("ms")
     record["speedup"] = {
         label: b["ms"] / ours_ms for label, b in record["baselines"].items() if "ms" in b and ours_ms
@@ -307,20 +375,45 @@ def run_case(
     record["memory_ratio"] = {
         label: _peak(b) / ours_peak for label, b in record["baselines"].items() if _peak(b) and ours_peak
     }
-    work: dict[str, Any] = {}
-    if bytes_moved is not None:
-        work["bytes"] = bytes_moved
-        if ours_ms:
-            work["gbps"] = bytes_moved / ours_ms / 1e6
-            work["frac_copy_bw"] = work["gbps"] / ceilings["copy_gbps"]
-    if flops is not None:
-        work["flops"] = flops
-        if ours_ms:
-            work["tflops"] = flops / ours_ms / 1e9
-            work["frac_matmul"] = work["tflops"] / ceilings["matmul_tflops"]
-    record["work"] = work
-    record["inputs_grads_bytes"] = inputs_grads_bytes
-    record["extra"] = extra or {}
+    record["work"] = work_metrics(ours_ms, ceilings, bytes_moved=bytes_moved, flops=flops)
+    return record
+
+
+def run_case(s: Settings, ceilings: dict, spec: CaseSpec) -> dict:
+    """Build the case, measure every provider in turn; return the case record (a JSON-ready dict).
+
+    A placeholder op (``NotImplementedError`` raised in remax_kernels by ours) propagates, so the runner skips the
+    family; so does :class:`FamilySkipped` from the build. Any other failure, ours or a baseline's (out of memory
+    included), is recorded in the case as ``{"error": ...}``; a provider that cannot run here as ``{"skipped": ...}``.
+    """
+    free_memory(s)
+    case = build_case(spec, s)
+    try:
+        entries: dict[str, dict] = {}
+        for label, call in case.calls.items():
+            if isinstance(call, str):
+                entries[label] = {"skipped": call}
+                continue
+            free_memory(s)
+            try:
+                entries[label] = measure(call, s, **case.time_kw)
+            except Exception as exc:
+                if label == "ours" and is_placeholder_error(exc):
+                    raise
+                entries[label] = _error_record(exc, s)
+            if case.provider_extra is not None and "ms" in entries[label]:
+                for key, value in case.provider_extra(label, entries[label]).items():
+                    case.extra.setdefault(key, {})[label] = value
+    finally:
+        if case.close is not None:
+            case.close()
+    record: dict[str, Any] = {"name": spec.name, "op": spec.op, "mode": spec.mode,
+                              "shape": {**spec.shape, **case.shape}, "dtype": _dtype_name(s.dtype),
+                              "ours": entries.pop("ours"), "baselines": entries}
+    compare(record, ceilings, bytes_moved=case.bytes_moved, flops=case.flops)
+    record["inputs_grads_bytes"] = case.inputs_grads_bytes
+    record["extra"] = case.extra
+    free_memory(s)
     return record
 
 

@@ -12,8 +12,6 @@ MISSed target is a result, not a failure.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 import tempfile
 import time
@@ -21,17 +19,11 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks import bench_generate, bench_logprobs, bench_policy_loss, bench_sampling, bench_trainer
 from benchmarks import harness as hz
+from benchmarks import registry
+from benchmarks.results import SCHEMA_VERSION, write_results
 
-FAMILIES = {
-    "logprobs": bench_logprobs,
-    "policy_loss": bench_policy_loss,
-    "sampling": bench_sampling,
-    "generate": bench_generate,
-    "trainer": bench_trainer,
-}
-SCHEMA_VERSION = 1
+FAMILIES = registry.FAMILIES
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -54,28 +46,24 @@ def run_benchmarks(
     families: dict[str, dict] = {}
     all_targets: list[dict] = []
     for name in names:
-        module = FAMILIES[name]
         log(f"\n== {name}")
         start = time.perf_counter()
         entry: dict = {"cases": []}
         try:
-            cases = module.run(s, ceilings)
-            entry["cases"] = cases
+            cases = entry["cases"]
+            for spec in registry.specs(name, hz.size_of(s)):
+                cases.append(hz.run_case(s, ceilings, spec))
+                log(hz.format_case(cases[-1]))
             failed = [c["name"] for c in cases if "error" in c["ours"]]
             entry["status"] = "error" if failed else "ok"
             if failed:
                 entry["error"] = f"our op failed in: {failed}"
-            for case in cases:
-                log(hz.format_case(case))
-            family_targets = module.targets(cases, ceilings, s)
-            for t in family_targets:
-                t["family"] = name
-            all_targets += family_targets
+            all_targets += registry.targets(name, cases, hz.size_of(s))
         except hz.FamilySkipped as exc:
-            entry.update(status="skipped", reason=str(exc))
+            entry.update(status="skipped", reason=str(exc), cases=[])
         except Exception as exc:
             if hz.is_placeholder_error(exc):
-                entry.update(status="skipped", reason="op not implemented yet (placeholder raises NotImplementedError)")
+                entry.update(status="skipped", reason=hz.PLACEHOLDER_REASON, cases=[])
             else:
                 entry.update(status="error", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
                 log(entry["traceback"])
@@ -91,30 +79,6 @@ def run_benchmarks(
             log(hz.format_target(t))
     return {"schema_version": SCHEMA_VERSION, "environment": env, "ceilings": ceilings, "families": families,
             "targets": all_targets}
-
-
-def write_results(results: dict, out_dir: Path) -> Path:
-    """Write ``<device>-<date>.json`` into ``out_dir`` (``-2``, ``-3``... appended rather than overwriting)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{hz.device_slug(results['environment'])}-{results['environment']['date'][:10]}"
-    path = out_dir / f"{stem}.json"
-    k = 2
-    while path.exists():
-        path = out_dir / f"{stem}-{k}.json"
-        k += 1
-    path.write_text(json.dumps(_json_safe(results), indent=1, allow_nan=False) + "\n")
-    return path
-
-
-def _json_safe(value):
-    """Non-finite floats become strings ("nan", "inf") so the file stays strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,8 @@ import torch
 
 import remax_kernels as rk
 from benchmarks import harness as hz
+from benchmarks import plot, registry
+from benchmarks import results as results_io
 from benchmarks import run as runner
 from remax import Trainer
 
@@ -119,7 +121,7 @@ def test_benchmarked_ops_agree_with_baselines(results):
             if case["op"] == "remax.Trainer.train_step":
                 # The fused loss and the eager-logits loss of the baseline agree on one batch.
                 assert extra["checks"]["abs_diff"] < 1e-4 * max(1.0, abs(extra["checks"]["loss"])), extra["checks"]
-                assert set(extra["step_split"]) == {"ours", "eager"}
+                assert set(extra["step_split"]) == {"ours", "eager_logits_loss"}
                 checked += 1
             if case["op"] == "generate_pairs":
                 assert extra["checks"]["all_rows_full_length"] is True, extra["checks"]
@@ -202,6 +204,11 @@ def test_placeholder_detection():
     assert not hz.is_placeholder_error(ValueError("x"))
 
 
+def _spec(calls: dict, providers: tuple[str, ...] | None = None, **case_kw) -> hz.CaseSpec:
+    return hz.CaseSpec(family="f", size="smoke", name="op fwd N=2 top_p=0.9", op="op", mode="fwd", shape={"N": 2},
+                       providers=providers or tuple(calls), build=lambda s: hz.Case(calls=calls, **case_kw))
+
+
 def test_failing_op_is_recorded_not_raised():
     s = hz.make_settings(smoke=True)
     ceilings = {"copy_gbps": 1.0, "matmul_tflops": 1.0}
@@ -209,8 +216,46 @@ def test_failing_op_is_recorded_not_raised():
     def broken():
         raise RuntimeError("kernel exploded")
 
-    case = hz.run_case(s, ceilings, name="c", op="o", mode="m", shape={}, ours=broken,
-                       baselines={"eager": lambda: None, "peer": "not installed"}, bytes_moved=10)
+    closed = []
+    spec = _spec({"ours": broken, "eager": lambda: None, "peer": "not installed"}, bytes_moved=10,
+                 close=lambda: closed.append(True))
+    case = hz.run_case(s, ceilings, spec)
     assert case["ours"] == {"error": "RuntimeError: kernel exploded"}
     assert case["baselines"]["peer"] == {"skipped": "not installed"}
-    assert case["speedup"] == {} and "gbps" not in case["work"]
+    assert case["baselines"]["eager"]["ms"] > 0
+    assert case["speedup"] == {} and "gbps" not in case["work"] and case["work"]["bytes"] == 10
+    assert closed == [True]
+
+
+def test_case_records_per_provider_facts_and_checks_its_columns():
+    s = hz.make_settings(smoke=True)
+    ceilings = {"copy_gbps": 1.0, "matmul_tflops": 1.0}
+    spec = _spec({"ours": lambda: None, "eager": lambda: None}, flops=10**6, shape={"params": 3},
+                 provider_extra=lambda label, entry: {"calls_per_s": 1e3 / entry["ms"]})
+    case = hz.run_case(s, ceilings, spec)
+    assert case["shape"] == {"N": 2, "params": 3}
+    assert set(case["extra"]["calls_per_s"]) == {"ours", "eager"}
+    assert case["extra"]["calls_per_s"]["ours"] == pytest.approx(1e3 / case["ours"]["ms"])
+    assert case["work"]["tflops"] == pytest.approx(10**6 / case["ours"]["ms"] / 1e9)
+    with pytest.raises(RuntimeError, match="built providers"):
+        hz.run_case(s, ceilings, _spec({"ours": lambda: None}, providers=("ours", "eager")))
+    assert spec.test_id == "op-fwd-N2-top_p0.9"  # no '=' or spaces: usable in -k expressions
+
+
+def test_registry_lists_every_family_at_both_sizes():
+    for family in runner.FAMILIES:
+        for size in hz.SIZES:
+            specs = registry.specs(family, size)
+            assert specs and all(s.family == family and s.size == size and s.providers[0] == "ours" for s in specs)
+            assert len({s.name for s in specs}) == len(specs)
+    with pytest.raises(ValueError, match="family: unknown"):
+        registry.specs("nope", "smoke")
+    with pytest.raises(ValueError, match="size: must be one of"):
+        registry.specs("sampling", "huge")
+
+
+def test_runner_file_loads_unchanged_and_plots(results, tmp_path):
+    path = runner.write_results(results, tmp_path)
+    assert results_io.load(path) == json.loads(path.read_text())
+    png = plot.plot_family(results_io.load(path), "sampling", tmp_path / "sampling.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
