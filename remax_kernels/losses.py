@@ -429,7 +429,7 @@ def _fused_loss_op(
     options = LossOptions(clip_ratio=None if clip_low is None else (clip_low, clip_high), clip_ratio_c=clip_ratio_c,
                           kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef)
     n_rows = hidden.shape[0]
-    need_entropy = entropy_coef != 0
+    entropy_grad = entropy_coef != 0
     head = LmHead(hidden, weight, bias, targets, _IGNORE_INDEX, dtype, temperature, backend)
     per_row = {name: None if t is None else t.index_select(0, head.rows)
                for name, t in (("w", token_weights), ("adv", advantages), ("old", old_logprobs),
@@ -441,12 +441,14 @@ def _fused_loss_op(
         _, loss_tok, d_logp, d_entropy, _ = token_loss_terms(
             logp, sel["adv"], options, old_logprobs=sel["old"], ref_logprobs=sel["ref"], entropy=entropy)
         losses.append((sel["w"] * loss_tok).sum())
-        return sel["w"] * d_logp, (sel["w"] * d_entropy if need_entropy else None)
+        return sel["w"] * d_logp, (sel["w"] * d_entropy if entropy_grad else None)
 
-    out = stream(head, need_entropy=need_entropy, upstream=upstream, needs=(need_hidden, need_weight, need_bias))
+    # The entropy costs its row pass no extra memory traffic, so it is always computed (for the metric); its
+    # gradient only when the bonus is on.
+    out = stream(head, need_entropy=True, upstream=upstream, needs=(need_hidden, need_weight, need_bias))
     loss = torch.stack(losses).sum() if losses else hidden.new_zeros((), dtype=torch.float32)
     logp = scatter_rows(out["logp"], head, n_rows)
-    entropy = scatter_rows(out["entropy"], head, n_rows) if need_entropy else logp.new_empty(0)
+    entropy = scatter_rows(out["entropy"], head, n_rows)
     empty = lambda: hidden.new_empty(0)  # outputs must not alias each other
     return (loss, logp, entropy, out["grad_hidden"] if need_hidden else empty(),
             out["grad_weight"].to(weight.dtype) if need_weight else empty(),
@@ -460,7 +462,7 @@ def _(hidden, weight, bias, targets, token_weights, advantages, old_logprobs, re
     n = hidden.shape[0]
     empty = lambda: hidden.new_empty(0)
     return (hidden.new_empty((), dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32),
-            hidden.new_empty(n if entropy_coef != 0 else 0, dtype=torch.float32),
+            hidden.new_empty(n, dtype=torch.float32),
             torch.empty_like(hidden) if need_hidden else empty(), torch.empty_like(weight) if need_weight else empty(),
             torch.empty_like(bias) if need_bias else empty())
 
@@ -519,10 +521,11 @@ def fused_linear_policy_loss(
     gradients computed in the forward.
 
     One pass over chunks of the response tokens only (the rest never enter a matmul): per chunk the logits GEMM,
-    the row kernel's log-probs (and entropy when ``entropy_coef != 0``), the loss gradient w.r.t. each log-prob
-    from the closed form of ``token_loss_terms``, the row kernel's gradient over the logits in place, and the two
-    gradient GEMMs. The backward only scales the stored gradients by the upstream gradient: 3 GEMM-equivalents in
-    all (the module docstring of ``remax_kernels.ops.fused_linear_logprobs`` has the cost model and the memory).
+    the row kernel's log-probs and entropies, the loss gradient w.r.t. each log-prob (and entropy, when
+    ``entropy_coef != 0``) from the closed form of ``token_loss_terms``, the row kernel's gradient over the logits
+    in place, and the two gradient GEMMs. The backward only scales the stored gradients by the upstream gradient:
+    3 GEMM-equivalents in all (the module docstring of ``remax_kernels.ops.fused_linear_logprobs`` has the cost
+    model and the memory).
 
     Args:
         hidden: ``[B, T, H]`` fp32/fp16/bf16, the policy's last hidden states at the positions that predict
@@ -543,7 +546,7 @@ def fused_linear_policy_loss(
     Returns:
         ``(loss, metrics)`` as ``policy_loss``: float32 0-d loss, differentiable w.r.t. ``hidden``, ``weight``
         and ``bias`` (gradients of whichever require grad, computed in the forward: a call under ``no_grad``
-        computes none); detached 0-d metrics (``entropy`` only when ``entropy_coef != 0``).
+        computes none); detached 0-d metrics, ``entropy`` always included (it costs the row pass no extra reads).
 
     It is the ``torch.library`` op ``remax_kernels::fused_linear_policy_loss`` (fake implementation and autograd
     registered). Device syncs: one, to count the response tokens. Target values are checked on CPU tensors (on
@@ -595,7 +598,7 @@ def fused_linear_policy_loss(
         grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
         grad_on and bias is not None and bias.requires_grad,
     )
-    entropy = entropy.view(shape) if opts.entropy_coef != 0 else None
+    entropy = entropy.view(shape)
     return loss, _metrics(logp.view(shape), entropy, inputs, weights, opts, response_mask, torch.float32)
 
 

@@ -167,3 +167,41 @@ def test_autocast_runs_the_lm_head_in_the_autocast_dtype(backend, device):
         assert_rel_close(w32.grad, w16.grad.float(), torch.bfloat16, name=f"{name}: grad weight")
         # And bf16 really was used: fp32 GEMMs give a visibly different value.
         assert not torch.equal(out, fn(hidden, weight)), name
+
+
+def _device_syncs(fn) -> int:
+    """How many synchronizing CUDA calls ``fn`` makes (torch's sync debug mode warns once per call)."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+@pytest.mark.cuda
+def test_hot_path_syncs_with_the_host_at_most_once_per_call():
+    """token_logprobs and the sampling ops never wait for the GPU; the lm-head ops once per forward and once per
+    backward (counting the response rows), whatever the value checks would have read."""
+    device = torch.device("cuda")
+    hidden, weight, bias, targets, mask = _lm_head_inputs(device, H=64, V=1000)
+    hidden.requires_grad_()
+    logits = torch.randn(8, 1000, device=device, requires_grad=True)
+    greedy = torch.arange(8, device=device) % 2 == 0
+    adv = torch.randn(hidden.shape[0], device=device)
+    token = lambda: rk.token_logprobs(logits, targets.reshape(-1)[:8], return_entropy=True)[0].sum().backward()
+    assert _device_syncs(token) == 0
+    assert _device_syncs(lambda: rk.sample_and_greedy(logits.detach(), greedy, top_p=0.9, top_k=50, seed=1)) == 0
+    assert _device_syncs(lambda: rk.fused_linear_sample_and_greedy(hidden[:, 0].detach(), weight, greedy[:3])) == 0
+    loss = {}
+    assert _device_syncs(lambda: loss.setdefault("v", rk.fused_linear_policy_loss(hidden, weight, targets, adv,
+                                                                                   mask)[0])) == 1
+    assert _device_syncs(lambda: loss["v"].backward()) == 0
+    logp = {}
+    assert _device_syncs(lambda: logp.setdefault("v", rk.fused_linear_logprobs(hidden, weight, targets))) == 1
+    assert _device_syncs(lambda: logp["v"].sum().backward()) == 1

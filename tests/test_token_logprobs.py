@@ -404,7 +404,7 @@ def test_all_targets_ignored(device, backend):
          TypeError, "ignore_index"),
         (lambda d: (torch.randn(3, 10, device=d), torch.zeros(3, dtype=torch.long, device=d),
                     {"return_entropy": "yes"}), TypeError, "return_entropy"),
-        (lambda d: (torch.randn(3, 10, device=d), torch.zeros(3, dtype=torch.long, device=d), {"backend": "cuda"}),
+        (lambda d: (torch.randn(3, 10, device=d), torch.zeros(3, dtype=torch.long, device=d), {"backend": "gpu"}),
          ValueError, "backend"),
         (lambda d: (torch.randn((), device=d), torch.zeros((), dtype=torch.long, device=d), {}),
          ValueError, "logits: expected shape"),

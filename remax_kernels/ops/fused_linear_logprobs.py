@@ -71,11 +71,43 @@ from remax_kernels._validate import (
 from remax_kernels.ops.token_logprobs import row_backward, row_forward
 
 CHUNK_ENV_VAR = "REMAX_KERNELS_CHUNK_MB"
+BATCH_INVARIANT_ENV_VAR = "REMAX_KERNELS_BATCH_INVARIANT"
+# Batch-invariant mode: every lm-head GEMM has exactly this many rows (the last tile zero-padded), so a row's logits
+# are computed by the same GEMM call shape whatever the batch, its size and the row's position (see
+# ``batch_invariant``). Large enough on CUDA that the tile GEMM stays compute-bound (256 flops per weight byte).
+_INVARIANT_ROWS = {"cuda": 256, "cpu": 16}
 # Default budget for one chunk of logits, by device type: well under the eager path's [N, V] on a GPU; small on
 # the CPU, where the torch row path adds a few fp32 temporaries of the chunk's size.
 _DEFAULT_CHUNK_MB = {"cuda": 1024, "cpu": 16}
 # Fewer rows than this would leave a GEMM too short to fill the GPU.
 _MIN_CHUNK_ROWS = {"cuda": 512, "cpu": 1}
+
+
+def batch_invariant() -> bool:
+    """Whether ``REMAX_KERNELS_BATCH_INVARIANT=1`` asks for batch-invariant lm-head GEMMs (read at call time).
+
+    In this mode every logits GEMM (and grad_hidden GEMM) runs at one fixed shape, ``_INVARIANT_ROWS`` rows at a
+    time, so a row's logits do not depend on how many rows share the call or where the row sits in it: on the CPU
+    this is tested bitwise; on CUDA it holds when cuBLAS computes every row of a fixed-shape GEMM the same way
+    (``tests/test_consistency.py`` checks it on the GPU). Cost: one weight read per tile (compute-bound at 256 rows
+    on an H100/H200) and a zero-padded last tile. The row kernels are batch-invariant in every mode (one program per
+    row, a fixed reduction order)."""
+    return os.environ.get(BATCH_INVARIANT_ENV_VAR, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def fixed_shape_matmul(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ weight_t (+ bias)`` computed ``_INVARIANT_ROWS`` rows at a time, the last tile zero-padded."""
+    rows = _INVARIANT_ROWS.get(x.device.type, 16)
+    out = torch.empty((x.shape[0], weight_t.shape[1]), dtype=x.dtype, device=x.device)
+    tile = x.new_zeros((rows, x.shape[1]))
+    for start in range(0, x.shape[0], rows):
+        n = min(rows, x.shape[0] - start)
+        tile[:n] = x[start : start + n]
+        if n < rows:
+            tile[n:] = 0
+        product = tile @ weight_t if bias is None else torch.addmm(bias, tile, weight_t)
+        out[start : start + n] = product[:n]
+    return out
 
 
 def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -151,6 +183,7 @@ class LmHead:
         self.rows = (targets != ignore_index).nonzero().squeeze(1)
         self.targets = targets.index_select(0, self.rows).contiguous()
         self.chunk = chunk_rows(self.rows.numel(), weight.shape[0], dtype, hidden.device)
+        self.invariant = batch_invariant()
 
     def chunks(self):
         """``(slice into the valid rows, their row indices, their hidden states in the compute dtype)``."""
@@ -160,9 +193,14 @@ class LmHead:
             yield part, rows, self.hidden.index_select(0, rows).to(self.dtype)
 
     def logits(self, hidden_c: torch.Tensor) -> torch.Tensor:
+        if self.invariant:
+            return fixed_shape_matmul(hidden_c, self.weight_c.T, self.bias_c)
         if self.bias_c is None:
             return hidden_c @ self.weight_c.T
         return torch.addmm(self.bias_c, hidden_c, self.weight_c.T)
+
+    def grad_hidden(self, dlogits: torch.Tensor) -> torch.Tensor:
+        return fixed_shape_matmul(dlogits, self.weight_c, None) if self.invariant else dlogits @ self.weight_c
 
 
 Upstream = Callable[[slice, torch.Tensor | None, torch.Tensor | None], tuple[torch.Tensor | None, ...]]
@@ -229,8 +267,7 @@ def stream(
         dlogits = row_backward(logits, layout, targets, row_max, log_norm, entropy, grad_logp, grad_entropy,
                                head.temperature, -1, True, head.impl)
         if need_hidden:
-            product = dlogits @ head.weight_c
-            out["grad_hidden"].index_copy_(0, rows, product.to(head.hidden.dtype))
+            out["grad_hidden"].index_copy_(0, rows, head.grad_hidden(dlogits).to(head.hidden.dtype))
         if need_weight:
             _add_product_(out["grad_weight"], dlogits.T, hidden_c)
         if need_bias:
