@@ -4,12 +4,12 @@ Command line: ``remax train | eval | plot | compare`` (see ``remax.cli``). Pytho
 
     from remax import Trainer, TrainConfig
     trainer = Trainer(policy, tokenizer, reward_fn, config=TrainConfig(model="path/to/model"), prompts=[...])
-    summary = trainer.train()
+    summary = trainer.train()   # quiet=True for no progress bar and no messages; they go to logging "remax"
 """
 
 from __future__ import annotations
 
-from remax.config import TrainConfig, load_config
+from remax.config import TaskConfig, TrainConfig, load_config
 from remax.trainer import Trainer
 
-__all__ = ["TrainConfig", "Trainer", "load_config"]
+__all__ = ["TaskConfig", "TrainConfig", "Trainer", "load_config"]

@@ -1,34 +1,55 @@
 """``remax`` command line: train, eval, plot, compare.
 
     remax train [--config FILE.yaml] [--key value ...]     ReMax on a local HF model, or the embedded experiment
-    remax train --resume RUN_DIR [--key value ...]        continue a run from its latest complete checkpoint
-    remax eval RUN_DIR | --model DIR ... [--key value]    greedy and sampled reward on the held-out prompts
-    remax plot RUN_DIR                                    reward_curves.png from metrics.jsonl
+    remax train --resume RUN_DIR [--steps N]               continue a run from its latest complete checkpoint
+    remax train --init_from RUN_DIR [--key value ...]      a new embedded run from RUN_DIR's saved warm-start
+    remax eval RUN_DIR | --model DIR ... [--key value]     greedy and sampled reward on the held-out prompts
+    remax plot RUN_DIR                                     reward_curves.png from metrics.jsonl
     remax compare [--estimators remax,reinforce,rloo] [--config FILE] [--key value ...]
 
-With no model (``remax train``), the embedded experiment runs: a tiny Llama and a character tokenizer built in
-code learn 3-digit addition from imperfect demonstrations, then ReMax improves them; it prints the held-out greedy
-and sampled reward before and after RL. Under ``torchrun --nproc_per_node N`` every subcommand that trains shards
-the policy with FSDP2.
+Options are the config fields (``remax train --help`` lists them with their allowed values), written ``--key value``
+or ``--key=value``; booleans take a value (``--bf16 false``). With no model (``remax train``), the embedded
+experiment runs: a tiny Llama and a character tokenizer built in code learn 3-digit addition from imperfect
+demonstrations, then ReMax improves them; it prints the held-out greedy and sampled reward before and after RL.
+Under ``torchrun --nproc_per_node N`` every subcommand that trains shards the policy with FSDP2.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import json
 import os
 import sys
 import time
 
-from remax.config import TrainConfig, load_config, parse_overrides
+from remax.config import (
+    ConfigArgumentParser,
+    TrainConfig,
+    add_config_arguments,
+    config_overrides,
+    merge,
+    normalize_options,
+    read_yaml,
+    resolve_paths,
+    unknown_arguments_error,
+)
+from remax.logs import get_logger, setup_logging
 
 USAGE = __doc__
+WARMSTART_FILE = "warmstart.json"
+
+logger = get_logger("cli")
 
 
 class UsageError(Exception):
-    """A bad configuration or input found before training starts: reported in one line, without a traceback."""
+    """A bad configuration or input: reported in one line, without a traceback."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C; the message says what was saved and how to continue."""
 
 
 def _setup_errors(fn):
@@ -39,10 +60,6 @@ def _setup_errors(fn):
         raise UsageError(str(err)) from err
 
 
-def _log(info):
-    return print if info.is_main else (lambda *a, **k: None)
-
-
 def _default_run_dir(info, prefix: str = "") -> str:
     from remax.distributed import broadcast_object
 
@@ -50,12 +67,51 @@ def _default_run_dir(info, prefix: str = "") -> str:
     return broadcast_object(os.path.join("runs", f"{prefix}{stamp}"), info)
 
 
-def build_experiment(config: TrainConfig, info, *, run_dir: str, log=print) -> dict:
-    """Policy, tokenizer, reward, prompts (and reference) for ``config``, failing fast on bad inputs.
+# --- the embedded experiment's warm-start ---------------------------------------------------------------------------
 
-    With ``config.model`` None: the embedded experiment. Its warm-started policy is saved to
-    ``RUN_DIR/initial_policy`` (rank 0) and reloaded from there on ``--resume``, so a resumed run's KL reference
-    is the same model.
+
+def warmstart_identity(config: TrainConfig) -> dict:
+    """The fields that define a warm-start: the task section, and the seed and eval_size that split the data."""
+    return {"task": dataclasses.asdict(config.task), "seed": config.seed, "eval_size": config.eval_size}
+
+
+def warmstart_dir(path: str) -> str:
+    """The warm-start of ``path``: a run directory (``RUN/initial_policy``) or that directory itself."""
+    for candidate in (os.path.join(path, "initial_policy"), path):
+        if os.path.isfile(os.path.join(candidate, WARMSTART_FILE)):
+            return candidate
+    raise ValueError(f"init_from: {path!r} holds no saved warm-start (initial_policy/{WARMSTART_FILE}); give the "
+                     "run directory of an embedded-experiment run")
+
+
+def _adopt_warmstart(values: dict) -> dict:
+    """``values`` (the YAML file's and the command line's) with the task section, seed and eval_size of
+    ``values["init_from"]``'s warm-start; a different value given there is an error, since the warm-start was
+    trained on that data."""
+    source = warmstart_dir(values["init_from"])
+    with open(os.path.join(source, WARMSTART_FILE)) as fh:
+        identity = json.load(fh)
+    task = values.get("task")
+    flat_explicit = {f"task.{k}": v for k, v in task.items()} if isinstance(task, dict) else {}
+    flat_explicit.update({k: values[k] for k in ("seed", "eval_size") if k in values})
+    flat_identity = {f"task.{k}": v for k, v in identity["task"].items()}
+    flat_identity.update(seed=identity["seed"], eval_size=identity["eval_size"])
+    clashes = [f"{k} {flat_identity.get(k)!r} (asked: {v!r})" for k, v in flat_explicit.items()
+               if flat_identity.get(k) != v]
+    if clashes:
+        raise ValueError(f"init_from: the warm-start in {source} was made with {', '.join(clashes)}; drop those "
+                         "options (a warm-start's task, seed and eval_size are taken over), or warm up anew")
+    return merge(values, {"task": identity["task"], "seed": identity["seed"], "eval_size": identity["eval_size"]})
+
+
+def build_experiment(config: TrainConfig, info, *, run_dir: str, adapter_base: str | None = None) -> dict:
+    """Policy, tokenizer, reward, prompts (and reference) for ``config``, failing fast on bad inputs; plus
+    ``warmstart_s``, the seconds the embedded experiment's warm-start took (0 when reused).
+
+    With ``config.model`` unset: the embedded experiment. Its warm-started policy is saved to
+    ``RUN_DIR/initial_policy`` (rank 0, with ``warmstart.json`` describing it) and reloaded from there on
+    ``--resume``, so a resumed run's KL reference is the same model; ``--init_from RUN`` starts from another run's.
+    ``adapter_base``: the base model of a LoRA adapter given as ``config.model``.
     """
     from remax.data import addition_task, build_char_tokenizer, load_jsonl_prompts
     from remax.distributed import barrier, broadcast_module
@@ -64,6 +120,7 @@ def build_experiment(config: TrainConfig, info, *, run_dir: str, log=print) -> d
         build_tiny_llama,
         load_causal_lm,
         load_tokenizer,
+        no_hf_progress_bars,
         pick_device,
         set_cpu_threads,
         sft_warmstart,
@@ -84,109 +141,179 @@ def build_experiment(config: TrainConfig, info, *, run_dir: str, log=print) -> d
         reward = load_reward(config.reward, device=device)
         reward.probe(prompts, tokenizer)
         attn = attention_implementation(config.attn_implementation, device)
-        policy = load_causal_lm(config.model, name="model", attn_implementation=attn)
+        policy = load_causal_lm(config.model, name="model", attn_implementation=attn, base=adapter_base)
         ref = (load_causal_lm(config.ref_model, name="ref_model", attn_implementation=attn)
                if config.ref_model and config.kl_coef > 0 else None)
         return dict(policy=policy, tokenizer=tokenizer, reward_fn=reward, ref_model=ref, prompts=prompts,
-                    eval_prompts=eval_prompts)
+                    eval_prompts=eval_prompts, warmstart_s=0.0)
 
+    task_config = config.task
     tokenizer = build_char_tokenizer()
-    task = addition_task(digits=config.task_digits, train_size=config.task_train_size,
-                         eval_size=config.eval_size, error_rate=config.demo_error_rate, seed=config.seed)
+    task = addition_task(digits=task_config.digits, train_size=task_config.train_size, eval_size=config.eval_size,
+                         error_rate=task_config.demo_error_rate, seed=config.seed)
     reward = load_reward(config.reward, device=device, default=task["reward_fn"])
     reward.probe(task["train_prompts"], tokenizer)
     init_dir = os.path.join(run_dir, "initial_policy")
+    t0 = time.perf_counter()
     if config.resume is not None and os.path.isdir(init_dir):
         policy = load_causal_lm(init_dir, name="initial_policy")
+        logger.info(f"warm-start: reusing the run's own ({init_dir})")
+        warmstart_s = 0.0
     else:
-        policy = build_tiny_llama(tokenizer, config).to(device)
-        if config.sft_steps:
-            n_params = sum(p.numel() for p in policy.parameters())
-            log(f"warm-start: {n_params / 1e3:.0f}k-parameter Llama, {config.sft_steps} supervised steps on "
-                f"demonstrations that drop the carry {config.demo_error_rate:.0%} of the time")
-            sft_warmstart(policy, tokenizer, task["demo_prompts"], task["demo_answers"], steps=config.sft_steps,
-                          lr=config.sft_lr, batch_size=config.sft_batch_size, seed=config.seed, device=device,
-                          log=log)
+        if config.init_from is not None:
+            source = warmstart_dir(config.init_from)
+            policy = load_causal_lm(source, name="init_from").to(device)
+            logger.info(f"warm-start: loaded from {source} (not repeated)")
+        else:
+            policy = build_tiny_llama(tokenizer, task_config, seed=config.seed).to(device)
+            if task_config.sft_steps:
+                n_params = sum(p.numel() for p in policy.parameters())
+                logger.info(f"warm-start: {n_params / 1e3:.0f}k-parameter Llama, {task_config.sft_steps} supervised "
+                            f"steps on demonstrations that drop the carry {task_config.demo_error_rate:.0%} of the "
+                            "time")
+                sft_warmstart(policy, tokenizer, task["demo_prompts"], task["demo_answers"],
+                              steps=task_config.sft_steps, lr=task_config.sft_lr,
+                              batch_size=task_config.sft_batch_size, seed=config.seed, device=device)
         broadcast_module(policy, info)
         if info.is_main:
             os.makedirs(run_dir, exist_ok=True)
-            policy.save_pretrained(init_dir)
+            with no_hf_progress_bars():
+                policy.save_pretrained(init_dir)
+            with open(os.path.join(init_dir, WARMSTART_FILE), "w") as fh:
+                json.dump(warmstart_identity(config), fh, indent=2)
         barrier(info)
-    return dict(policy=policy, tokenizer=tokenizer, reward_fn=reward, ref_model=None,
-                prompts=task["train_prompts"], eval_prompts=task["eval_prompts"])
+        warmstart_s = 0.0 if config.init_from is not None else time.perf_counter() - t0
+        if config.init_from is None and task_config.sft_steps:
+            logger.info(f"warm-start: done in {warmstart_s:.1f} s, saved to {init_dir} (a new run can start from it: "
+                        f"--init_from {run_dir})")
+    # A LoRA run's final/ adapter then names its base model.
+    policy.name_or_path = policy.config.name_or_path = os.path.abspath(init_dir)
+    return dict(policy=policy, tokenizer=tokenizer, reward_fn=reward, ref_model=None, prompts=task["train_prompts"],
+                eval_prompts=task["eval_prompts"], warmstart_s=warmstart_s)
+
+
+# --- train ---------------------------------------------------------------------------------------------------------
+
+
+def _cli_values(args) -> dict:
+    """The config options given on the command line, input paths made absolute from the current folder."""
+    return resolve_paths(config_overrides(args), os.getcwd())
 
 
 def _train_config(args) -> TrainConfig:
-    overrides = parse_overrides(args.overrides)
-    if "resume" in overrides and overrides["resume"] is not None:
-        saved = os.path.join(overrides["resume"], "config.yaml")
+    """defaults < --config YAML < command line; a resume starts from the run's own config.yaml instead of the
+    defaults; ``init_from`` takes over the warm-start's task, seed and eval_size."""
+    overrides = _cli_values(args)
+    from_yaml = read_yaml(args.config) if args.config else {}
+    resume = overrides.get("resume")
+    if resume is not None:
+        saved = os.path.join(resume, "config.yaml")
         if not os.path.isfile(saved):
-            raise ValueError(f"resume: {overrides['resume']!r} has no config.yaml (not a run directory)")
-        base = load_config(saved).to_dict()
-        if args.config:
-            base.update(load_config(args.config).to_dict())
-        base.update(overrides)
-        base["run_dir"] = overrides["resume"]
-        return TrainConfig.from_dict(base, source="--resume").with_task_defaults()
-    return load_config(args.config, overrides).with_task_defaults()
+            raise ValueError(f"resume: {resume!r} has no config.yaml (not a run directory)")
+        values = merge(merge(read_yaml(saved, name="resume"), from_yaml), overrides)
+        values["run_dir"] = resume
+        return TrainConfig.from_dict(values, source="--resume").with_task_defaults()
+    values = merge(from_yaml, overrides)
+    if values.get("init_from") is not None and values.get("model") is None:
+        values = _adopt_warmstart(values)
+    return TrainConfig.from_dict(values, source=args.config or "config").with_task_defaults()
+
+
+def _check_run_dir(config: TrainConfig, run_dir: str) -> None:
+    """Before any heavy work: a fresh run must not overwrite checkpoints; a resume must be able to continue."""
+    from remax.checkpoint import latest_checkpoint, read_trainer_state
+    from remax.trainer import check_resume, run_finished
+
+    path = latest_checkpoint(run_dir)
+    if config.resume is None and path is not None:
+        raise ValueError(f"run_dir: {run_dir} already holds checkpoints; continue it with --resume {run_dir} "
+                         "or choose another run_dir")
+    if config.resume is not None and path is not None:
+        state = read_trainer_state(path)
+        check_resume(state["config"], int(state["step"]), config, run_dir,
+                     finished=run_finished(run_dir, int(state["step"])))
+
+
+def _interrupted_message(run_dir: str) -> str:
+    from remax.checkpoint import latest_checkpoint, read_trainer_state
+
+    path = latest_checkpoint(run_dir)
+    if path is not None:
+        return (f"interrupted; {run_dir} holds a complete checkpoint at step {read_trainer_state(path)['step']}: "
+                f"continue with `remax train --resume {run_dir}`")
+    if os.path.isfile(os.path.join(run_dir, "initial_policy", WARMSTART_FILE)):
+        return (f"interrupted before the first checkpoint; the warm-start is saved in {run_dir}/initial_policy: "
+                f"start a run from it with `remax train --init_from {run_dir}`")
+    return "interrupted before anything was saved"
 
 
 def cmd_train(args) -> dict:
     from remax.distributed import init_distributed, shutdown
     from remax.model import pick_device
+    from remax.rewards import RewardError
     from remax.trainer import Trainer
 
     config = _setup_errors(lambda: _train_config(args))
     info = init_distributed(_setup_errors(lambda: pick_device(config.device)).type)
+    setup_logging(config.log_level, is_main=info.is_main)
     try:
-        log = _log(info)
         run_dir = config.run_dir or _default_run_dir(info)
         config = config.replace(run_dir=run_dir)
         t0 = time.perf_counter()
 
         def setup():
-            from remax.checkpoint import latest_checkpoint
+            _check_run_dir(config, run_dir)
+            parts = build_experiment(config, info, run_dir=run_dir)
+            warmstart_s = parts.pop("warmstart_s")
+            trainer = Trainer(parts.pop("policy"), parts.pop("tokenizer"), parts.pop("reward_fn"), config=config,
+                              dist_info=info, **parts)
+            return trainer, warmstart_s
 
-            if config.resume is None and latest_checkpoint(run_dir) is not None:
-                raise ValueError(f"run_dir: {run_dir} already holds checkpoints; continue it with --resume {run_dir} "
-                                 "or choose another run_dir")
-            parts = build_experiment(config, info, run_dir=run_dir, log=log)
-            return Trainer(parts.pop("policy"), parts.pop("tokenizer"), parts.pop("reward_fn"), config=config,
-                           dist_info=info, log=log, **parts)
-
-        trainer = _setup_errors(setup)
-        summary = trainer.train()
-        log(f"total wall time (warm-start + RL): {time.perf_counter() - t0:.1f} s")
+        try:
+            trainer, warmstart_s = _setup_errors(setup)
+            summary = trainer.train()
+        except KeyboardInterrupt:
+            raise Interrupted(_interrupted_message(run_dir)) from None
+        except RewardError as err:
+            raise UsageError(str(err)) from None
+        wall = time.perf_counter() - t0
+        logger.info(f"total wall time {wall:.1f} s" + (f" (warm-start {warmstart_s:.1f} s)" if warmstart_s else ""))
         return summary
     finally:
         shutdown()
 
 
-def _eval_config(args) -> tuple[TrainConfig, bool]:
-    overrides = parse_overrides(args.overrides)
-    embedded = False
-    base = {}
+# --- eval ----------------------------------------------------------------------------------------------------------
+
+
+def _eval_config(args) -> tuple[TrainConfig, bool, str | None]:
+    """The config to evaluate with, whether it is an embedded-experiment run, and the base of a LoRA adapter."""
+    overrides = _cli_values(args)
+    embedded, adapter_base = False, None
+    values: dict = {}
     if args.run_dir is not None:
         saved = os.path.join(args.run_dir, "config.yaml")
         if not os.path.isfile(saved):
             raise ValueError(f"run_dir: {args.run_dir!r} has no config.yaml")
-        saved_config = load_config(saved)
-        base = saved_config.to_dict()
+        values = read_yaml(saved, name="run_dir")
+        saved_config = TrainConfig.from_dict(values, source=saved)
         if "model" not in overrides:
-            final = os.path.join(args.run_dir, "final")
+            final = os.path.abspath(os.path.join(args.run_dir, "final"))
             if not os.path.isdir(final):
                 raise ValueError(f"run_dir: {args.run_dir!r} has no final/ model (it is saved at the end of training)")
             embedded = saved_config.model is None
-            base["model"] = final
-            base["tokenizer"] = final if embedded else (saved_config.tokenizer or saved_config.model)
-    base.update(overrides)
-    base.update(kl_coef=0.0, resume=None, run_dir=None)
-    config = TrainConfig.from_dict(base, source="eval")
+            adapter_base = os.path.join(os.path.abspath(args.run_dir), "initial_policy") if embedded else (
+                saved_config.model)
+            values = merge(values, {"model": final, "tokenizer": final})
+    values = merge(values, overrides)
+    # Evaluation trains nothing: no reference, adapters, TensorBoard, resume or warm-start.
+    values.update(kl_coef=0.0, lora_r=0, report_to="none", resume=None, run_dir=None, init_from=None)
+    config = TrainConfig.from_dict(values, source="eval")
     if embedded and config.max_new_tokens is None:
-        config = config.replace(max_new_tokens=config.task_digits + 2)
+        config = config.replace(max_new_tokens=config.task.digits + 2)
     if config.model is None:
         raise ValueError("model: give a run directory or --model DIR to evaluate")
-    return config, embedded
+    return config, embedded, adapter_base
 
 
 def cmd_eval(args) -> dict:
@@ -194,11 +321,10 @@ def cmd_eval(args) -> dict:
     from remax.model import pick_device
     from remax.trainer import Trainer
 
-    config, embedded = _setup_errors(lambda: _eval_config(args))
+    config, embedded, adapter_base = _setup_errors(lambda: _eval_config(args))
     info = init_distributed(_setup_errors(lambda: pick_device(config.device)).type)
+    setup_logging(config.log_level, is_main=info.is_main)
     try:
-        log = _log(info)
-
         def setup():
             if embedded:
                 # The embedded task's prompts and reward, with the trained policy of the run directory.
@@ -206,34 +332,44 @@ def cmd_eval(args) -> dict:
                 from remax.model import attention_implementation, load_causal_lm, load_tokenizer
                 from remax.rewards import load_reward
 
-                task = addition_task(digits=config.task_digits, train_size=config.task_train_size,
-                                     eval_size=config.eval_size, error_rate=config.demo_error_rate, seed=config.seed)
+                task = addition_task(digits=config.task.digits, train_size=config.task.train_size,
+                                     eval_size=config.eval_size, error_rate=config.task.demo_error_rate,
+                                     seed=config.seed)
                 device = pick_device(config.device)
                 attn = attention_implementation(config.attn_implementation, device)
-                parts = dict(policy=load_causal_lm(config.model, attn_implementation=attn),
+                parts = dict(policy=load_causal_lm(config.model, attn_implementation=attn, base=adapter_base),
                              tokenizer=load_tokenizer(config.tokenizer),
                              reward_fn=load_reward(config.reward, device=device, default=task["reward_fn"]),
                              prompts=task["train_prompts"], eval_prompts=task["eval_prompts"])
             else:
-                parts = build_experiment(config, info, run_dir=".", log=log)
+                parts = build_experiment(config, info, run_dir=".", adapter_base=adapter_base)
                 parts.pop("ref_model")
+                parts.pop("warmstart_s")
             return Trainer(parts.pop("policy"), parts.pop("tokenizer"), parts.pop("reward_fn"), config=config,
-                           dist_info=info, log=log, **parts)
+                           dist_info=info, **parts)
 
-        trainer = _setup_errors(setup)
-        record = trainer.evaluate(0)
-        log(f"held-out ({len(trainer.eval_prompts)} prompts): greedy reward {record['eval/reward_greedy']:.4f}, "
-            f"sampled reward {record['eval/reward_sampled']:.4f}")
+        try:
+            trainer = _setup_errors(setup)
+            record = trainer.evaluate(0)
+        except KeyboardInterrupt:
+            raise Interrupted("interrupted") from None
+        logger.info(f"held-out ({len(trainer.eval_prompts)} prompts): greedy reward "
+                    f"{record['eval/reward_greedy']:.4f}, sampled reward {record['eval/reward_sampled']:.4f}")
+        for line in trainer.eval_lines(record)[1:]:
+            logger.info(line)
         return record
     finally:
         shutdown()
 
 
+# --- plot, compare -------------------------------------------------------------------------------------------------
+
+
 def cmd_plot(args) -> str:
     from remax.plotting import plot_run
 
-    path = plot_run(args.run_dir, args.out)
-    print(path)
+    path = _setup_errors(lambda: plot_run(args.run_dir, args.out))
+    logger.info(path)
     return path
 
 
@@ -250,27 +386,33 @@ def cmd_compare(args) -> dict:
         raise UsageError(f"--estimators: {bad or args.estimators!r} not in {ESTIMATORS}")
 
     def make_config():
-        config = load_config(args.config, parse_overrides(args.overrides))
-        config = config.replace(track_grad_var=True, save_final_model=False, resume=None).with_task_defaults()
+        config = _train_config(args)
+        if config.resume is not None:
+            raise ValueError("resume: compare starts new runs; resume one of its runs with `remax train --resume`")
+        config = config.replace(track_grad_var=True, save_final_model=False)
         for e in estimators:
             config.replace(estimator=e)  # each estimator's own constraints (rloo/grpo group sizes) fail here, early
         return config
 
     config = _setup_errors(make_config)
     info = init_distributed(_setup_errors(lambda: pick_device(config.device)).type)
+    setup_logging(config.log_level, is_main=info.is_main)
     try:
-        log = _log(info)
         root = config.run_dir or _default_run_dir(info, prefix="compare-")
-        parts = _setup_errors(lambda: build_experiment(config, info, run_dir=root, log=log))
-        runs, summaries = {}, {}
-        for e in estimators:
-            log(f"\n=== {e} ===")
-            run_config = config.replace(estimator=e, run_dir=os.path.join(root, e))
-            p = dict(parts, policy=copy.deepcopy(parts["policy"]))
-            trainer = Trainer(p.pop("policy"), p.pop("tokenizer"), p.pop("reward_fn"), config=run_config,
-                              dist_info=info, log=log, **p)
-            summaries[e] = trainer.train()
-            runs[e] = run_config.run_dir
+        try:
+            parts = _setup_errors(lambda: build_experiment(config, info, run_dir=root))
+            parts.pop("warmstart_s")
+            runs, summaries = {}, {}
+            for e in estimators:
+                logger.info(f"\n=== {e} ===")
+                run_config = config.replace(estimator=e, run_dir=os.path.join(root, e))
+                p = dict(parts, policy=copy.deepcopy(parts["policy"]))
+                trainer = Trainer(p.pop("policy"), p.pop("tokenizer"), p.pop("reward_fn"), config=run_config,
+                                  dist_info=info, **p)
+                summaries[e] = trainer.train()
+                runs[e] = run_config.run_dir
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted; the estimators' runs are in {root}/<estimator>") from None
         result = {"run_dir": root, "runs": summaries}
         if info.is_main:
             from remax.plotting import read_metrics
@@ -282,8 +424,8 @@ def cmd_compare(args) -> dict:
             result["plot"] = plot_compare(runs, os.path.join(root, "compare.png"))
             with open(os.path.join(root, "compare.json"), "w") as fh:
                 json.dump(result, fh, indent=2)
-            log(format_compare(summaries))
-            log(f"plot: {result['plot']}")
+            logger.info(format_compare(summaries))
+            logger.info(f"plot: {result['plot']}")
         return result
     finally:
         shutdown()
@@ -298,21 +440,28 @@ def format_compare(summaries: dict) -> str:
     return "\n".join(lines)
 
 
+# --- the parser ----------------------------------------------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="remax", description="ReMax RLHF trainer", allow_abbrev=False,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=USAGE)
-    sub = parser.add_subparsers(dest="command", required=True)
-    fields = "config fields (--key value):\n" + TrainConfig.help()
+    """``remax`` and its subcommands; every config field is an option of train, compare and eval."""
+    parser = ConfigArgumentParser(prog="remax", description="ReMax RLHF trainer", allow_abbrev=False,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=USAGE)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,plot,compare}")
     for name, helptext in (("train", "train a policy with ReMax (default: the embedded experiment)"),
-                           ("compare", "remax vs reinforce vs rloo/grpo on the same task and budget")):
-        p = sub.add_parser(name, help=helptext, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=fields,
-                           allow_abbrev=False)
-        p.add_argument("--config", help="YAML file of config fields")
+                           ("compare", "remax vs reinforce vs rloo/grpo on the same task and budget"),
+                           ("eval", "held-out greedy and sampled reward of a trained policy")):
+        usage = (f"remax {name} [RUN_DIR] [--key value ...]" if name == "eval"
+                 else f"remax {name} [--config FILE.yaml] [--key value ...]")
+        p = sub.add_parser(name, help=helptext, description=helptext, usage=usage, allow_abbrev=False)
+        if name == "eval":
+            p.add_argument("run_dir", nargs="?", help="a run directory (uses its config and final/ model)")
+        else:
+            p.add_argument("--config", metavar="FILE.yaml",
+                           help="YAML file of config fields (relative paths in it are relative to its folder)")
         if name == "compare":
             p.add_argument("--estimators", default="remax,reinforce,rloo", help="comma-separated estimators")
-    p = sub.add_parser("eval", help="held-out greedy and sampled reward of a trained policy",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=fields, allow_abbrev=False)
-    p.add_argument("run_dir", nargs="?", help="a run directory (uses its config and final/ model)")
+        add_config_arguments(p)
     p = sub.add_parser("plot", help="reward_curves.png of a run directory", allow_abbrev=False)
     p.add_argument("run_dir")
     p.add_argument("--out", help="output PNG (default RUN_DIR/reward_curves.png)")
@@ -320,26 +469,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = argv[0] if argv and not argv[0].startswith("-") else ""
+    prefix = f"remax {command}".strip()
+    setup_logging("info")
     try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # "Writing model shards" bars would interleave with the run's own output
-    except ImportError:
-        pass
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "plot" and rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    args.overrides = rest
+        args, rest = build_parser().parse_known_args(normalize_options(argv))
+        if rest:
+            raise unknown_arguments_error(rest)
+    except ValueError as err:
+        print(f"{prefix}: error: {err}", file=sys.stderr)
+        return 2
     handler = {"train": cmd_train, "eval": cmd_eval, "plot": cmd_plot, "compare": cmd_compare}[args.command]
     try:
         handler(args)
     except UsageError as err:
-        print(f"remax {args.command}: error: {err}", file=sys.stderr)
+        print(f"{prefix}: error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as err:
+        print(f"{prefix}: {err}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
-        print(f"remax {args.command}: interrupted; the latest complete checkpoint is intact (resume with --resume)",
-              file=sys.stderr)
+        print(f"{prefix}: interrupted", file=sys.stderr)
         return 130
     return 0
 

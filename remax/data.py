@@ -65,7 +65,7 @@ def addition_problems(n: int, *, digits: int, seed: int, exclude: set | None = N
     """``n`` distinct ``(a, b)`` pairs not in ``exclude``, drawn with ``random.Random(seed)``."""
     space = (10**digits) ** 2
     if n + len(exclude or ()) > space:
-        raise ValueError(f"task_train_size: asked for {n} distinct problems but only {space} exist")
+        raise ValueError(f"task.train_size: asked for {n} distinct problems but only {space} exist")
     rng = random.Random(seed)
     seen = set(exclude or ())
     out = []
@@ -154,7 +154,8 @@ def load_jsonl_prompts(path: str, *, field: str = "prompt") -> list[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"prompts: {path}:{lineno} is not valid JSON ({err.msg})") from None
+                raise ValueError(
+                    f"prompts: {path}:{lineno} is not valid JSON ({err.msg} at column {err.colno})") from None
             if not isinstance(record, dict) or field not in record:
                 raise ValueError(f"prompt_field: {path}:{lineno} has no field {field!r}")
             if not isinstance(record[field], str) or not record[field]:

@@ -1,8 +1,10 @@
-"""Reward functions: a Python callable named ``module:function``, or a local HF sequence-classification model.
+"""Reward functions: a Python callable (``path/to/file.py:function`` or ``module:function``), or a local HF
+sequence-classification model with one label.
 
 Every reward the trainer calls goes through ``RewardFunction``, which checks the output (a float tensor ``[B]``,
-finite) and raises one clear error naming the reward otherwise. ``probe`` calls it once on two prompts before any
-heavy work, so a reward returning the wrong shape or NaN fails in seconds, not after the warm-start.
+finite) and raises one clear error naming the reward otherwise (``RewardError`` for bad values, naming the first bad
+prompt and response). ``probe`` calls it once on two prompts before any heavy work, so a reward returning the wrong
+shape or NaN fails in seconds, not after the warm-start.
 
 A callable reward has the signature ``fn(prompts: list[str], responses: list[str]) -> Tensor[B] | list[float]``; if
 it also accepts ``prompt_ids`` / ``response_ids`` (or ``**kwargs``) it receives the token ids as lists of int lists.
@@ -14,9 +16,16 @@ import importlib
 import importlib.util
 import inspect
 import os
+import sys
 from collections.abc import Callable
 
 import torch
+
+FORMS = "'path/to/file.py:function', 'module:function' or a local reward-model directory"
+
+
+class RewardError(ValueError):
+    """A reward returned a value the trainer cannot use (wrong shape, NaN/inf)."""
 
 
 class RewardFunction:
@@ -38,7 +47,7 @@ class RewardFunction:
             out = self.fn(prompts, responses, prompt_ids=prompt_ids, response_ids=response_ids)
         else:
             out = self.fn(prompts, responses)
-        return check_reward_output(out, len(prompts), self.name)
+        return check_reward_output(out, len(prompts), self.name, prompts=prompts, responses=responses)
 
     def probe(self, prompts: list[str], tokenizer=None) -> None:
         """Call once on (up to) two prompts with a dummy response "0" to check the output before heavy work.
@@ -55,8 +64,12 @@ class RewardFunction:
         self(sample, responses, prompt_ids=prompt_ids, response_ids=response_ids)
 
 
-def check_reward_output(out, batch: int, name: str) -> torch.Tensor:
-    """``out`` as a float32 CPU tensor ``[batch]``; ``ValueError``/``TypeError`` naming the reward otherwise."""
+def check_reward_output(out, batch: int, name: str, *, prompts: list[str] | None = None,
+                        responses: list[str] | None = None) -> torch.Tensor:
+    """``out`` as a float32 CPU tensor ``[batch]``; ``TypeError`` / ``RewardError`` naming the reward otherwise.
+
+    ``prompts`` / ``responses`` (optional) let a NaN/inf error quote the first pair that produced one.
+    """
     if isinstance(out, (list, tuple)):
         try:
             out = torch.tensor(out, dtype=torch.float32)
@@ -67,22 +80,30 @@ def check_reward_output(out, batch: int, name: str) -> torch.Tensor:
                         f"got {type(out).__name__}")
     if not (out.dtype.is_floating_point or out.dtype in (torch.int32, torch.int64)):
         raise TypeError(f"reward: {name} returned dtype {out.dtype}; expected a float tensor [B]")
-    if out.dim() == 2 and out.shape[1] == 1:
-        out = out[:, 0]
     if tuple(out.shape) != (batch,):
-        raise ValueError(f"reward: {name} returned shape {tuple(out.shape)} for {batch} responses; expected [{batch}]")
+        # [B, 1] too: a column is usually a model's logits passed on unreduced; say so instead of guessing.
+        hint = " (squeeze the last dimension)" if tuple(out.shape) == (batch, 1) else ""
+        raise RewardError(f"reward: {name} returned shape {tuple(out.shape)} for {batch} responses; expected "
+                          f"[{batch}]{hint}")
     out = out.detach().float().cpu()
-    n_bad = int((~torch.isfinite(out)).sum())
-    if n_bad:
-        raise ValueError(f"reward: {name} returned {n_bad} NaN/inf value(s) out of {batch}")
+    bad = ~torch.isfinite(out)
+    if bad.any():
+        first = int(bad.nonzero()[0])
+        quoted = (f"; first: prompt {prompts[first][:60]!r}, response {responses[first][:60]!r}"
+                  if prompts is not None and responses is not None else "")
+        raise RewardError(f"reward: {name} returned {int(bad.sum())} NaN/inf value(s) out of {batch}{quoted}")
     return out
 
 
 def import_callable(spec: str) -> Callable:
-    """``"package.module:function"`` (or ``path/to/file.py:function``) -> the function."""
+    """``"path/to/file.py:function"`` or ``"package.module:function"`` -> the function.
+
+    A module is looked up in the current folder first, then on ``sys.path``: the ``remax`` console script, unlike
+    ``python -m remax``, does not put the current folder on ``sys.path``.
+    """
     module_name, sep, attr = spec.rpartition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"reward: {spec!r} is neither 'module:function' nor a local model directory")
+        raise ValueError(f"reward: {spec!r} is not one of {FORMS}")
     try:
         if module_name.endswith(".py"):
             if not os.path.isfile(module_name):
@@ -91,9 +112,14 @@ def import_callable(spec: str) -> Callable:
             module = importlib.util.module_from_spec(loader)
             loader.loader.exec_module(module)
         else:
-            module = importlib.import_module(module_name)
+            sys.path.insert(0, os.getcwd())
+            try:
+                module = importlib.import_module(module_name)
+            finally:
+                sys.path.remove(os.getcwd())
     except ImportError as err:
-        raise ValueError(f"reward: cannot import module {module_name!r} ({err})") from err
+        raise ValueError(f"reward: cannot import module {module_name!r} ({err}) from the current folder or "
+                         f"sys.path; a file can be named by its path instead: 'path/to/file.py:{attr}'") from err
     try:
         fn = getattr(module, attr)
     except AttributeError:
@@ -104,7 +130,7 @@ def import_callable(spec: str) -> Callable:
 
 
 class SequenceClassifierReward:
-    """Scores ``prompt + response`` texts with a local HF sequence-classification model (logit 0 of each row)."""
+    """Scores ``prompt + response`` texts with a local HF sequence-classification model with one label."""
 
     def __init__(self, path: str, *, device: torch.device, batch_size: int = 32, max_length: int = 1024):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -113,7 +139,11 @@ class SequenceClassifierReward:
             self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             self.model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as err:
-            raise ValueError(f"reward: cannot load a sequence-classification model from {path!r}: {err}") from err
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"reward: cannot load a sequence-classification model from {path!r}: {first}") from None
+        if self.model.config.num_labels != 1:
+            raise ValueError(f"reward: the model in {path!r} has {self.model.config.num_labels} labels; a reward model "
+                             "scores each sequence with one number (num_labels=1)")
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if self.model.config.pad_token_id is None:
@@ -140,7 +170,7 @@ def load_reward(spec: str | None, *, device: torch.device, default: Callable | N
     else ``module:function``."""
     if spec is None:
         if default is None:
-            raise ValueError("reward: no reward given; pass --reward module:function or a reward-model directory")
+            raise ValueError(f"reward: no reward given; pass --reward as {FORMS}")
         return RewardFunction(default, name=f"{default.__module__}:{default.__name__}")
     if os.path.isdir(spec):
         return RewardFunction(SequenceClassifierReward(spec, device=device), name=spec)

@@ -10,8 +10,16 @@ One step, top to bottom (``Trainer.train_step``):
 4. the policy loss straight from hidden states (``causal_lm_policy_loss``: no ``[tokens, vocab]`` logits), in
    micro-batches normalized so their gradients add up to the full batch's exactly; one optimizer step.
 
-Every step appends one JSON line to ``RUN_DIR/metrics.jsonl``; evaluation (greedy and sampled reward on held-out
-prompts with a fixed seed) runs before training, every ``eval_every`` steps and at the end.
+Every step appends one JSON line to ``RUN_DIR/metrics.jsonl`` (and, with ``report_to: tensorboard``, to TensorBoard
+event files in ``RUN_DIR/tensorboard``); evaluation (greedy and sampled reward on held-out prompts with a fixed seed)
+runs before training, every ``eval_every`` steps and at the end, and logs a few prompts with their responses
+(``RUN_DIR/samples.jsonl``). Messages go to the ``remax`` logger (``remax.logs``), from rank 0 only.
+
+Resuming (``config.resume``) continues from the latest complete checkpoint and says what it does: the step it
+continues from, the fields changed since the run started. Fields that fix what the run optimizes (estimator,
+batch size, learning rate, data, seed, ...) must not change; ``steps`` may grow. The learning-rate schedule is part
+of the checkpoint: its decay ends at ``lr_decay_steps`` (``steps`` when the run started), so extending a run
+continues at the final rate instead of restarting the cosine.
 """
 
 from __future__ import annotations
@@ -28,8 +36,8 @@ import time
 import numpy as np
 import torch
 
-from remax.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_atomic
-from remax.config import TrainConfig, save_config
+from remax.checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint, write_atomic
+from remax.config import INPUT_PATHS, TrainConfig, save_config
 from remax.data import format_prompts, load_jsonl_prompts, tokenize_prompts, uses_chat_template
 from remax.distributed import (
     DistInfo,
@@ -40,11 +48,31 @@ from remax.distributed import (
     local_tensor,
     wrap_model,
 )
-from remax.model import apply_lora, enable_gradient_checkpointing, ensure_pad_token, frozen_copy, pick_device
+from remax.logs import get_logger, setup_logging
+from remax.model import (
+    apply_lora,
+    enable_gradient_checkpointing,
+    ensure_pad_token,
+    frozen_copy,
+    no_hf_progress_bars,
+    pick_device,
+)
 from remax.rewards import RewardFunction
 
 # Keys of a metrics record that measure the machine, not the run (excluded when comparing runs for equality).
 PERF_PREFIX = "perf/"
+
+# Fewer held-out prompts than this make the held-out reward too noisy to compare (a warning says so).
+MIN_EVAL_PROMPTS = 32
+
+# Fields a resume may change: how a run is executed, logged and saved, not what it optimizes or measures.
+RESUME_MAY_CHANGE = frozenset({
+    "steps", "run_dir", "resume", "init_from", "save_every", "keep_checkpoints", "save_final_model", "eval_every",
+    "eval_batch_size", "rollout_batch_size", "grad_accum", "log_samples", "track_grad_var", "log_entropy", "log_level",
+    "report_to", "progress", "plot", "device", "cpu_threads", "attn_implementation", "bf16", "gradient_checkpointing",
+})
+
+logger = get_logger("trainer")
 
 
 def derive_seed(*parts) -> int:
@@ -53,20 +81,75 @@ def derive_seed(*parts) -> int:
     return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
-def lr_lambda(config: TrainConfig):
-    """Multiplier of ``config.lr`` at a step: linear warm-up, then constant / cosine / linear decay to min_lr_ratio."""
-    warmup, total, floor, kind = config.warmup_steps, config.steps, config.min_lr_ratio, config.lr_schedule
+class LRSchedule:
+    """Multiplier of ``config.lr`` at a step: linear warm-up, then constant / cosine / linear decay to
+    ``min_lr_ratio`` at step ``horizon`` (``config.schedule_steps``), constant after it.
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if kind == "constant":
+    A callable object, not a closure, so ``LambdaLR.state_dict`` stores its fields in every checkpoint and a resumed
+    run continues the schedule it started with.
+    """
+
+    def __init__(self, *, warmup: int, horizon: int, floor: float, kind: str):
+        self.warmup, self.horizon, self.floor, self.kind = warmup, horizon, floor, kind
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.kind == "constant":
             return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        decay = 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1 - progress
-        return floor + (1 - floor) * decay
+        progress = min(1.0, (step - self.warmup) / max(1, self.horizon - self.warmup))
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if self.kind == "cosine" else 1 - progress
+        return self.floor + (1 - self.floor) * decay
 
-    return factor
+
+def lr_lambda(config: TrainConfig) -> LRSchedule:
+    """The ``LRSchedule`` of ``config``."""
+    return LRSchedule(warmup=config.warmup_steps, horizon=config.schedule_steps, floor=config.min_lr_ratio,
+                      kind=config.lr_schedule)
+
+
+def _comparable(name: str, value):
+    if isinstance(value, str) and (name in INPUT_PATHS or name == "reward" and value.partition(":")[0].endswith(".py")):
+        return os.path.abspath(value)
+    return value
+
+
+def check_resume(saved: dict, step: int, config: TrainConfig, run_dir: str, *, finished: bool) -> list[str]:
+    """Whether ``config`` can continue the run saved at ``step`` with config ``saved`` (a ``to_dict()``).
+
+    Raises ``ValueError`` when a field outside ``RESUME_MAY_CHANGE`` differs, or when ``steps`` leaves nothing to do
+    (``finished``: the final model is written too). Returns the changes as ``"name: old -> new"`` strings.
+    """
+    try:
+        old = TrainConfig.from_dict(saved, source=f"{run_dir}'s checkpoint").flat_dict()
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"resume: cannot read the config saved in {run_dir} ({err}); start a new run") from None
+    new = config.flat_dict()
+    if new["lr_decay_steps"] == 0:
+        new["lr_decay_steps"] = old["lr_decay_steps"] or old["steps"]  # 0 = the run's own schedule
+    changed = {k: (old[k], new[k]) for k in new if _comparable(k, old[k]) != _comparable(k, new[k])}
+    fixed = {k: v for k, v in changed.items() if k not in RESUME_MAY_CHANGE}
+    if fixed:
+        listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in fixed.items())
+        raise ValueError(f"resume: {run_dir} was trained with different settings ({listed}); they fix what the run "
+                         "optimizes and cannot change mid-run. Resume with the run's values, or start a new run "
+                         f"(may change on resume: {', '.join(sorted(RESUME_MAY_CHANGE - {'run_dir', 'resume'}))})")
+    if config.steps < step:
+        raise ValueError(f"steps: {run_dir} has already run {step} steps, so --steps {config.steps} would run none; "
+                         f"continue it with --steps N > {step}, or evaluate it with `remax eval {run_dir}`")
+    if config.steps == step and finished:
+        raise ValueError(f"resume: {run_dir} has finished its {step} steps; nothing to do. Continue it with --steps "
+                         f"N > {step}, or evaluate it with `remax eval {run_dir}`")
+    return [f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items() if k not in ("run_dir", "resume")]
+
+
+def run_finished(run_dir: str, step: int) -> bool:
+    """Whether the run in ``run_dir`` completed ``step`` to the end (``summary.json`` is written last)."""
+    path = os.path.join(run_dir, "summary.json")
+    if not os.path.isfile(path):
+        return False
+    with open(path) as fh:
+        return json.load(fh).get("step") == step
 
 
 def _pad_right(t: torch.Tensor, length: int, value) -> torch.Tensor:
@@ -83,12 +166,17 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _short(text: str, limit: int = 80) -> str:
+    """``repr`` of ``text`` cut to ``limit`` characters (a sample line stays one line)."""
+    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
+
+
 class Trainer:
     """ReMax (or REINFORCE / RLOO / GRPO) on an HF causal LM.
 
     Args:
         policy: an HF causal LM (``LlamaForCausalLM``, ...) in float32; moved to the configured device. With
-            ``config.lora_r > 0`` it is wrapped with LoRA adapters here (peft).
+            ``config.lora_r > 0`` it is wrapped with LoRA adapters here (peft), unless it already is a peft model.
         tokenizer: its HF tokenizer (a pad token is needed; eos is used when there is none).
         reward_fn: ``fn(prompts, responses) -> float [B]`` (strings; see ``remax.rewards``), or a ``RewardFunction``.
         ref_model: frozen KL reference; default (when ``config.kl_coef > 0``): a copy of ``policy`` as given.
@@ -96,6 +184,8 @@ class Trainer:
         prompts / eval_prompts: lists of prompt strings; default: read from ``config.prompts`` /
             ``config.eval_prompts`` (JSONL), the held-out set defaulting to the last ``eval_size`` training prompts.
         dist_info: ranks when launched by torchrun (``remax.distributed.init_distributed``).
+        quiet: no progress bar and no informational messages (warnings still show). Messages go to the ``remax``
+            logger at ``config.log_level``; ``logging.getLogger("remax")`` redirects them.
 
     Example::
 
@@ -115,15 +205,17 @@ class Trainer:
         prompts: list[str] | None = None,
         eval_prompts: list[str] | None = None,
         dist_info: DistInfo | None = None,
-        log=print,
+        quiet: bool = False,
     ):
         if not isinstance(config, TrainConfig):
             raise TypeError(f"config: expected a remax.TrainConfig, got {type(config).__name__}")
         self.config = config
         self.info = dist_info or DistInfo()
+        setup_logging(config.log_level, is_main=self.info.is_main)
+        self.quiet = quiet
         config.check_world(self.info.world_size)
         self.device = pick_device(config.device)
-        self._log = log if self.info.is_main else None
+        self._tensorboard = _tensorboard_writer_class() if config.report_to == "tensorboard" else None
         self.tokenizer = ensure_pad_token(tokenizer)
         self.reward_fn = reward_fn if isinstance(reward_fn, RewardFunction) else RewardFunction(
             reward_fn, name=getattr(reward_fn, "__qualname__", type(reward_fn).__name__))
@@ -138,6 +230,8 @@ class Trainer:
         if config.kl_coef > 0:
             ref_model.requires_grad_(False).eval().to(self.device)
             self.ref_runner = wrap_model(ref_model, self.info, self.device)
+        if hasattr(policy, "peft_config") and config.lora_r:
+            self._info("policy: already a LoRA (peft) model; its adapters train, lora_* fields are not applied")
         policy = apply_lora(policy, config) if not hasattr(policy, "peft_config") else policy
         policy.to(self.device)
         if config.gradient_checkpointing:
@@ -145,46 +239,65 @@ class Trainer:
         self.policy = policy
         self.runner = wrap_model(policy, self.info, self.device)
         if self.info.enabled:
-            self._print(f"FSDP2: policy{' and reference' if self.ref_runner else ''} sharded over "
-                        f"{self.info.world_size} ranks")
+            self._info(f"FSDP2: policy{' and reference' if self.ref_runner else ''} sharded over "
+                       f"{self.info.world_size} ranks")
         params = [p for p in self.runner.parameters() if p.requires_grad]
         if not params:
-            raise ValueError("policy: has no trainable parameters")
+            raise ValueError("policy: has no trainable parameters (every parameter has requires_grad=False)")
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
         self.step = 0
         self.history: list[dict] = []
         self.run_dir: str | None = None
+        self._writer = None  # TensorBoard, while train() runs with report_to="tensorboard"
         self._perms: dict[int, torch.Tensor] = {}
 
     # ------------------------------------------------------------------------------------------------------------
     def _resolve_prompts(self, prompts, eval_prompts) -> tuple[list[str], list[str]]:
+        """Training and held-out prompts; logs their counts and warns when the held-out set is too small to trust."""
         cfg = self.config
+        source = cfg.prompts or "the list given"
         if prompts is None:
             if cfg.prompts is None:
                 raise ValueError("prompts: pass prompts=[...] or set config.prompts to a JSONL file")
             prompts = load_jsonl_prompts(cfg.prompts, field=cfg.prompt_field)
+        how = ""
         if eval_prompts is None and cfg.eval_prompts is not None:
             eval_prompts = load_jsonl_prompts(cfg.eval_prompts, field=cfg.prompt_field)
+            how = f"from {cfg.eval_prompts}"
         if eval_prompts is None:
+            if not isinstance(prompts, (list, tuple)) or not prompts:
+                raise ValueError("prompts: expected a non-empty list of strings")
+            if len(prompts) == 1:
+                raise ValueError(f"prompts: {source} holds 1 prompt: too few to hold some out for evaluation; give "
+                                 "more, or a separate held-out set (eval_prompts)")
             if len(prompts) < 2 * cfg.eval_size:
                 n_eval = max(1, len(prompts) // 10)
+                how = f"the last 10% of the {len(prompts)} prompts, which are fewer than 2 * eval_size"
             else:
                 n_eval = cfg.eval_size
+                how = f"the last eval_size of the {len(prompts)} prompts"
             prompts, eval_prompts = prompts[:-n_eval], prompts[-n_eval:]
+        elif len(eval_prompts) > cfg.eval_size:
+            how = f"the first eval_size of {len(eval_prompts)} {how}".rstrip()
         prompts, eval_prompts = list(prompts), list(eval_prompts)[: cfg.eval_size]
         for name, values in (("prompts", prompts), ("eval_prompts", eval_prompts)):
             if not values or not all(isinstance(p, str) for p in values):
                 raise ValueError(f"{name}: expected a non-empty list of strings")
+        self._info(f"prompts: {len(prompts)} for training, {len(eval_prompts)} held out" + (f" ({how})" if how else ""))
+        if len(eval_prompts) < MIN_EVAL_PROMPTS:
+            logger.warning(f"only {len(eval_prompts)} held-out prompt(s): each moves the held-out reward by "
+                           f"1/{len(eval_prompts)} of its range, so before/after numbers are mostly noise; give "
+                           f"at least {MIN_EVAL_PROMPTS} (more prompts, or a separate eval_prompts file)")
         return prompts, eval_prompts
 
     def _autocast(self):
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16,
                               enabled=self.config.bf16 and self.device.type == "cuda")
 
-    def _print(self, text: str) -> None:
-        if self._log is not None:
-            self._log(text)
+    def _info(self, text: str) -> None:
+        if not self.quiet:
+            logger.info(text)
 
     # --- data -------------------------------------------------------------------------------------------------
     def _group(self) -> int:
@@ -265,8 +378,9 @@ class Trainer:
             merged[f"{kind}_lengths"] = torch.cat([getattr(o, f"{kind}_lengths") for o in outs])
         return merged
 
-    def _score(self, texts: list[str], rollout: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rewards ``[B]`` (float32, CPU) of the sampled and the greedy responses (one reward call for both)."""
+    def _score(self, texts: list[str], rollout: dict) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """Rewards ``[B]`` (float32, CPU) of the sampled and the greedy responses (one reward call for both), and the
+        decoded responses (``B`` sampled then ``B`` greedy)."""
         P = rollout["prompt_length"]
         responses, response_ids = [], []
         for kind in ("sampled", "greedy"):
@@ -280,7 +394,7 @@ class Trainer:
                       for row, m in zip(rollout["prompt_ids"].cpu(), rollout["prompt_mask"].cpu(), strict=True)]
         rewards = self.reward_fn(list(texts) * 2, responses, prompt_ids=prompt_ids * 2, response_ids=response_ids)
         B = len(texts)
-        return rewards[:B], rewards[B:]
+        return rewards[:B], rewards[B:], responses
 
     # --- loss -------------------------------------------------------------------------------------------------
     def _advantages(self, r_sampled, r_greedy, response_mask, token_kl) -> torch.Tensor:
@@ -362,7 +476,7 @@ class Trainer:
         rollout = self._generate([(texts, seeds, cfg.rollout_batch_size or n_local)])[0]
         t_rollout = time.perf_counter()
 
-        r_sampled, r_greedy = self._score(texts, rollout)
+        r_sampled, r_greedy, _ = self._score(texts, rollout)
         t_reward = time.perf_counter()
 
         ids, attn = rollout["sampled_ids"], rollout["sampled_attention_mask"]
@@ -470,6 +584,8 @@ class Trainer:
         noise at every evaluation, so before/after numbers differ only by the policy.
 
         Chunks of ``eval_batch_size`` prompts are dealt to ranks round-robin; the means are over all prompts.
+        Returns the metrics record (``eval/reward_greedy``, ...) with ``"samples"``: on rank 0, the first
+        ``config.log_samples`` held-out prompts with their greedy and sampled responses and rewards.
         """
         cfg = self.config
         size = cfg.eval_batch_size
@@ -481,18 +597,33 @@ class Trainer:
             jobs.append(([self.eval_prompts[i] for i in rows], [derive_seed(cfg.eval_seed, "eval", i) for i in rows],
                          len(rows)))
         stats = _Stats()
+        samples = []
         for job, rollout in zip(jobs, self._generate(jobs), strict=True):
-            r_s, r_g = self._score(job[0], rollout)
+            r_s, r_g, responses = self._score(job[0], rollout)
             n = len(job[0])
             stats.add("eval/reward_sampled", float(r_s.sum()), n)
             stats.add("eval/reward_greedy", float(r_g.sum()), n)
             stats.add("eval/response_length_sampled", float(rollout["sampled_lengths"].sum()), n)
             stats.add("eval/response_length_greedy", float(rollout["greedy_lengths"].sum()), n)
+            # Chunk 0 (prompts 0, 1, ...) is rank 0's first job: the same prompts at every evaluation.
+            for i in range(min(cfg.log_samples - len(samples), n) if self.info.is_main else 0):
+                samples.append({"prompt": job[0][i], "greedy": responses[n + i], "sampled": responses[i],
+                                "reward_greedy": float(r_g[i]), "reward_sampled": float(r_s[i])})
         if not jobs:
             for name in ("eval/reward_sampled", "eval/reward_greedy", "eval/response_length_sampled",
                          "eval/response_length_greedy"):
                 stats.add(name, 0.0, 0.0)
-        return {"split": "eval", "step": self.step if step is None else step, **stats.reduce(self.info)}
+        return {"split": "eval", "step": self.step if step is None else step, **stats.reduce(self.info),
+                "samples": samples}
+
+    def eval_lines(self, record: dict) -> list[str]:
+        """The evaluation's log lines: the held-out rewards, then one line per sample."""
+        lines = [f"eval @ step {record['step']}: greedy reward {record['eval/reward_greedy']:.4f}, sampled reward "
+                 f"{record['eval/reward_sampled']:.4f} ({len(self.eval_prompts)} held-out prompts)"]
+        for s in record.get("samples", ()):
+            lines.append(f"  {_short(s['prompt'])} -> greedy {_short(s['greedy'])} ({s['reward_greedy']:.3f}), "
+                         f"sampled {_short(s['sampled'])} ({s['reward_sampled']:.3f})")
+        return lines
 
     # --- the loop ---------------------------------------------------------------------------------------------
     def _setup_run_dir(self) -> str:
@@ -506,16 +637,37 @@ class Trainer:
         barrier(self.info)
         return run_dir
 
-    def _write_metrics(self) -> None:
+    def _write_records(self, name: str, records: list[dict]) -> None:
         if self.info.is_main:
-            text = "".join(json.dumps(r) + "\n" for r in self.history)
-            write_atomic(os.path.join(self.run_dir, "metrics.jsonl"), text)
+            write_atomic(os.path.join(self.run_dir, name), "".join(json.dumps(r) + "\n" for r in records))
 
     def _append_metrics(self, record: dict) -> None:
+        """Record a train or eval record (metrics.jsonl, TensorBoard); an eval's samples go to samples.jsonl."""
+        samples = record.pop("samples", [])
         self.history.append(record)
-        if self.info.is_main:
-            with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+        if not self.info.is_main:
+            return
+        with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if record["split"] == "eval":
+            with open(os.path.join(self.run_dir, "samples.jsonl"), "a") as fh:
+                fh.writelines(json.dumps({"step": record["step"], **s}) + "\n" for s in samples)
+        if self._writer is not None:
+            for key, value in record.items():
+                if key not in ("split", "step") and isinstance(value, (int, float)):
+                    self._writer.add_scalar(key, value, record["step"])
+            if samples:
+                rows = [f"| {s['prompt']!r} | {s['greedy']!r} ({s['reward_greedy']:.3f}) | {s['sampled']!r} "
+                        f"({s['reward_sampled']:.3f}) |" for s in samples]
+                self._writer.add_text("eval/samples", "\n".join(["| prompt | greedy | sampled |", "|---|---|---|",
+                                                                  *rows]), record["step"])
+            self._writer.flush()
+
+    def _evaluate_and_record(self, step: int | None = None) -> None:
+        record = self.evaluate(step)
+        for line in self.eval_lines(record):
+            self._info(line)
+        self._append_metrics(record)
 
     def save(self) -> str:
         return save_checkpoint(
@@ -525,97 +677,158 @@ class Trainer:
         )
 
     def resume(self, run_dir: str) -> bool:
-        """Load ``run_dir``'s latest complete checkpoint; False when it has none (the run starts from scratch)."""
+        """Load ``run_dir``'s latest complete checkpoint; False when it has none (the run starts from scratch).
+
+        Raises ``ValueError`` (see ``check_resume``) when this trainer's config cannot continue that run.
+        """
         path = latest_checkpoint(run_dir)
         if path is None:
             return False
+        saved = read_trainer_state(path)
+        step = int(saved["step"])
+        changes = check_resume(saved["config"], step, self.config, run_dir, finished=run_finished(run_dir, step))
         state = load_checkpoint(path, model=self.policy, optimizer=self.optimizer, scheduler=self.scheduler,
                                 info=self.info)
         self.step = int(state["step"])
         self.history = list(state["history"])
-        self._print(f"resumed from {path} (step {self.step})")
+        horizon = self.scheduler.lr_lambdas[0].horizon  # restored from the checkpoint
+        self.config = self.config.replace(lr_decay_steps=horizon)
+        cfg = self.config
+        self._info(f"resuming {run_dir} from its checkpoint at step {self.step}: steps {self.step + 1}-{cfg.steps} "
+                   f"to run" if cfg.steps > self.step else
+                   f"resuming {run_dir} at its last step {self.step}: finishing its final evaluation and model")
+        if changes:
+            self._info(f"changed since the run's last invocation: {', '.join(changes)}")
+        if cfg.lr_schedule != "constant" and cfg.steps > horizon >= cfg.warmup_steps:
+            self._info(f"learning rate: the {cfg.lr_schedule} decay ends at step {horizon} (lr_decay_steps, fixed when "
+                       f"the run started); steps {max(horizon, self.step) + 1}-{cfg.steps} run at lr * min_lr_ratio = "
+                       f"{cfg.lr * cfg.min_lr_ratio:.3g}")
         return True
 
     def train(self) -> dict:
-        """Run (or continue) training to ``config.steps``; returns the summary (also printed as a table)."""
-        from tqdm.auto import tqdm
+        """Run (or continue) training to ``config.steps``; returns the summary (also logged as a table).
 
-        cfg = self.config
+        Writes into the run directory: ``config.yaml`` (updated on every resume), ``metrics.jsonl``,
+        ``samples.jsonl``, checkpoints, ``final/`` (``save_final_model``), ``summary.json`` and
+        ``reward_curves.png`` (``plot``).
+        """
+        from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        from remax.rewards import RewardError
+
         self.run_dir = self._setup_run_dir()
         t0 = time.perf_counter()
-        resumed = cfg.resume is not None and self.resume(self.run_dir)
+        resumed = self.config.resume is not None and self.resume(self.run_dir)
         if not resumed and latest_checkpoint(self.run_dir) is not None:
             raise ValueError(f"run_dir: {self.run_dir} already holds checkpoints; continue it with --resume "
                              f"{self.run_dir} or choose another run_dir")
+        if self.config.resume is not None and not resumed:
+            self._info(f"{self.run_dir} has no complete checkpoint yet: starting it at step 0")
+        start = self.step
         if resumed:
-            self._write_metrics()
+            self._write_records("metrics.jsonl", self.history)
+            self._truncate_samples(start)
         else:
-            random.seed(derive_seed(cfg.seed, "python", self.info.rank))
-            np.random.seed(derive_seed(cfg.seed, "numpy", self.info.rank))
-            torch.manual_seed(derive_seed(cfg.seed, "torch", self.info.rank))
-            if self.info.is_main:
-                save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+            random.seed(derive_seed(self.config.seed, "python", self.info.rank))
+            np.random.seed(derive_seed(self.config.seed, "numpy", self.info.rank))
+            torch.manual_seed(derive_seed(self.config.seed, "torch", self.info.rank))
+            # The schedule's end is fixed now, so a later resume with more steps cannot move it.
+            self.config = self.config.replace(lr_decay_steps=self.config.schedule_steps)
             self.history = []
-            self._write_metrics()
-        if not any(r["split"] == "eval" and r["step"] == 0 for r in self.history):
-            self._append_metrics(self.evaluate(0))
-        self._print(self._eval_line(self.history_eval()[0]))
-
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.info.is_main),
-                   desc="remax", dynamic_ncols=True)
+            self._write_records("metrics.jsonl", [])
+            self._write_records("samples.jsonl", [])
+        cfg = self.config
+        if self.info.is_main:
+            save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+        if self._tensorboard is not None and self.info.is_main:
+            self._writer = self._tensorboard(log_dir=os.path.join(self.run_dir, "tensorboard"),
+                                             purge_step=start + 1 if resumed else None)
+        bar = None
         last_saved = self.step if resumed else -1
         try:
-            while self.step < cfg.steps:
-                record = self.train_step(self.step)
-                self.step += 1
-                self._append_metrics(record)
-                postfix = {"r_sampled": f"{record['reward/sampled']:.3f}", "r_greedy": f"{record['reward/greedy']:.3f}"}
-                if "loss/kl" in record:
-                    postfix["kl"] = f"{record['loss/kl']:.4f}"
-                bar.set_postfix(postfix)
-                bar.update(1)
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
-                    self._append_metrics(self.evaluate())
-                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
-                    self.save()
-                    last_saved = self.step
+            with logging_redirect_tqdm(loggers=[get_logger()]):
+                if not any(r["split"] == "eval" and r["step"] == 0 for r in self.history):
+                    self._evaluate_and_record(0)
+                elif resumed:
+                    last = self.history_eval()[-1]
+                    self._info(f"last held-out eval @ step {last['step']}: greedy reward "
+                               f"{last['eval/reward_greedy']:.4f}, sampled reward {last['eval/reward_sampled']:.4f}")
+                bar = tqdm(total=cfg.steps, initial=self.step, desc="remax", dynamic_ncols=True,
+                           disable=self.quiet or not (cfg.progress and self.info.is_main))
+                while self.step < cfg.steps:
+                    record = self.train_step(self.step)
+                    self.step += 1
+                    self._append_metrics(record)
+                    logger.debug(f"step {self.step}: reward sampled {record['reward/sampled']:.4f}, greedy "
+                                 f"{record['reward/greedy']:.4f}, lr {record['lr']:.3g}, grad norm "
+                                 f"{record['grad_norm']:.3g}, {record['perf/step_time_s']:.3f} s")
+                    postfix = {"r_sampled": f"{record['reward/sampled']:.3f}",
+                               "r_greedy": f"{record['reward/greedy']:.3f}"}
+                    if "loss/kl" in record:
+                        postfix["kl"] = f"{record['loss/kl']:.4f}"
+                    bar.set_postfix(postfix)
+                    bar.update(1)
+                    if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                        self._evaluate_and_record()
+                    if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                        self.save()
+                        last_saved = self.step
+                if not any(r["split"] == "eval" and r["step"] == self.step for r in self.history):
+                    self._evaluate_and_record()
+        except RewardError as err:
+            path = latest_checkpoint(self.run_dir)
+            where = (f"; {self.run_dir} holds a complete checkpoint at step {read_trainer_state(path)['step']}: fix "
+                     f"the reward and continue with --resume {self.run_dir}") if path else ""
+            raise RewardError(f"{err} (after {self.step} completed steps){where}") from None
         finally:
-            bar.close()
-        if not any(r["split"] == "eval" and r["step"] == self.step for r in self.history):
-            self._append_metrics(self.evaluate())
+            if bar is not None:
+                bar.close()
+            if self._writer is not None:
+                self._writer.close()
         if last_saved != self.step:
             self.save()  # the final checkpoint includes the final evaluation
         if cfg.save_final_model:
             self.save_final_model(os.path.join(self.run_dir, "final"))
-        summary = self.summary(time.perf_counter() - t0)
+        summary = self.summary(time.perf_counter() - t0, start=start, resumed=resumed)
         if self.info.is_main:
             write_atomic(os.path.join(self.run_dir, "summary.json"), json.dumps(summary, indent=2))
             if cfg.plot:
                 from remax.plotting import plot_run
 
                 summary["plot"] = plot_run(self.run_dir)
-            self._print(format_summary(summary))
+            self._info(format_summary(summary))
         return summary
+
+    def _truncate_samples(self, step: int) -> None:
+        """Drop samples.jsonl lines of evaluations after ``step`` (a resumed run repeats them)."""
+        path = os.path.join(self.run_dir, "samples.jsonl")
+        if not self.info.is_main or not os.path.isfile(path):
+            return
+        with open(path) as fh:
+            kept = [r for r in map(json.loads, filter(str.strip, fh)) if r["step"] <= step]
+        self._write_records("samples.jsonl", kept)
 
     def history_eval(self) -> list[dict]:
         return [r for r in self.history if r["split"] == "eval"]
 
-    @staticmethod
-    def _eval_line(record: dict) -> str:
-        return (f"eval @ step {record['step']}: greedy reward {record['eval/reward_greedy']:.4f}, "
-                f"sampled reward {record['eval/reward_sampled']:.4f}")
-
-    def summary(self, wall_s: float) -> dict:
+    def summary(self, wall_s: float, *, start: int = 0, resumed: bool = False) -> dict:
+        """Held-out rewards of the run's first (step 0) and last evaluations; speed of the steps run since
+        ``start`` (this invocation: ``steps_run``), ``resumed_from`` the step a resume continued from."""
         evals = self.history_eval()
-        train = [r for r in self.history if r["split"] == "train"]
+        train = [r for r in self.history if r["split"] == "train" and r["step"] > start]
         before, after = evals[0], evals[-1]
         out = {
             "run_dir": self.run_dir,
             "estimator": self.config.estimator,
-            "steps": self.step,
+            "step": self.step,
+            "steps_run": self.step - start,
+            "resumed_from": start if resumed else None,
             "wall_s": wall_s,
-            "before": {"greedy": before["eval/reward_greedy"], "sampled": before["eval/reward_sampled"]},
-            "after": {"greedy": after["eval/reward_greedy"], "sampled": after["eval/reward_sampled"]},
+            "before": {"step": before["step"], "greedy": before["eval/reward_greedy"],
+                       "sampled": before["eval/reward_sampled"]},
+            "after": {"step": after["step"], "greedy": after["eval/reward_greedy"],
+                      "sampled": after["eval/reward_sampled"]},
         }
         if train:
             out["mean_step_time_s"] = float(np.mean([r["perf/step_time_s"] for r in train]))
@@ -624,7 +837,8 @@ class Trainer:
         return out
 
     def save_final_model(self, path: str) -> None:
-        """``save_pretrained`` of the policy (full weights gathered on rank 0 under FSDP2) and the tokenizer."""
+        """``save_pretrained`` of the policy (full weights gathered on rank 0 under FSDP2; the adapter of a LoRA
+        policy) and the tokenizer."""
         state_dict = None
         if self.info.enabled:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -632,12 +846,23 @@ class Trainer:
             state_dict = get_model_state_dict(self.policy,
                                               options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.info.is_main:
-            if state_dict is None:
-                self.policy.save_pretrained(path)
-            else:
-                self.policy.save_pretrained(path, state_dict=state_dict)
+            with no_hf_progress_bars():
+                if state_dict is None:
+                    self.policy.save_pretrained(path)
+                else:
+                    self.policy.save_pretrained(path, state_dict=state_dict)
             self.tokenizer.save_pretrained(path)
         barrier(self.info)
+
+
+def _tensorboard_writer_class():
+    """``torch.utils.tensorboard.SummaryWriter``, or a ``ValueError`` saying how to install it."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ValueError("report_to: 'tensorboard' needs the tensorboard package (pip install tensorboard); "
+                         "metrics.jsonl is written either way") from None
+    return SummaryWriter
 
 
 class _Stats:
@@ -662,15 +887,24 @@ class _Stats:
 
 
 def format_summary(summary: dict) -> str:
-    """The final table: greedy and sampled held-out reward before and after RL, plus speed and memory."""
+    """The final table: greedy and sampled held-out reward before and after RL, plus what ran, speed and memory."""
     b, a = summary["before"], summary["after"]
+    before, after = f"step {b.get('step', 0)}", f"step {a.get('step', summary['step'])}"
+    ran = summary["steps_run"]
+    if summary.get("resumed_from") is None:
+        what = f"{ran} steps"
+    elif ran:
+        what = f"resumed from step {summary['resumed_from']}: ran steps {summary['resumed_from'] + 1}-{summary['step']}"
+    else:
+        what = f"resumed at step {summary['resumed_from']}: no steps to run"
     lines = [
         "",
-        f"{'':24}{'before RL':>12}{'after RL':>12}{'change':>10}",
-        f"{'greedy reward':24}{b['greedy']:>12.4f}{a['greedy']:>12.4f}{a['greedy'] - b['greedy']:>+10.4f}",
-        f"{'sampled reward':24}{b['sampled']:>12.4f}{a['sampled']:>12.4f}{a['sampled'] - b['sampled']:>+10.4f}",
+        f"{'held-out reward':24}{'before RL':>12}{'after RL':>12}{'change':>10}",
+        f"{'':24}{before:>12}{after:>12}",
+        f"{'greedy':24}{b['greedy']:>12.4f}{a['greedy']:>12.4f}{a['greedy'] - b['greedy']:>+10.4f}",
+        f"{'sampled':24}{b['sampled']:>12.4f}{a['sampled']:>12.4f}{a['sampled'] - b['sampled']:>+10.4f}",
         "",
-        f"estimator {summary['estimator']}, {summary['steps']} steps in {summary['wall_s']:.1f} s",
+        f"estimator {summary['estimator']}, {what} in {summary['wall_s']:.1f} s",
     ]
     if "mean_step_time_s" in summary:
         lines.append(f"mean step {summary['mean_step_time_s']:.3f} s, {summary['mean_tokens_per_s']:.0f} generated "

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARGS = ["--task_digits", "2", "--task_train_size", "64", "--eval_size", "8", "--eval_batch_size", "4",
-        "--tiny_hidden_size", "32", "--tiny_layers", "2", "--tiny_heads", "2", "--sft_steps", "10",
+ARGS = ["--task.digits", "2", "--task.train_size", "64", "--eval_size", "8", "--eval_batch_size", "4",
+        "--task.hidden_size", "32", "--task.layers", "2", "--task.heads", "2", "--task.sft_steps", "10",
         "--batch_size", "8", "--grad_accum", "2", "--steps", "3", "--save_every", "2", "--kl_coef", "0.1",
         "--lr", "1e-2", "--progress", "false", "--plot", "false", "--device", "cpu", "--track_grad_var", "true"]
 

@@ -29,10 +29,9 @@ def _torch_backend(monkeypatch):
 
 
 def tiny_config(tmp_path, **changes) -> TrainConfig:
-    values = dict(task_digits=2, task_train_size=64, eval_size=8, eval_batch_size=8, tiny_hidden_size=32,
-                  tiny_layers=1, tiny_heads=2, sft_steps=0, steps=2, batch_size=8, lr=1e-2, progress=False,
-                  plot=False, save_every=0, run_dir=str(tmp_path / "run"), device="cpu", max_grad_norm=0.0,
-                  max_new_tokens=4)
+    values = dict(task=dict(digits=2, train_size=64, hidden_size=32, layers=1, heads=2, sft_steps=0), eval_size=8,
+                  eval_batch_size=8, steps=2, batch_size=8, lr=1e-2, progress=False, plot=False, save_every=0,
+                  run_dir=str(tmp_path / "run"), device="cpu", max_grad_norm=0.0, max_new_tokens=4)
     values.update(changes)
     return TrainConfig(**values)
 
@@ -44,11 +43,12 @@ def varied_reward(prompts, responses):
 
 def make_trainer(config: TrainConfig, reward=varied_reward, **kwargs) -> Trainer:
     tok = build_char_tokenizer()
-    task = addition_task(digits=config.task_digits, train_size=config.task_train_size, eval_size=config.eval_size,
+    task = addition_task(digits=config.task.digits, train_size=config.task.train_size, eval_size=config.eval_size,
                          error_rate=0.5, seed=config.seed)
-    policy = build_tiny_llama(tok, config)
+    policy = build_tiny_llama(tok, config.task, seed=config.seed)
+    kwargs.setdefault("quiet", True)
     return Trainer(policy, tok, reward, config=config, prompts=task["train_prompts"],
-                   eval_prompts=task["eval_prompts"], log=None, **kwargs)
+                   eval_prompts=task["eval_prompts"], **kwargs)
 
 
 # --- the gradient of one step against a float64 reference --------------------------------------------------------
@@ -204,7 +204,7 @@ def _read_jsonl(path):
 
 
 def test_train_writes_metrics_plot_checkpoint_and_final_model(tmp_path):
-    config = tiny_config(tmp_path, steps=3, save_every=2, plot=True, kl_coef=0.1, track_grad_var=True)
+    config = tiny_config(tmp_path, steps=3, save_every=2, kl_coef=0.1, track_grad_var=True)
     summary = make_trainer(config).train()
     run = config.run_dir
     records = _read_jsonl(os.path.join(run, "metrics.jsonl"))
@@ -217,7 +217,6 @@ def test_train_writes_metrics_plot_checkpoint_and_final_model(tmp_path):
     assert all(r["grad_var"] > 0 and r["entropy"] > 0 for r in train)
     assert summary["before"]["greedy"] == evals[0]["eval/reward_greedy"]
     assert summary["after"]["sampled"] == evals[-1]["eval/reward_sampled"]
-    assert os.path.getsize(os.path.join(run, "reward_curves.png")) > 10_000
     assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["latest", "step_00000002", "step_00000003"]
     assert os.path.isfile(os.path.join(run, "final", "config.json"))
     assert os.path.isfile(os.path.join(run, "config.yaml")) and os.path.isfile(os.path.join(run, "summary.json"))
@@ -274,7 +273,7 @@ def test_bad_reward_fails_at_construction(tmp_path, reward, exc, needle):
 def test_constructor_errors(tmp_path):
     tok = build_char_tokenizer()
     config = tiny_config(tmp_path)
-    policy = build_tiny_llama(tok, config)
+    policy = build_tiny_llama(tok, config.task, seed=0)
     with pytest.raises(TypeError, match="config"):
         Trainer(policy, tok, varied_reward, config={"steps": 1}, prompts=["1+1="])
     with pytest.raises(ValueError, match="prompts"):

@@ -7,43 +7,65 @@ import math
 import pytest
 import torch
 
-from remax.config import TrainConfig, load_config, parse_overrides
+from remax.config import TaskConfig, TrainConfig, config_fields, load_config, parse_overrides
 from remax.trainer import lr_lambda
 
 
 def test_defaults_are_valid_and_documented():
     config = TrainConfig()
-    assert config.model is None and config.estimator == "remax"
-    assert config.response_budget == 256 and config.with_task_defaults().response_budget == config.task_digits + 2
+    assert config.model is None and config.estimator == "remax" and config.task == TaskConfig()
+    assert config.response_budget == 256 and config.with_task_defaults().response_budget == config.task.digits + 2
     assert TrainConfig(model="x").with_task_defaults().response_budget == 256
     assert TrainConfig(max_new_tokens=9).with_task_defaults().max_new_tokens == 9
-    text = TrainConfig.help()
-    for name in config.to_dict():
-        assert f"--{name} (" in text
+    for name, (f, _) in config_fields().items():
+        assert f.metadata["help"], name
+    assert set(config.flat_dict()) == set(config_fields()) and "task.digits" in config_fields()
 
 
 def test_parse_overrides_types():
     out = parse_overrides(["--lr", "1e-4", "--bf16", "false", "--clip_reward", "none", "--steps=7",
-                           "--run-dir", "runs/x", "--top_p", "0.9"])
-    assert out == {"lr": 1e-4, "bf16": False, "clip_reward": None, "steps": 7, "run_dir": "runs/x", "top_p": 0.9}
+                           "--run-dir", "runs/x", "--top_p", "0.9", "--task.digits", "2", "--task.sft_steps=30"])
+    assert out == {"lr": 1e-4, "bf16": False, "clip_reward": None, "steps": 7, "run_dir": "runs/x", "top_p": 0.9,
+                   "task": {"digits": 2, "sft_steps": 30}}
     assert isinstance(out["lr"], float) and isinstance(out["steps"], int)
+    # A negative number is a value; a value starting with "-" otherwise is written --key=value (argparse's rule).
+    assert parse_overrides(["--eval_seed", "-3", "--model=-dir"]) == {"eval_seed": -3, "model": "-dir"}
 
 
 @pytest.mark.parametrize(
-    ("argv", "exc", "needle"),
+    ("argv", "needle"),
     [
-        (["--bogus", "1"], ValueError, "--bogus"),
-        (["--steps", "ten"], TypeError, "steps"),
-        (["--steps", "1.5"], TypeError, "steps"),
-        (["--bf16", "maybe"], TypeError, "bf16"),
-        (["--steps"], ValueError, "missing value"),
-        (["steps", "3"], ValueError, "unexpected argument"),
-        (["--steps", "none"], TypeError, "steps"),
+        (["--bogus", "1"], "--bogus: unknown option"),
+        (["--task_digits", "2"], "did you mean --task.digits"),
+        (["--sft_steps", "2"], "did you mean --task.sft_steps"),
+        (["--steps", "ten"], "--steps: expected int, got 'ten'"),
+        (["--steps", "1.5"], "--steps: expected int"),
+        (["--bf16", "maybe"], "--bf16: expected bool"),
+        (["--steps"], "--steps: expected one argument"),
+        (["steps", "3"], "unexpected argument 'steps'"),
+        (["--steps", "none"], "--steps: expected int"),
+        (["--estimator", "ppo"], "--estimator: invalid choice: 'ppo'"),
     ],
 )
-def test_parse_overrides_errors(argv, exc, needle):
-    with pytest.raises(exc, match=needle):
+def test_parse_overrides_errors(argv, needle):
+    with pytest.raises(ValueError) as info:
         parse_overrides(argv)
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_yaml_sections_and_did_you_mean(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("task:\n  digits: 2\n  sft_steps: 7\nsteps: 3\n")
+    config = load_config(str(path), {"task": {"digits": 4}})
+    assert config.task.digits == 4 and config.task.sft_steps == 7 and config.steps == 3
+    assert config.replace(task={"layers": 3}).task == TaskConfig(digits=4, sft_steps=7, layers=3)
+    assert TrainConfig(task={"digits": 5}).task.digits == 5
+    path.write_text("task_digits: 2\n")
+    with pytest.raises(ValueError, match="did you mean 'task.digits'"):
+        load_config(str(path))
+    path.write_text("task:\n  hidden_size: 30\n  heads: 4\n")
+    with pytest.raises(ValueError, match="task.hidden_size"):
+        load_config(str(path))
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -63,6 +85,8 @@ def test_yaml_then_overrides(tmp_path):
         ("steps: true\n", TypeError, "steps"),
         ("model: 3\n", TypeError, "model"),
         ("- 1\n- 2\n", TypeError, "mapping"),
+        ("task: addition\n", TypeError, "section 'task' must be a mapping"),
+        ("steps: [1,\nlr: 3\n", ValueError, r"not valid YAML at line \d+, column \d+"),
     ],
 )
 def test_yaml_errors(tmp_path, text, exc, needle):
@@ -87,7 +111,10 @@ def test_yaml_errors(tmp_path, text, exc, needle):
         ({"loss_agg_mode": "mean"}, "loss_agg_mode"),
         ({"clip_reward": 0.0}, "clip_reward"),
         ({"max_new_tokens": 0}, "max_new_tokens"),
-        ({"tiny_hidden_size": 30, "tiny_heads": 4}, "tiny_hidden_size"),
+        ({"task": {"hidden_size": 30, "heads": 4}}, "task.hidden_size"),
+        ({"task": {"demo_error_rate": 1.5}}, "task.demo_error_rate"),
+        ({"lr_decay_steps": -1}, "lr_decay_steps"),
+        ({"report_to": "wandb"}, "report_to"),
     ],
 )
 def test_range_errors_name_the_field(changes, needle):

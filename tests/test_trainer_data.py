@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from remax.data import (
     load_jsonl_prompts,
     tokenize_prompts,
 )
-from remax.rewards import RewardFunction, check_reward_output, import_callable, load_reward
+from remax.rewards import RewardError, RewardFunction, check_reward_output, import_callable, load_reward
 
 
 def test_char_tokenizer_roundtrip_and_left_padding():
@@ -66,7 +67,7 @@ def test_task_split_is_disjoint_and_deterministic():
     t2 = addition_task(digits=2, train_size=500, eval_size=100, error_rate=0.5, seed=3)
     assert t1["train_prompts"] == t2["train_prompts"] and t1["demo_answers"] == t2["demo_answers"]
     assert not set(t1["train_prompts"]) & set(t1["eval_prompts"])
-    with pytest.raises(ValueError, match="task_train_size"):
+    with pytest.raises(ValueError, match="task.train_size"):
         addition_problems(200, digits=1, seed=0)
 
 
@@ -78,6 +79,10 @@ def test_jsonl_prompts(tmp_path):
         load_jsonl_prompts(str(path))
     path.write_text('{"prompt": "ok"}\n{oops\n')
     with pytest.raises(ValueError, match=r"p.jsonl:2"):
+        load_jsonl_prompts(str(path))
+    # Issue 9, bug 11: json's message alone ends mid-sentence ("Invalid control character at"): add the column.
+    path.write_text('{"prompt": "a\tb", "x": "unterminated\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:1 is not valid JSON \(.* at column \d+\)$"):
         load_jsonl_prompts(str(path))
 
 
@@ -95,11 +100,16 @@ def test_chat_template_is_applied_when_present():
 
 def test_check_reward_output():
     assert check_reward_output([1, 2.5], 2, "r").tolist() == [1.0, 2.5]
-    assert check_reward_output(torch.ones(3, 1, dtype=torch.float64), 3, "r").dtype == torch.float32
-    with pytest.raises(ValueError, match=r"my_reward returned shape \(3,\) for 2"):
+    assert check_reward_output(torch.ones(3, dtype=torch.float64), 3, "r").dtype == torch.float32
+    with pytest.raises(RewardError, match=r"my_reward returned shape \(3,\) for 2"):
         check_reward_output(torch.ones(3), 2, "my_reward")
-    with pytest.raises(ValueError, match="1 NaN"):
+    # Issue 9, bug 10: a [B, 1] column was squeezed silently; the contract is [B].
+    with pytest.raises(RewardError, match=r"shape \(3, 1\) for 3 responses; expected \[3\] \(squeeze"):
+        check_reward_output(torch.ones(3, 1), 3, "r")
+    with pytest.raises(RewardError, match="1 NaN"):
         check_reward_output(torch.tensor([1.0, float("nan")]), 2, "r")
+    with pytest.raises(RewardError, match="first: prompt '2\\+2=', response 'x'"):
+        check_reward_output(torch.tensor([1.0, float("inf")]), 2, "r", prompts=["1+1=", "2+2="], responses=["2", "x"])
     with pytest.raises(TypeError, match="float tensor"):
         check_reward_output("high", 2, "r")
     with pytest.raises(TypeError, match="dtype"):
@@ -125,10 +135,20 @@ def test_import_callable(tmp_path):
     file = tmp_path / "my_rewards.py"
     file.write_text("def score(prompts, responses):\n    return [1.0] * len(prompts)\n")
     assert import_callable(f"{file}:score")(["a"], ["b"]) == [1.0]
-    for spec, needle in (("nocolon", "module:function"), ("remax_nope:f", "cannot import"),
+    for spec, needle in (("nocolon", "module:function"), ("remax_nope:f", "cannot import.*'path/to/file.py:f'"),
                          ("remax.data:nope", "no attribute"), ("remax.data:TASK_CHARS", "not callable")):
         with pytest.raises((ValueError, TypeError), match=needle):
             import_callable(spec)
+
+
+def test_import_callable_finds_modules_in_the_current_folder(tmp_path, monkeypatch):
+    """Issue 9, bug 3: the `remax` console script's sys.path lacks the current folder (python -m has it)."""
+    (tmp_path / "my_reward_mod9.py").write_text("def fn(prompts, responses):\n    return [2.0] * len(prompts)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    path_before = list(sys.path)
+    assert import_callable("my_reward_mod9:fn")(["a"], ["b"]) == [2.0]
+    assert sys.path == path_before  # the current folder is searched, not left on sys.path
 
 
 def test_sequence_classifier_reward_from_local_dir(tmp_path):
@@ -144,3 +164,9 @@ def test_sequence_classifier_reward_from_local_dir(tmp_path):
     out = reward(["12+3=", "1+1="], ["15", "2"])
     assert out.shape == (2,) and out.dtype == torch.float32 and torch.isfinite(out).all()
     assert out[0] != out[1]
+    # Issue 9, bug 10: a classifier with 3 labels is not a reward model (logit 0 was used silently).
+    config.num_labels = 3
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm3")
+    tok.save_pretrained(tmp_path / "rm3")
+    with pytest.raises(ValueError, match="has 3 labels; a reward model scores each sequence with one number"):
+        load_reward(str(tmp_path / "rm3"), device=torch.device("cpu"))
