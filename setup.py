@@ -5,7 +5,8 @@ REMAX_KERNELS_BUILD_CUDA controls the extension:
   "1"               build it or fail loudly (use with `pip install --no-build-isolation .`);
   "0"               never build it.
 Nothing here queries a GPU, runs git or downloads anything: the build is the same on any machine with the same
-toolchain. Set TORCH_CUDA_ARCH_LIST (e.g. "9.0a") to choose the target architectures.
+toolchain. The extension is built for sm_80 and sm_90 (A100, H100/H200) unless TORCH_CUDA_ARCH_LIST (e.g. "9.0a")
+names other target architectures.
 """
 
 from __future__ import annotations
@@ -51,13 +52,18 @@ def _extensions():
     if not build:
         print(f"remax-kernels: skipping the CUDA extension ({why})", file=sys.stderr)
         return [], {}
+    # Without it torch would pick the architecture of the GPU it sees at build time.
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     ext = CUDAExtension(
         name="remax_kernels._C",
         sources=sorted(glob.glob(os.path.join(CSRC, "*.cu")) + glob.glob(os.path.join(CSRC, "*.cpp"))),
         include_dirs=[os.path.abspath(CSRC)],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+        # No --use_fast_math: the kernels choose their fast intrinsics (__expf) explicitly, and the Gumbel noise
+        # needs the accurate logf near u = 1 to match the Triton and torch streams. -lineinfo: compute-sanitizer
+        # reports source lines.
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
     )
     return [ext], {"build_ext": BuildExtension}
 

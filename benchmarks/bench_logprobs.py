@@ -23,6 +23,7 @@ import torch
 import remax_kernels as rk
 from benchmarks import baselines as bl
 from benchmarks import harness as hz
+from remax_kernels import _cuda
 
 FAMILY = "logprobs"
 SHAPES = {
@@ -79,6 +80,23 @@ def _token_liger(s: hz.Settings, x: TokenInputs):
     return lambda: torch.autograd.grad(loss(x.logits, x.targets), x.logits)
 
 
+def _token_cuda_rows(s: hz.Settings, x: TokenInputs):
+    """The CUDA row kernel of csrc/ alone (remax_kernels._cuda launchers, no autograd): forward, or forward then
+    backward into a new gradient buffer."""
+    if reason := hz.cuda_only(s) or (None if _cuda.available() else f"remax_kernels._C not built ({_cuda.BUILD_HINT})"):
+        return reason
+    logits = x.logits.detach()
+    if not x.backward:
+        return lambda: _cuda.row_logprobs_forward(logits, x.targets, 1.0, -100, False)
+
+    def forward_backward():
+        _, row_max, log_norm, _ = _cuda.row_logprobs_forward(logits, x.targets, 1.0, -100, False)
+        return _cuda.row_logprobs_backward(logits, x.targets, row_max, log_norm, None, x.grad_out, None, 1.0, -100,
+                                           torch.empty_like(logits))
+
+    return forward_backward
+
+
 # The columns of the token_logprobs cases, "ours" first, in measuring order (see hz.ProviderFactory). The last two
 # write the gradient into the logits' storage, so they run after every entry that needs the original values (the
 # values do not change the work done).
@@ -86,6 +104,7 @@ TOKEN_PROVIDERS: dict[str, hz.ProviderFactory] = {
     "ours": lambda s, x: x.runner(lambda logits, targets: rk.token_logprobs(logits, targets, backend=s.backend)),
     "eager": lambda s, x: x.runner(bl.eager_token_logprobs),
     "compile": lambda s, x: x.runner(bl.compiled(bl.eager_token_logprobs, s.compile_backend)),
+    "cuda_row_kernel": _token_cuda_rows,
     "ours_inplace_backward": _token_inplace,
     "liger": _token_liger,
 }

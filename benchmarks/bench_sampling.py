@@ -18,6 +18,7 @@ import torch
 import remax_kernels as rk
 from benchmarks import baselines as bl
 from benchmarks import harness as hz
+from remax_kernels import _cuda
 
 FAMILY = "sampling"
 SHAPES = {
@@ -38,6 +39,24 @@ def _compiled(s: hz.Settings, x: Inputs):
     return lambda: step(x.logits, x.greedy_mask, temperature=1.0, top_p=x.top_p)
 
 
+def _ours_cuda(s: hz.Settings, x: Inputs):
+    """The CUDA kernel of csrc/ (backend="cuda"), when the extension is built."""
+    if reason := hz.cuda_only(s) or (None if _cuda.available() else f"remax_kernels._C not built ({_cuda.BUILD_HINT})"):
+        return reason
+    return lambda: rk.sample_and_greedy(x.logits, x.greedy_mask, temperature=1.0, top_p=x.top_p, seed=0, step=0,
+                                        backend="cuda")
+
+
+def _flashinfer(s: hz.Settings, x: Inputs):
+    """FlashInfer's sort-free sampling from logits (every row sampled: it has no greedy rows), when installed."""
+    fi = hz.cuda_only(s) or bl.optional_import("flashinfer.sampling")
+    if isinstance(fi, str):
+        return fi
+    if x.top_p < 1.0:
+        return lambda: fi.top_k_top_p_sampling_from_logits(x.logits, x.logits.shape[1], x.top_p)
+    return lambda: fi.sampling_from_logits(x.logits)
+
+
 # The columns of every case, "ours" first (see hz.ProviderFactory): one entry per backend, baseline or peer.
 PROVIDERS: dict[str, hz.ProviderFactory] = {
     "ours": lambda s, x: lambda: rk.sample_and_greedy(x.logits, x.greedy_mask, temperature=1.0, top_p=x.top_p,
@@ -45,6 +64,8 @@ PROVIDERS: dict[str, hz.ProviderFactory] = {
     "eager": lambda s, x: lambda: bl.eager_sample_and_greedy(x.logits, x.greedy_mask, temperature=1.0,
                                                              top_p=x.top_p),
     "compile": _compiled,
+    "ours_cuda": _ours_cuda,
+    "flashinfer": _flashinfer,
 }
 
 

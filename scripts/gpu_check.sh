@@ -11,6 +11,8 @@
 #   bash scripts/gpu_check.sh bench-run [RUN ARGS]      # only `python -m benchmarks.run` (e.g. `--only logprobs`)
 #   bash scripts/gpu_check.sh bench-pytest [PYTEST ARGS] # only `pytest benchmarks/ --benchmark-only` (e.g. `-k eager`)
 #   bash scripts/gpu_check.sh train [KEY VALUE]    # only the trainer's embedded experiment on CUDA (not in `all`)
+#   bash scripts/gpu_check.sh cuda [PYTEST ARGS]   # only the CUDA kernels of csrc/: build, their tests, and
+#                                                  # compute-sanitizer memcheck/racecheck/synccheck (sanitizers in `all`)
 #   bash scripts/gpu_check.sh --dry-run ...        # print the commands it would run and exit (works without CUDA)
 #
 # Logs go to $TMPDIR/remax-gpu-check-<time>/. When $OUT is set (the device tool's output folder), the logs, both
@@ -20,7 +22,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-usage="usage: bash scripts/gpu_check.sh [--dry-run] [all|tests|bench|bench-run|bench-pytest|train] [extra args]"
+usage="usage: bash scripts/gpu_check.sh [--dry-run] [all|tests|bench|bench-run|bench-pytest|train|cuda] [extra args]"
 dry_run=0
 if [ "${1:-}" = "--dry-run" ]; then
   dry_run=1
@@ -30,7 +32,7 @@ what="${1:-all}"
 [ $# -gt 0 ] && shift
 case "$what" in
   all) [ $# -eq 0 ] || { echo "gpu_check: extra args need a step first (tests, bench, ...)" >&2; exit 2; } ;;
-  tests|bench|bench-run|bench-pytest|train) ;;
+  tests|bench|bench-run|bench-pytest|train|cuda) ;;
   *) echo "$usage" >&2; exit 2 ;;
 esac
 
@@ -144,6 +146,24 @@ if [ "$what" = train ]; then
   train_rc=$?
   [ "$dry_run" -eq 1 ] || rm -rf "$log_dir/default-run/checkpoints" "$log_dir/default-run/initial_policy"
 fi
+
+# The CUDA kernels of csrc/ (extension remax_kernels._C; the install above builds it where nvcc and a CUDA torch
+# exist): build it loudly if it is missing, run their tests (`cuda` only: `all` ran them with the suite), then
+# compute-sanitizer on a small case of each kernel, checking only our kernels (names containing "remax").
+cuda_rc=0
+if [ "$what" = all ] || [ "$what" = cuda ]; then
+  if [ "$dry_run" -eq 1 ] || ! python -c "import sys; from remax_kernels import _cuda; sys.exit(not _cuda.available())"; then
+    step cuda-build.log env REMAX_KERNELS_BUILD_CUDA=1 python -m pip install --no-deps --no-build-isolation -e . \
+      || cuda_rc=1
+  fi
+  if [ "$what" = cuda ]; then
+    step cuda-tests.log python -m pytest -q tests/test_cuda_kernels.py tests/test_cuda_emu.py "$@" || cuda_rc=1
+  fi
+  for tool in memcheck racecheck synccheck; do
+    step "sanitize-$tool.log" compute-sanitizer --tool "$tool" --kernel-name kns=remax --error-exitcode 1 \
+      python scripts/cuda_sanitize_case.py || cuda_rc=1
+  done
+fi
 [ "$dry_run" -eq 1 ] && exit 0
 
 # The runner prints "wrote <path>" for the JSON file it wrote.
@@ -170,5 +190,5 @@ fi
 
 # A plot failure is reported but does not fail the check: the measurements are in the JSON files.
 echo "gpu_check: tests rc=$test_rc, benchmarks rc=$bench_rc, pytest-benchmark rc=$pybench_rc, train rc=$train_rc," \
-  "plots $([ "$plot_rc" -eq 0 ] && echo ok || echo FAILED)"
-[ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$pybench_rc" -eq 0 ] && [ "$train_rc" -eq 0 ]
+  "cuda rc=$cuda_rc, plots $([ "$plot_rc" -eq 0 ] && echo ok || echo FAILED)"
+[ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$pybench_rc" -eq 0 ] && [ "$train_rc" -eq 0 ] && [ "$cuda_rc" -eq 0 ]

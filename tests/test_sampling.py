@@ -23,10 +23,11 @@ import pytest
 import torch
 
 from remax_kernels import fused_linear_sample_and_greedy, sample_and_greedy
-from remax_kernels.ops.sampling import _philox_word0_torch
+from remax_kernels.ops.sampling import _gumbel_noise_torch, _philox4x32_torch
 from tests.helpers import assert_rel_close
 from tests.helpers.ref_sampling import (
     assert_tokens_match,
+    ref_gumbel,
     ref_logprobs,
     ref_philox4x32_10,
     ref_processed,
@@ -139,12 +140,24 @@ def test_philox_reference_known_answers_and_torch_stream():
     ]
     for key, counter, words in kat:
         assert tuple(int(w) for w in ref_philox4x32_10(*key, *counter)) == words
-    # ...and the torch path's int64 implementation (the kernels' stream on CPU) must agree with it, high bits too.
+    # ...and the torch path's int64 implementation (the kernels' stream on CPU) must agree with it, all four words.
     g = torch.Generator().manual_seed(3)
     args = [torch.randint(0, 2**32, (257,), generator=g, dtype=torch.int64) for _ in range(6)]
-    ours = _philox_word0_torch(*args)
-    ref = ref_philox4x32_10(*(a.numpy() for a in args))[0]
-    assert torch.equal(ours, torch.from_numpy(ref.astype("int64")))
+    for ours, ref in zip(_philox4x32_torch(*args), ref_philox4x32_10(*(a.numpy() for a in args)), strict=True):
+        assert torch.equal(ours, torch.from_numpy(ref.astype("int64")))
+
+
+def test_stream_uses_all_four_philox_words():
+    # Entry v = 4q + j takes word j of the Philox call with counter q: the torch stream over any vocabulary window
+    # (offsets that do not start a group of four included) equals the float64 reference's.
+    seeds = torch.tensor([5, -3, 2**40 + 1], dtype=torch.int64)
+    row_keys = torch.tensor([0, 1, 7])
+    ref = ref_gumbel(seeds.tolist(), row_keys.tolist(), 11, 23)
+    for v0, v1 in [(0, 23), (5, 23), (6, 7), (3, 16)]:
+        ours = _gumbel_noise_torch(seeds, row_keys, 11, v0, v1)
+        assert torch.allclose(ours.double(), ref[:, v0:v1], rtol=1e-5, atol=1e-5), (v0, v1)
+    # the four entries of a group are four different words, not one word repeated
+    assert len(set(ref[0, :4].tolist())) == 4
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -574,7 +587,7 @@ def _bad_sample_cases(device):
         (dict(step=2**32), ValueError, "step"),
         (dict(step=1.0), TypeError, "step"),
         (dict(logprobs="log"), ValueError, "logprobs"),
-        (dict(backend="cuda"), ValueError, "backend"),
+        (dict(backend="gpu"), ValueError, "backend"),
     ]
 
 
@@ -589,6 +602,16 @@ def test_bad_input_sample_and_greedy(case, device):
     logits, greedy = kwargs.pop("logits"), kwargs.pop("greedy_mask")
     with pytest.raises(exc, match=name):
         sample_and_greedy(logits, greedy, **kwargs)
+
+
+def test_cuda_backend_needs_cuda_tensors_and_the_extension():
+    # backend="cuda" runs csrc/sampling.cuh (tests/test_cuda_emu.py runs it on the CPU, tests/test_cuda_kernels.py on
+    # a GPU); here only what it refuses: CPU tensors, and the fused op, which has no CUDA kernel.
+    logits, greedy = torch.randn(2, 10), torch.tensor([True, False])
+    with pytest.raises(RuntimeError, match="backend='cuda'.*cpu"):
+        sample_and_greedy(logits, greedy, backend="cuda")
+    with pytest.raises(RuntimeError, match="no CUDA kernel"):
+        fused_linear_sample_and_greedy(torch.randn(2, 4), torch.randn(10, 4), greedy, backend="cuda")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -23,12 +23,13 @@ With ``x`` the row's logits (upcast to fp32) and ``z = x / T`` (fp32 division; g
 
   ``K`` is the intersection; the row's maximum is always in it.
 * noise: ``g_v = -log(-log(u))`` with ``u = ((w >> 9) + 0.5) / 2**23`` (in ``(0, 1)``, so ``g`` is finite) and ``w``
-  the first 32-bit word of Philox4x32-10 with key ``(seed & 0xFFFFFFFF, seed >> 32)`` and counter
-  ``(v, r, step, 0)``. With an int ``seed`` the row key ``r`` is the row's position in the batch; with a per-row
-  seed tensor ``r = 0``, so a row's token depends only on ``(seed[b], step)`` and its own logits, not on its
-  position or on the other rows (rows given the same seed share their noise). Both backends draw from this same
-  stream (the torch path evaluates Philox with int64 tensor arithmetic), so tokens agree across backends except at
-  floating-point near-ties, where the fp32 ``log`` implementations may differ in the last bit.
+  word ``j = v & 3`` of Philox4x32-10 with key ``(seed & 0xFFFFFFFF, seed >> 32)`` and counter ``(q, r, step, 0)``,
+  ``q = v >> 2``: one Philox call serves four consecutive vocabulary entries. With an int ``seed`` the row key
+  ``r`` is the row's position in the batch; with a per-row seed tensor ``r = 0``, so a row's token depends only on
+  ``(seed[b], step)`` and its own logits, not on its position or on the other rows (rows given the same seed share
+  their noise). All backends (Triton, CUDA, torch) draw from this same stream (the torch path evaluates Philox with
+  int64 tensor arithmetic), so tokens agree across backends except at floating-point near-ties, where the fp32
+  ``log``/division implementations may differ in the last bit.
 * log-probs (float32), ``logprobs="processed"``: sampled rows, the log-prob of the token under the distribution it
   was drawn from, ``z_tok - logsumexp(z[K])``; greedy rows, ``log_softmax(z)[tok]`` (temperature applied, no
   truncation; ``T == 0`` rows use ``T = 1``, i.e. the raw softmax). ``logprobs="raw"``: ``log_softmax(x)[tok]``
@@ -40,7 +41,9 @@ With ``x`` the row's logits (upcast to fp32) and ``z = x / T`` (fp32 division; g
 Kernels (Triton)
 ----------------
 ``_sample_kernel``: one program per row. Without truncation, ONE pass over the row: online argmax, online
-logsumexp and the Gumbel race together. With truncation, no sort: pass 1 gives max / min / logsumexp; each
+logsumexp and the Gumbel race together. Philox runs on ``BLOCK_V / 4`` counters per block and its four words are
+interleaved (``tl.join`` + reshape), so the race costs ~10 integer multiply rounds per FOUR entries plus two logs
+per entry. With truncation, no sort: pass 1 gives max / min / logsumexp; each
 threshold (top-k, then top-p) is found exactly by a multi-pivot search over the fp32 values' order-preserving
 int32 keys (``NUM_PIVOTS`` thresholds counted per pass, the candidate key range shrinking by ``NUM_PIVOTS`` per pass
 and snapping to the nearest values present): the key span (< 2^32) shrinks more than 8-fold per pass, so at most
@@ -60,6 +63,7 @@ import math
 
 import torch
 
+from remax_kernels import _cuda
 from remax_kernels._dispatch import resolve_backend
 from remax_kernels._triton import jit, tl, triton
 from remax_kernels._validate import check_float, check_same_device, check_tensor
@@ -81,8 +85,8 @@ _TORCH_CHUNK_ELEMS = 1 << 20
 
 
 @jit
-def _philox_word0(k0, k1, c0, c1, c2, c3):
-    # Philox4x32-10 on uint32 lanes; only word 0 is used (one draw per (seed, counter)).
+def _philox4x32(k0, k1, c0, c1, c2, c3):
+    # Philox4x32-10 on uint32 lanes; all four output words are used (four vocabulary entries per call).
     for _ in tl.static_range(10):
         hi0 = tl.umulhi(c0, 0xD2511F53)
         hi1 = tl.umulhi(c2, 0xCD9E8D57)
@@ -94,19 +98,21 @@ def _philox_word0(k0, k1, c0, c1, c2, c3):
         c3 = lo0
         k0 = k0 + 0x9E3779B9
         k1 = k1 + 0xBB67AE85
-    return c0
+    return c0, c1, c2, c3
 
 
 @jit
-def _gumbel_noise(seed, row_key, step, cols):
-    # seed: int64 (scalar or [BB, 1]); row_key: int32 broadcastable to cols; cols: int32 vocabulary indices.
-    zero = (cols * 0).to(tl.uint32)
+def _gumbel_noise(seed, row_key, step, groups):
+    # seed: int64 (scalar or [BB, 1]); row_key: int32 broadcastable to groups; groups: int32 q = v >> 2, shape S.
+    # Returns fp32 noise of shape S + (2, 2) whose [..., a, b] is entry 4q + 2a + b: reshaped by the caller to the
+    # block (S[-1] * 4 entries), word j of group q lands on entry 4q + j.
+    zero = (groups * 0).to(tl.uint32)
     k0 = seed.to(tl.uint32) + zero
     k1 = (seed >> 32).to(tl.uint32) + zero
-    c0 = cols.to(tl.uint32)
     c1 = row_key.to(tl.uint32) + zero
     c2 = (zero.to(tl.int64) + step).to(tl.uint32)  # step may arrive as a constexpr or an int64
-    word = _philox_word0(k0, k1, c0, c1, c2, zero)
+    w0, w1, w2, w3 = _philox4x32(k0, k1, groups.to(tl.uint32) + zero, c1, c2, zero)
+    word = tl.join(tl.join(w0, w2), tl.join(w1, w3))
     # 23 random bits + 0.5: u in [2^-24, 1 - 2^-24], both exact in fp32, so neither log() sees 0.
     u = ((word >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
     return -tl.log(-tl.log(u))
@@ -246,7 +252,8 @@ def _sample_kernel(
             n_finite += tl.sum(finite.to(tl.int32), 0)
         else:
             if sampled:  # greedy rows skip the Philox work, the bulk of this pass's arithmetic
-                score = z + _gumbel_noise(seed, row_key, step, cols)
+                noise = _gumbel_noise(seed, row_key, step, v0 // 4 + tl.arange(0, BLOCK_V // 4))
+                score = z + tl.reshape(noise, (BLOCK_V,))
                 best, best_arg, best_z, best_x = _race_step(score, z, x, v0, offs, best, best_arg, best_z, best_x, RAW)
 
     invalid = (n_nan > 0) | (gmax == neg_inf) | (gmax == float("inf")) | (m == float("inf"))
@@ -276,7 +283,8 @@ def _sample_kernel(
             z = x / t
             kept = (z > neg_inf) & (_ordered_key(z) >= tau) & (z - m >= log_min_p)
             s_kept += tl.sum(tl.where(kept, tl.exp(z - m), 0.0), 0)
-            score = tl.where(kept, z + _gumbel_noise(seed, row_key, step, cols), neg_inf)
+            noise = tl.reshape(_gumbel_noise(seed, row_key, step, v0 // 4 + tl.arange(0, BLOCK_V // 4)), (BLOCK_V,))
+            score = tl.where(kept, z + noise, neg_inf)
             best, best_arg, best_z, best_x = _race_step(score, z, x, v0, offs, best, best_arg, best_z, best_x, RAW)
         log_norm = tl.where(greedy, log_norm, tl.log(tl.where(s_kept > 0, s_kept, 1.0)))
 
@@ -365,7 +373,8 @@ def _fused_sample_kernel(
             m_raw_ref = tl.where(m_raw_new == neg_inf, 0.0, m_raw_new)
             s_raw = s_raw * tl.exp(m_raw - m_raw_ref) + tl.sum(tl.exp(x - m_raw_ref[:, None]), 1)
             m_raw = m_raw_new
-        score = z + _gumbel_noise(seed, row_key, step, cols[None, :])
+        noise = _gumbel_noise(seed, row_key, step, (v0 // 4 + tl.arange(0, BLOCK_V // 4))[None, :])
+        score = z + tl.reshape(noise, (BLOCK_B, BLOCK_V))
         blk_best = tl.max(score, 1)
         blk_best_arg = tl.argmax(score, 1)
         at_best = offs_v[None, :] == blk_best_arg[:, None]
@@ -406,25 +415,28 @@ def _mulhilo_u32(a: torch.Tensor, multiplier: int) -> tuple[torch.Tensor, torch.
     return hi, lo
 
 
-def _philox_word0_torch(k0, k1, c0, c1, c2, c3) -> torch.Tensor:
+def _philox4x32_torch(k0, k1, c0, c1, c2, c3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     for _ in range(10):
         hi0, lo0 = _mulhilo_u32(c0, _PHILOX_M0)
         hi1, lo1 = _mulhilo_u32(c2, _PHILOX_M1)
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
         k0 = (k0 + _PHILOX_W0) & _U32
         k1 = (k1 + _PHILOX_W1) & _U32
-    return c0
+    return c0, c1, c2, c3
 
 
-def _gumbel_noise_torch(seed: torch.Tensor, row_key: torch.Tensor, step: int, cols: torch.Tensor) -> torch.Tensor:
-    """fp32 Gumbel noise ``[n, len(cols)]`` for seeds/row keys ``[n]`` (int64): the kernels' stream."""
-    shape = (seed.shape[0], cols.shape[0])
-    c0 = cols.to(torch.int64)[None, :].expand(shape)
-    zero = torch.zeros(shape, dtype=torch.int64, device=cols.device)
+def _gumbel_noise_torch(seed: torch.Tensor, row_key: torch.Tensor, step: int, v0: int, v1: int) -> torch.Tensor:
+    """fp32 Gumbel noise ``[n, v1 - v0]`` of vocabulary entries ``v0..v1-1`` for seeds/row keys ``[n]`` (int64):
+    the kernels' stream, one Philox call per group of four entries."""
+    q0, q1 = v0 >> 2, (v1 + 3) >> 2
+    shape = (seed.shape[0], q1 - q0)
+    c0 = torch.arange(q0, q1, device=seed.device)[None, :].expand(shape)
+    zero = torch.zeros(shape, dtype=torch.int64, device=seed.device)
     k0 = (seed & _U32)[:, None] + zero
     k1 = ((seed >> 32) & _U32)[:, None] + zero
     c1 = row_key.to(torch.int64)[:, None] + zero
-    word = _philox_word0_torch(k0, k1, c0, c1, zero + step, zero)
+    words = torch.stack(_philox4x32_torch(k0, k1, c0, c1, zero + step, zero), dim=-1)  # entry 4q + j: word j
+    word = words.reshape(shape[0], -1)[:, v0 - 4 * q0 : v1 - 4 * q0]
     u = ((word >> 9).to(torch.float32) + 0.5) * (1.0 / 8388608.0)
     return -torch.log(-torch.log(u))
 
@@ -471,7 +483,6 @@ def _sample_torch(logits, greedy, temp, top_k, top_p, log_min_p, seed, key_row, 
     B, V = logits.shape
     tokens = torch.empty(B, dtype=torch.int64, device=logits.device)
     logprobs = torch.empty(B, dtype=torch.float32, device=logits.device)
-    cols = torch.arange(V, device=logits.device)
     chunk = max(1, _TORCH_CHUNK_ELEMS // V)
     for r0 in range(0, B, chunk):
         r1 = min(B, r0 + chunk)
@@ -487,7 +498,7 @@ def _sample_torch(logits, greedy, temp, top_k, top_p, log_min_p, seed, key_row, 
             z_sane = torch.nan_to_num(z, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
             kept = _kept_mask_torch(z_sane, top_k[r0:r1], top_p[r0:r1], log_min_p[r0:r1]) | g[:, None]
         row_key = torch.arange(r0, r1, device=x.device) if key_row else torch.zeros(r1 - r0, dtype=torch.int64)
-        score = torch.where(kept, z + _gumbel_noise_torch(seed[r0:r1], row_key.to(x.device), step, cols), -math.inf)
+        score = torch.where(kept, z + _gumbel_noise_torch(seed[r0:r1], row_key.to(x.device), step, 0, V), -math.inf)
         stok = score.argmax(1)
         tok = torch.where(g, gtok, stok)
         if raw:
@@ -552,7 +563,7 @@ def _fused_sample_torch(hidden, weight, bias, greedy, temp, seed, key_row, step,
         parts.append(_max_sumexp(z))
         if raw:
             raw_parts.append(_max_sumexp(x))
-        score = z + _gumbel_noise_torch(seed, row_key, step, torch.arange(v0, v1, device=dev))
+        score = z + _gumbel_noise_torch(seed, row_key, step, v0, v1)
         blk_best, blk_arg = score.max(1).values, score.argmax(1)
         up = blk_best > best
         best_z = torch.where(up, z.gather(1, blk_arg[:, None])[:, 0], best_z)
@@ -732,8 +743,9 @@ def sample_and_greedy(
         step: int in [0, 2**32), the decode position; use a new step (or seed) for every draw.
         logprobs: ``"processed"`` (log-prob under the distribution actually sampled: temperature + truncation,
             renormalized; greedy rows: temperature only) or ``"raw"`` (``log_softmax(logits)``).
-        backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see ``remax_kernels._dispatch``). Both backends use the
-            same Philox stream; tokens agree except at floating-point near-ties.
+        backend: ``"auto"``, ``"triton"``, ``"cuda"`` (the CUDA kernel of ``csrc/sampling.cuh``; needs the built
+            extension and CUDA tensors) or ``"torch"`` (see ``remax_kernels._dispatch``). All backends use the same
+            Philox stream; tokens agree except at floating-point near-ties.
 
     Returns:
         ``(tokens [B] int64, logprobs [B] float32)``. Tokens are always in ``[0, V)``; a row with NaN, ``+inf`` or
@@ -742,7 +754,9 @@ def sample_and_greedy(
     Cost (Triton): one program per row. No truncation: ONE pass over the vocabulary. With top-k / top-p: pass 1,
     up to 11 exact multi-pivot search passes per threshold (usually far fewer; no sort), one sampling pass.
     min-p alone: two passes. Per-row tensor options are range-checked with one device sync per call. The torch
-    path (CPU) sorts each row to find the same thresholds.
+    path (CPU) sorts each row to find the same thresholds. CUDA (``csrc/sampling.cuh``, one block per row): no
+    truncation, one pass; top-k / top-p, a value histogram then one gather of the threshold bins into shared memory
+    (3 passes when every candidate fits there, else 4), no sort of the row.
 
     Example::
 
@@ -765,18 +779,20 @@ def sample_and_greedy(
         batch, vocab, device, greedy_mask, temperature, top_k, top_p, min_p, seed, step, logprobs
     )
     raw = logprobs == "raw"
-    impl = resolve_backend(backend, device)
+    impl = resolve_backend(backend, device, op="sample_and_greedy")
     if batch == 0:
         return torch.empty(0, dtype=torch.int64, device=device), torch.empty(0, dtype=torch.float32, device=device)
     if impl == "torch":
         return _sample_torch(logits, greedy_mask, temp, k, p, log_min_p, seeds, key_row, step, truncate, raw)
+    if impl == "cuda":
+        return _cuda.sample_and_greedy(logits, greedy_mask, temp, k, p, log_min_p, seeds, step, key_row, truncate, raw)
 
     tokens = torch.empty(batch, dtype=torch.int64, device=device)
     out_logprobs = torch.empty(batch, dtype=torch.float32, device=device)
     if device.type == "cuda":
         block_v, search_block_v, num_warps = 2048, 256, 8  # search tiles are [NUM_PIVOTS, 256]
     else:  # interpreter: numpy is happiest with one big block
-        block_v = search_block_v = min(triton.next_power_of_2(vocab), 4096)
+        block_v = search_block_v = max(4, min(triton.next_power_of_2(vocab), 4096))  # >= 4: Philox groups
         num_warps = 4
     _sample_kernel[(batch,)](
         logits, logits.stride(0), greedy_mask.view(torch.uint8), temp, k, p, log_min_p, seeds,

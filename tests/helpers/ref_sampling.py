@@ -9,8 +9,9 @@ docstring of ``remax_kernels/ops/sampling.py``:
 * top-k: keep ``z >= `` the k-th largest value (duplicates counted), when ``0 < k < #finite``.
 * top-p on the top-k survivors: keep ``v`` iff the survivors' mass with ``z > z_v`` (strictly) is ``< p * total``.
 * min-p: keep ``z_v - max(z) >= float32(log(min_p))``.
-* noise ``g = -log(-log(((w >> 9) + 0.5) / 2**23))``, ``w`` = word 0 of Philox(key=(seed lo, seed hi),
-  counter=(v, row key, step, 0)); row key = row position for an int seed, 0 for a per-row seed tensor.
+* noise ``g = -log(-log(((w >> 9) + 0.5) / 2**23))``, ``w`` = word ``v & 3`` of Philox(key=(seed lo, seed hi),
+  counter=(v >> 2, row key, step, 0)) (one Philox call per four vocabulary entries); row key = row position for an
+  int seed, 0 for a per-row seed tensor.
 """
 
 from __future__ import annotations
@@ -44,8 +45,10 @@ def ref_gumbel(seeds, row_keys, step: int, vocab: int) -> torch.Tensor:
     """float64 Gumbel noise ``[n, vocab]`` for per-row seeds and row keys (sequences of Python ints)."""
     seeds = np.array([int(s) & 0xFFFFFFFFFFFFFFFF for s in seeds], dtype=np.uint64)[:, None]
     row_keys = np.array([int(r) for r in row_keys], dtype=np.uint64)[:, None]
-    cols = np.arange(vocab, dtype=np.uint64)[None, :]
-    word = ref_philox4x32_10(seeds & _M32, seeds >> np.uint64(32), cols, row_keys, step, 0)[0]
+    groups = np.arange((vocab + 3) // 4, dtype=np.uint64)[None, :]
+    words = ref_philox4x32_10(seeds & _M32, seeds >> np.uint64(32), groups, row_keys, step, 0)
+    # entry v = 4q + j takes word j of group q
+    word = np.stack(words, axis=-1).reshape(len(seeds), -1)[:, :vocab]
     u = ((word >> np.uint64(9)).astype(np.float64) + 0.5) / 2.0**23
     return torch.from_numpy(-np.log(-np.log(u)))
 
