@@ -129,8 +129,8 @@ void row_logprobs_bwd(const Tensor& logits, const Tensor& targets, const Tensor&
 
 std::tuple<Tensor, Tensor> sample_and_greedy(const Tensor& logits, const Tensor& greedy, const Tensor& temperature,
                                              const Tensor& top_k, const Tensor& top_p, const Tensor& log_min_p,
-                                             const Tensor& seeds, int64_t step, bool key_row, bool truncate,
-                                             bool raw) {
+                                             const Tensor& seeds, const Tensor& step, bool key_row,
+                                             bool truncate, bool raw) {
   TORCH_CHECK(logits.is_cuda(), "logits: expected a CUDA tensor, got one on ", logits.device());
   const remax::DType dtype = dtype_of(logits, "logits");
   TORCH_CHECK(logits.dim() == 2, "logits: expected [B, V], got ", logits.sizes());
@@ -148,8 +148,7 @@ std::tuple<Tensor, Tensor> sample_and_greedy(const Tensor& logits, const Tensor&
   check_vector(top_p, logits, "top_p", at::kFloat, batch);
   check_vector(log_min_p, logits, "log_min_p", at::kFloat, batch);
   check_vector(seeds, logits, "seeds", at::kLong, batch);
-  TORCH_CHECK(step >= 0 && step <= int64_t(std::numeric_limits<uint32_t>::max()), "step: must be in [0, 2^32), got ",
-              step);
+  check_vector(step, logits, "step", at::kLong, 1);  // its value is read on the device (range-checked in Python)
   const c10::cuda::OptionalCUDAGuard guard(logits.device());
   Tensor tokens = at::empty({batch}, logits.options().dtype(at::kLong));
   Tensor logprobs = at::empty({batch}, logits.options().dtype(at::kFloat));
@@ -163,7 +162,7 @@ std::tuple<Tensor, Tensor> sample_and_greedy(const Tensor& logits, const Tensor&
                               top_p.data_ptr<float>(),
                               log_min_p.data_ptr<float>(),
                               seeds.data_ptr<int64_t>(),
-                              uint32_t(step),
+                              step.data_ptr<int64_t>(),
                               key_row,
                               truncate,
                               raw,
@@ -185,7 +184,7 @@ TORCH_LIBRARY(remax_cuda, m) {
       "Tensor(a!) grad, int g_t1, int g_s0, int g_s1) -> ()");
   m.def(
       "sample_and_greedy(Tensor logits, Tensor greedy, Tensor temperature, Tensor top_k, Tensor top_p, "
-      "Tensor log_min_p, Tensor seeds, int step, bool key_row, bool truncate, bool raw) -> (Tensor, Tensor)");
+      "Tensor log_min_p, Tensor seeds, Tensor step, bool key_row, bool truncate, bool raw) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(remax_cuda, CUDA, m) {

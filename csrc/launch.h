@@ -75,7 +75,7 @@ struct SampleParams {
   const float* top_p;         // [batch]; 1 disables
   const float* log_min_p;     // [batch]; -inf disables
   const int64_t* seeds;       // [batch]
-  uint32_t step;
+  const int64_t* step;        // [1], the decode step, read by the kernel: a captured CUDA graph replays it
   bool key_row;   // row key = row position (an int seed) or 0 (per-row seeds)
   bool truncate;  // some row may have top-k / top-p / min-p active
   bool raw;       // log-probs of log_softmax(logits) instead of the processed distribution

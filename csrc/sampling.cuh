@@ -510,13 +510,16 @@ RK_DEVICE int32_t thresholds(Smem<BLOCK, NB, CAP>& sh, const RowIn<T>& r, const 
 }
 
 template <typename T, int BLOCK, int NB, int CAP>
-__global__ void __launch_bounds__(BLOCK) sample_kernel(const SampleParams p) {
+// Min 1 block per SM, said explicitly: without it ptxas may aim for 2 blocks of 512 threads (64 registers) on
+// sm_80 and spill (seen with nvcc 13.0); one block of 512 threads per SM is what the design assumes (see `run`).
+__global__ void __launch_bounds__(BLOCK, 1) sample_kernel(const SampleParams p) {
   static_assert(CAP >= 2 && (CAP & (CAP - 1)) == 0, "CAP must be a power of two");
   static_assert((NB & (NB - 1)) == 0 && NB >= 32, "NB must be a power of two >= 32");
   __shared__ Smem<BLOCK, NB, CAP> sh;
   constexpr int WARPS = BLOCK / 32;
   const int tid = int(threadIdx.x), lane = tid & 31, warp = tid >> 5;
   const int64_t row = blockIdx.x;
+  const uint32_t step = uint32_t(*p.step);  // a device value: a captured CUDA graph replays each step
   const bool greedy = p.greedy[row] != 0;
   const float temp = p.temperature[row];
   const float t = temp > 0.0f ? temp : 1.0f;
@@ -525,7 +528,7 @@ __global__ void __launch_bounds__(BLOCK) sample_kernel(const SampleParams p) {
 
   Race race;
   race.best = ArgMax{neg_inf(), 0};
-  race.rng.init(p.seeds[row], p.key_row ? uint32_t(row) : 0u, p.step);
+  race.rng.init(p.seeds[row], p.key_row ? uint32_t(row) : 0u, step);
   if (tid == 0 && !greedy && !p.truncate) RK_COVER(kCoverRaceInPass1);
   Pass1 st = pass1<T>(sh, r, raw_sums, p.truncate, !greedy && !p.truncate, race);
   const float m = st.m;

@@ -176,16 +176,19 @@ def sample_and_greedy(
     top_p: torch.Tensor,
     log_min_p: torch.Tensor,
     seeds: torch.Tensor,
-    step: int,
+    step: torch.Tensor | int,
     key_row: bool,
     truncate: bool,
     raw: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The CUDA decoding step on validated per-row arguments (as ``ops.sampling._parse_options`` returns them):
+    """The CUDA decoding step on validated per-row arguments (as ``ops.sampling.parse_options`` returns them):
     logits ``[B, V]`` (last dim contiguous), greedy ``[B]`` bool, temperature / top_p / log_min_p fp32 ``[B]``,
-    top_k int32 ``[B]``, seeds int64 ``[B]``. Returns ``(tokens int64 [B], logprobs fp32 [B])``."""
+    top_k int32 ``[B]``, seeds int64 ``[B]``, step int64 ``[1]`` on the device (read by the kernel) or an int. Returns
+    ``(tokens int64 [B], logprobs fp32 [B])``."""
     require(logits.device, "sample_and_greedy")
+    if not isinstance(step, torch.Tensor):
+        step = torch.full((1,), int(step), dtype=torch.int64, device=logits.device)
     return torch.ops.remax_cuda.sample_and_greedy(
-        logits, greedy_mask, temperature, top_k, top_p, log_min_p, seeds, int(step), bool(key_row), bool(truncate),
+        logits, greedy_mask, temperature, top_k, top_p, log_min_p, seeds, step, bool(key_row), bool(truncate),
         bool(raw),
     )

@@ -5,15 +5,19 @@
 1. prefill: the ``B`` prompts go through the model once, filling a ``DynamicCache``;
 2. expand: the cache is duplicated along the batch, so rows ``[0, B)`` continue with sampling and rows ``[B, 2B)``
    greedily (the two halves share nothing after this point);
-3. decode: one ``2B``-row forward per new token; ``sample_and_greedy`` picks every row's next token in one kernel
-   (``greedy_mask`` marks the greedy half), seeded by ``(seed, step)`` so a rollout is reproducible;
+3. decode: ``_decode_step``, one ``2B``-row forward per new token, then ``sample_and_greedy`` picks every row's
+   next token in one kernel (rows ``[B, 2B)`` greedy), seeded by ``(seed, step)`` so a rollout is reproducible,
+   and the EOS bookkeeping; the sampling options are parsed once per rollout (``_Sampler``) and the step is a
+   device tensor, so the whole step is one graph;
 4. finish: a row stops at its EOS token, later tokens are ``pad_token_id``; the loop ends when every row has
-   finished or after ``max_new_tokens``.
+   finished (the host looks every ``check_every`` steps: one device sync each) or after ``max_new_tokens``.
 
 Positions follow Hugging Face ``generate``: ``position_ids = cumsum(attention_mask) - 1`` for left-padded prompts,
 then one more per new token. With ``cache_implementation="static"`` the decode step reads a preallocated
-``StaticCache`` (fixed shapes, no per-step reallocation) and with ``use_cuda_graph=True`` that step is compiled
-(``torch.compile(mode="reduce-overhead")``: CUDA graphs), gpt-fast style.
+``StaticCache`` (fixed shapes, no per-step reallocation) and with ``use_cuda_graph=True`` the whole step is
+compiled with ``torch.compile(mode="reduce-overhead", fullgraph=True)`` (CUDA graphs), gpt-fast style. The
+compiled step's shapes are ``(2B, P_bucket + max_new_tokens)``, with prompts left-padded to a multiple of
+``PROMPT_BUCKET`` tokens: batches whose longest prompts fall in the same bucket reuse its graphs.
 
 Needs transformers >= 4.56 (the ``Cache.layers`` API); tested with 4.57, 5.17 and 5.24. What changed between
 them is picked from the model's ``forward`` signature: the cache keyword (``cache`` since 5.24, ``past_key_values``
@@ -31,9 +35,11 @@ import torch
 
 from remax_kernels._validate import check_attention_mask, check_index, check_temperature
 from remax_kernels.hf import position_ids_from_attention_mask
-from remax_kernels.ops.sampling import check_sampling_options, sample_and_greedy
+from remax_kernels.ops.sampling import check_sampling_options, parse_options
 
 CACHE_IMPLEMENTATIONS = ("dynamic", "static")
+# The compiled step left-pads prompts to a multiple of this many tokens (see the module docstring).
+PROMPT_BUCKET = 64
 
 # One StaticCache per model, reused by ``use_cuda_graph`` calls of the same shape: a new cache means new tensor
 # addresses, which would force torch.compile to recapture the CUDA graph on every call.
@@ -118,13 +124,6 @@ def _last_logits(
     if fwd.logits_to_keep:
         kwargs["logits_to_keep"] = 1
     return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits[:, -1, :]
-
-
-@functools.lru_cache(maxsize=1)
-def _compiled_last_logits():
-    # Compiled once per process; torch.compile specializes it per model and shape. "reduce-overhead" captures the
-    # decode step in a CUDA graph: at small batch a decode step is launch-bound (hundreds of small kernels).
-    return torch.compile(_last_logits, mode="reduce-overhead", dynamic=False)
 
 
 def _token_ids(name: str, value, default_sources) -> list[int]:
@@ -214,6 +213,7 @@ def generate_pairs(
     seed: int | torch.Tensor = 0,
     cache_implementation: str | None = None,
     use_cuda_graph: bool | None = None,
+    check_every: int = 4,
 ) -> PairedRollout:
     """One sampled and one greedy response per prompt (ReMax's rollout), prefilling each prompt once.
 
@@ -246,10 +246,14 @@ def generate_pairs(
             ``"static"`` (a preallocated StaticCache of ``P + max_new_tokens`` slots; attention then spans all
             slots every step, masked). Default: ``"static"`` with ``use_cuda_graph``, else ``"dynamic"``.
             ``"static"`` needs prompts shorter than a sliding-window model's window.
-        use_cuda_graph: compile the decode step with ``torch.compile(mode="reduce-overhead")`` (CUDA graphs over a
-            static cache; CUDA only). The compiled step and its cache are kept per model and reused while the
-            shapes ``(B, P, max_new_tokens)`` stay the same (new shapes recompile: pad prompts to a fixed length).
-            Default None = off: it is not yet measured faster than the eager step on a GPU.
+        use_cuda_graph: compile the whole decode step (forward, sampling, EOS bookkeeping) with
+            ``torch.compile(mode="reduce-overhead", fullgraph=True)``: CUDA graphs over a static cache; CUDA only.
+            The compiled step and its cache are kept per model and reused while ``(B, P_bucket, max_new_tokens)``
+            stay the same, prompts being left-padded to a multiple of ``PROMPT_BUCKET`` (64) tokens (the extra
+            padding is masked, and the returned ids hold the prompts as given). Default None = off until a GPU
+            benchmark shows it faster (``benchmarks/README.md`` records the decision).
+        check_every: how often (in steps) the host checks whether every row has finished; each check is one
+            device sync. Up to ``check_every - 1`` steps may run after the last EOS; they are cut from the result.
 
     Returns:
         a ``PairedRollout`` (see its docstring): prompt + response ids, attention and response masks, per-token
@@ -277,6 +281,8 @@ def generate_pairs(
     param = next(model.parameters(), None)
     if param is not None and param.device != input_ids.device:
         raise ValueError(f"input_ids: is on {input_ids.device} but the model is on {param.device}")
+    if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+        raise ValueError(f"check_every: expected an int >= 1, got {check_every!r}")
     if use_cuda_graph is None:
         use_cuda_graph = False
     if use_cuda_graph and input_ids.device.type != "cuda":
@@ -302,7 +308,8 @@ def generate_pairs(
             tokens, logprobs, alive = _decode(
                 model, input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
                 top_k=top_k, top_p=top_p, min_p=min_p, eos_ids=eos_ids, pad=pad, seeds=seeds,
-                static=cache_implementation == "static", use_cuda_graph=use_cuda_graph,
+                static=cache_implementation == "static", step_compiler=_graph_step if use_cuda_graph else None,
+                check_every=check_every,
             )
     finally:
         model.train(was_training)
@@ -322,13 +329,86 @@ def generate_pairs(
     )
 
 
+@dataclass(frozen=True)
+class _Sampler:
+    """``sample_and_greedy``'s options parsed ONCE per rollout into per-row device tensors (rows ``[0, B)`` sample,
+    ``[B, 2B)`` are greedy); calling it runs the op on a step's logits with the step as a device tensor, so a
+    compiled or graph-captured decode step is the same graph at every step."""
+
+    greedy_mask: torch.Tensor
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    log_min_p: torch.Tensor
+    seeds: torch.Tensor
+    key_row: bool
+    truncate: bool
+
+    @classmethod
+    def parse(cls, rows: int, vocab: int, device, *, temperature, top_k, top_p, min_p, seeds) -> _Sampler:
+        greedy_mask = torch.arange(rows, device=device) >= rows // 2
+        parsed = parse_options(rows, vocab, device, greedy_mask, temperature, top_k, top_p, min_p, seeds, "processed")
+        temp, k, p, log_min_p, seed_rows, greedy_mask, key_row, truncate = parsed
+        return cls(greedy_mask, temp, k, p, log_min_p, seed_rows, key_row, truncate)
+
+    def __call__(self, logits: torch.Tensor, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.ops.remax_kernels.sample_and_greedy(
+            logits, self.greedy_mask, self.temperature, self.top_k, self.top_p, self.log_min_p, self.seeds,
+            self.key_row, step, self.truncate, False, "auto")
+
+
+def _pick(sampler, logits, step, finished, eos, pad: int):
+    """The next token of every row and its bookkeeping: rows that finished emit ``pad`` with log-prob 0."""
+    token, logp = sampler(logits, step)
+    token = torch.where(finished, pad, token)
+    logp = logp.masked_fill(finished, 0.0)
+    alive = ~finished
+    return token, logp, alive, finished | torch.isin(token, eos)
+
+
+def _decode_step(model, fwd, cache, sampler, token, position, step_mask, slot, step, finished, eos, pad: int):
+    """One decode step, all on the device: the model's forward of the last tokens (the cache updated in place),
+    the next tokens, EOS bookkeeping. Compiled whole (``torch.compile``; CUDA graphs with ``use_cuda_graph``)."""
+    logits = _last_logits(model, fwd, cache, token[:, None], step_mask, position, slot)
+    token, logp, alive, finished = _pick(sampler, logits, step, finished, eos, pad)
+    return token, logp, alive, finished, position + 1, slot + 1, step + 1
+
+
+@functools.lru_cache(maxsize=1)
+def _graph_step_fn():
+    # Compiled once per process; torch.compile specializes it per model and shape. "reduce-overhead" captures the
+    # step in a CUDA graph: at small batch a decode step is launch-bound (hundreds of small kernels).
+    return torch.compile(_decode_step, mode="reduce-overhead", fullgraph=True)
+
+
+def _graph_step(_step_fn):
+    return _graph_step_fn()
+
+
+def _bucketed(input_ids, attention_mask, pad: int):
+    """Left-pad the prompts to the next multiple of ``PROMPT_BUCKET`` tokens (the compiled step's shapes, hence its
+    graphs, then depend on the bucket, not on each batch's longest prompt)."""
+    extra = -input_ids.shape[1] % PROMPT_BUCKET
+    if extra == 0:
+        return input_ids, attention_mask
+    return (torch.cat([input_ids.new_full((input_ids.shape[0], extra), pad), input_ids], dim=1),
+            torch.cat([attention_mask.new_zeros((attention_mask.shape[0], extra)), attention_mask], dim=1))
+
+
 def _decode(
     model, input_ids, attention_mask, *, max_new_tokens, temperature, top_k, top_p, min_p, eos_ids, pad, seeds,
-    static, use_cuda_graph,
+    static, step_compiler, check_every,
 ):
-    """The prefill + paired decode loop. Returns ``[2B, R]`` tokens, float32 log-probs and the bool alive mask."""
+    """The prefill + paired decode loop. Returns ``[2B, R]`` tokens, float32 log-probs and the bool alive mask.
+
+    ``step_compiler`` (None = eager) wraps ``_decode_step``; the host reads ``finished`` every ``check_every``
+    steps only (one device sync each), so up to ``check_every - 1`` steps run after the last row has finished:
+    they emit padding and are cut from the result.
+    """
     from transformers import DynamicCache
 
+    if step_compiler is not None:
+        input_ids, attention_mask = _bucketed(input_ids, attention_mask, pad)
     batch, prompt_length = input_ids.shape
     rows, device = 2 * batch, input_ids.device
     fwd = _forward_kwargs(model)
@@ -344,44 +424,42 @@ def _decode(
     logits = logits.repeat(2, 1)
     if static:
         cache = _static_cache_from(
-            model, cache, batch, prompt_length, prompt_length + max_new_tokens, reuse=use_cuda_graph
+            model, cache, batch, prompt_length, prompt_length + max_new_tokens, reuse=step_compiler is not None
         )
         # Fixed-shape mask over every cache slot; slots not yet written are hidden by the causal mask.
         step_mask = torch.cat([mask.repeat(2, 1), mask.new_ones(rows, max_new_tokens)], dim=1)
     else:
         cache.reorder_cache(torch.arange(rows, device=device) % batch)
         step_mask = mask.repeat(2, 1)
-    step_forward = _compiled_last_logits() if use_cuda_graph else _last_logits
+    step_fn = step_compiler(_decode_step) if step_compiler is not None else _decode_step
+    sampler = _Sampler.parse(rows, logits.shape[-1], device, temperature=temperature, top_k=top_k, top_p=top_p,
+                             min_p=min_p, seeds=seeds)
 
-    greedy_mask = torch.arange(rows, device=device) >= batch
     eos = torch.tensor(eos_ids, dtype=torch.int64, device=device)
-    position = position_ids[:, -1:].repeat(2, 1)
+    position = position_ids[:, -1:].repeat(2, 1) + 1
+    slot = torch.full((1,), prompt_length, dtype=torch.int64, device=device)
+    step = torch.zeros(1, dtype=torch.int64, device=device)
     tokens = torch.full((rows, max_new_tokens), pad, dtype=torch.int64, device=device)
     logprobs = torch.zeros((rows, max_new_tokens), dtype=torch.float32, device=device)
     alive = torch.zeros((rows, max_new_tokens), dtype=torch.bool, device=device)
-    finished = torch.zeros(rows, dtype=torch.bool, device=device)
-    steps = max_new_tokens
-    for step in range(max_new_tokens):
-        token, logp = sample_and_greedy(
-            logits, greedy_mask, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seeds,
-            step=step, logprobs="processed",
-        )
-        # Released before the next forward: with CUDA graphs the next replay overwrites this output buffer.
-        logits = None
-        token = token.masked_fill(finished, pad)
-        tokens[:, step] = token
-        logprobs[:, step] = logp.masked_fill(finished, 0.0)
-        alive[:, step] = ~finished
-        finished = finished | torch.isin(token, eos)
-        # One host sync per step to stop early, as Hugging Face generate does.
-        if step + 1 == max_new_tokens or bool(finished.all()):
-            steps = step + 1
+    token, logp, alive[:, 0], finished = _pick(sampler, logits, step, torch.zeros(rows, dtype=torch.bool,
+                                                                                   device=device), eos, pad)
+    tokens[:, 0], logprobs[:, 0] = token, logp
+    step = step + 1
+    logits = None  # the prefill's [2B, V] logits are not needed any more
+    for t in range(1, max_new_tokens):
+        if t % check_every == 0 and bool(finished.all()):
             break
-        position = position + 1
         if not static:
             step_mask = torch.cat([step_mask, step_mask.new_ones(rows, 1)], dim=1)
-        if use_cuda_graph:
+        if step_compiler is not None and device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
-        slot = torch.full((1,), prompt_length + step, dtype=torch.int64, device=device)
-        logits = step_forward(model, fwd, cache, token[:, None], step_mask, position, slot)
+        token, logp, alive_t, finished, position, slot, step = step_fn(
+            model, fwd, cache, sampler, token, position, step_mask, slot, step, finished, eos, pad)
+        # Copied out before the next step: a CUDA-graph replay overwrites its outputs.
+        tokens[:, t], logprobs[:, t], alive[:, t] = token, logp, alive_t
+    # R = the steps up to the one where the last row emitted its EOS (one device sync).
+    steps = int(alive.any(0).nonzero().max()) + 1
     return tokens[:, :steps], logprobs[:, :steps], alive[:, :steps]
+
+

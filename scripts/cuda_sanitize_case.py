@@ -17,7 +17,7 @@ import math
 import torch
 
 from remax_kernels import _cuda
-from remax_kernels.ops.sampling import _parse_options
+from remax_kernels.ops.sampling import parse_options
 
 
 def row_cases(device: torch.device) -> None:
@@ -45,9 +45,9 @@ def sample_cases(device: torch.device) -> None:
     configs = [dict(), dict(top_k=50), dict(top_p=0.9), dict(top_k=10, top_p=0.5, min_p=0.01), dict(min_p=0.05)]
     for opts in configs:
         for raw, dtype in [(False, torch.bfloat16), (True, torch.float32)]:
-            temp, k, p, log_min_p, seeds, greedy_mask, key_row, truncate = _parse_options(
+            temp, k, p, log_min_p, seeds, greedy_mask, key_row, truncate = parse_options(
                 6, vocab, device, greedy, opts.get("temperature", 0.8), opts.get("top_k", 0), opts.get("top_p", 1.0),
-                opts.get("min_p", 0.0), 1234, 7, "raw" if raw else "processed",
+                opts.get("min_p", 0.0), 1234, "raw" if raw else "processed",
             )
             _cuda.sample_and_greedy(logits.to(dtype), greedy_mask, temp, k, p, log_min_p, seeds, 7, key_row,
                                     truncate, raw)

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from remax_kernels import sample_and_greedy, token_logprobs
-from remax_kernels.ops.sampling import _parse_options
+from remax_kernels.ops.sampling import parse_options
 from tests.helpers import assert_rel_close
 from tests.helpers import cuda_emu as emu
 from tests.helpers.ref_logprobs import ref_token_logprobs
@@ -192,8 +192,8 @@ def test_row_kernel_nan_inf_and_masked_rows():
 def _cuda_sample(logits, greedy, *, config, seed=0, step=0, logprobs="processed", temperature=1.0, top_k=0, top_p=1.0,
                  min_p=0.0):
     batch, vocab = logits.shape
-    temp, k, p, log_min_p, seeds, greedy_mask, key_row, truncate = _parse_options(
-        batch, vocab, logits.device, greedy, temperature, top_k, top_p, min_p, seed, step, logprobs
+    temp, k, p, log_min_p, seeds, greedy_mask, key_row, truncate = parse_options(
+        batch, vocab, logits.device, greedy, temperature, top_k, top_p, min_p, seed, logprobs
     )
     return emu.sample_and_greedy(logits, greedy_mask, temp, k, p, log_min_p, seeds, step, key_row, truncate,
                                  logprobs == "raw", config=config)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from remax_kernels import _cuda, sample_and_greedy, token_logprobs
-from remax_kernels.ops.sampling import _parse_options
+from remax_kernels.ops.sampling import parse_options
 from tests.helpers import assert_rel_close
 from tests.helpers.ref_logprobs import ref_token_logprobs
 from tests.helpers.ref_sampling import assert_tokens_match, ref_logprobs, ref_processed, ref_tokens
@@ -38,8 +38,8 @@ def _logits(shape, dtype, *, scale=3.0, seed=0):
 def _cuda_sample(logits, greedy, *, seed=0, step=0, logprobs="processed", temperature=1.0, top_k=0, top_p=1.0,
                  min_p=0.0):
     batch, vocab = logits.shape
-    temp, k, p, log_min_p, seeds, greedy_mask, key_row, truncate = _parse_options(
-        batch, vocab, logits.device, greedy, temperature, top_k, top_p, min_p, seed, step, logprobs
+    temp, k, p, log_min_p, seeds, greedy_mask, key_row, truncate = parse_options(
+        batch, vocab, logits.device, greedy, temperature, top_k, top_p, min_p, seed, logprobs
     )
     return _cuda.sample_and_greedy(logits, greedy_mask, temp, k, p, log_min_p, seeds, step, key_row, truncate,
                                    logprobs == "raw")
@@ -156,8 +156,8 @@ def test_sampler_invalid_rows():
 def test_ops_pass_opcheck():
     logits = _logits((5, 3000), torch.bfloat16, seed=7)
     greedy = torch.tensor([True, False, False, True, False]).cuda()
-    temp, k, p, log_min_p, seeds, greedy_mask, key_row, truncate = _parse_options(
-        5, 3000, logits.device, greedy, 0.9, 20, 0.9, 0.0, 3, 1, "processed"
+    temp, k, p, log_min_p, seeds, greedy_mask, key_row, truncate = parse_options(
+        5, 3000, logits.device, greedy, 0.9, 20, 0.9, 0.0, 3, "processed"
     )
     torch.library.opcheck(torch.ops.remax_cuda.sample_and_greedy.default,
                           (logits, greedy_mask, temp, k, p, log_min_p, seeds, 1, key_row, truncate, False),

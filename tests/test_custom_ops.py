@@ -46,6 +46,55 @@ def _opcheck_cases(device, backend):
     ]
 
 
+def _sampling_opcheck_cases(device, backend):
+    from remax_kernels.ops.sampling import parse_options, step_tensor
+
+    logits = 3 * torch.randn(6, 67, device=device)
+    greedy = torch.arange(6, device=device) % 2 == 0
+    parsed = parse_options(6, 67, device, greedy, 0.8, 5, 0.9, 0.01, torch.arange(6, device=device), "processed")
+    temp, k, p, log_min_p, seeds, greedy, key_row, truncate = parsed
+    step = step_tensor(3, device)
+    hidden, weight = torch.randn(6, 24, device=device), torch.randn(67, 24, device=device) / 5
+    ops = torch.ops.remax_kernels
+    return [
+        (ops.sample_and_greedy.default,
+         (logits, greedy, temp, k, p, log_min_p, seeds, key_row, step, truncate, False, backend)),
+        (ops.fused_linear_sample_and_greedy.default,
+         (hidden, weight, None, greedy, temp, seeds, key_row, step, True, backend)),
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", range(2))
+def test_opcheck_sampling(case, backend, device):
+    op, args = _sampling_opcheck_cases(device, backend)[case]
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sampling_ops_compile_without_graph_breaks_with_the_step_as_a_tensor(backend, device):
+    """A decode step with the step as a device tensor: one graph for every step (no recompilation per step)."""
+    logits = 3 * torch.randn(6, 67, device=device)
+    hidden, weight = torch.randn(6, 24, device=device), torch.randn(67, 24, device=device) / 5
+    greedy = torch.arange(6, device=device) % 2 == 0
+    seeds = torch.arange(6, device=device) + 100
+
+    def fn(x, h, step):
+        tokens, logp = rk.sample_and_greedy(x, greedy, temperature=0.8, top_k=20, top_p=0.9, seed=seeds, step=step,
+                                            backend=backend)
+        tokens2, logp2 = rk.fused_linear_sample_and_greedy(h, weight, greedy, temperature=0.8, seed=seeds,
+                                                           step=step, backend=backend)
+        return tokens, logp, tokens2, logp2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for step in range(3):
+            step_t = torch.full((1,), step, dtype=torch.int64, device=device)
+            for a, b in zip(compiled(logits, hidden, step_t), fn(logits, hidden, step), strict=True):
+                assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", range(4))
 def test_opcheck(case, backend, device):

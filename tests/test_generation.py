@@ -251,3 +251,38 @@ def test_a_peft_wrapped_policy_decodes_like_the_model_it_wraps():
     assert torch.equal(out.greedy_ids, expected.greedy_ids)
     assert torch.equal(out.sampled_ids, expected.sampled_ids)
     assert_rel_close(out.sampled_logprobs, expected.sampled_logprobs, torch.float32, name="sampled_logprobs")
+
+
+def test_whole_step_compiles_without_graph_breaks_and_equals_the_eager_step():
+    """The decode step (forward on the static cache, sampling with the step as a device tensor, EOS bookkeeping)
+    compiles with fullgraph=True and gives the eager step's rollout token for token (prompts bucketed alike)."""
+    import functools
+
+    from remax_kernels import generation
+
+    model = tiny_causal_lm("llama")
+    input_ids, attention_mask = left_padded_prompts(PROMPT_LENGTHS, seed=3)
+    common = dict(max_new_tokens=6, temperature=0.9, top_k=0, top_p=0.9, min_p=0.0, eos_ids=[VOCAB + 1],
+                  pad=PAD_TOKEN_ID, seeds=torch.tensor([11, 12, 13]).repeat(2), static=True, check_every=2)
+    compiled = functools.partial(torch.compile, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        eager = generation._decode(model, input_ids, attention_mask, step_compiler=lambda f: f, **common)
+        graph = generation._decode(model, input_ids, attention_mask, step_compiler=compiled, **common)
+    (tokens, logprobs, alive), (tokens_c, logprobs_c, alive_c) = eager, graph
+    assert tokens.shape == (6, 6)
+    assert torch.equal(tokens_c, tokens) and torch.equal(alive_c, alive)
+    # The compiled model forward decomposes some ops (norms, attention), so its logits may round differently.
+    torch.testing.assert_close(logprobs_c, logprobs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("check_every", [1, 3, 16])
+def test_checking_for_the_end_every_k_steps_changes_nothing(check_every):
+    """The host looks at `finished` every k steps only; the steps run past the last EOS are cut from the result."""
+    model = tiny_causal_lm("qwen2")
+    input_ids, attention_mask = left_padded_prompts(PROMPT_LENGTHS, seed=4)
+    eos = _eos_hit_by_row0(model, input_ids, attention_mask)
+    kwargs = dict(max_new_tokens=MAX_NEW, eos_token_id=[eos, 5, 7, 11, 13, 17], seed=8, temperature=1.5)
+    reference = generate_pairs(model, input_ids, attention_mask, check_every=1, **kwargs)
+    out = generate_pairs(model, input_ids, attention_mask, check_every=check_every, **kwargs)
+    for name in ("sampled_ids", "greedy_ids", "sampled_logprobs", "greedy_response_mask"):
+        assert torch.equal(getattr(out, name), getattr(reference, name)), name

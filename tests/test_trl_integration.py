@@ -425,9 +425,8 @@ def _compare_patched(trainer, batch, *, expect_fused: bool, monkeypatch):
     assert lg1.keys() == lg0.keys()
     for n in lg0:
         _assert_same(f"loss grad {n}", lg1[n], lg0[n])
-    # The fused loss logs TRL's metrics except `entropy` when it does not compute the entropy (entropy_coef == 0).
-    missing = {"entropy"} if expect_fused and trainer.entropy_coef == 0 else set()
-    assert set(m1) == set(m0) - missing
+    # The fused loss logs every metric TRL logs, `entropy` included.
+    assert set(m1) == set(m0)
     for key in m1:
         _assert_same(f"metric {key}", torch.tensor(m1[key]), torch.tensor(m0[key]))
 

@@ -104,8 +104,8 @@ int rk_emu_row_logprobs_bwd(int dtype, int config, const void* logits, int64_t t
 
 int rk_emu_sample(int dtype, int config, const void* logits, int64_t row_stride, int64_t batch, int64_t vocab,
                   const uint8_t* greedy, const float* temperature, const int32_t* top_k, const float* top_p,
-                  const float* log_min_p, const int64_t* seeds, uint32_t step, bool key_row, bool truncate, bool raw,
-                  int64_t* tokens, float* logprobs) {
+                  const float* log_min_p, const int64_t* seeds, const int64_t* step, bool key_row, bool truncate,
+                  bool raw, int64_t* tokens, float* logprobs) {
   const SampleParams p{logits, row_stride, batch,    vocab, greedy,   temperature, top_k, top_p,
                        log_min_p, seeds,   step,     key_row, truncate, raw,       tokens, logprobs};
   return by_dtype<Sample>(dtype, config, p);

@@ -36,6 +36,7 @@ int sampler_cases() {
   };
   const Options options[] = {{0, 1.0f, -INFINITY, false}, {5, 1.0f, -INFINITY, false}, {0, 0.9f, -INFINITY, true},
                              {10, 1.0f, -INFINITY, false}, {150, 0.5f, -INFINITY, false}, {0, 1.0f, -2.0f, false}};
+  const int64_t step = 1;
   for (int config : {1, 2, 3, 0}) {
     for (const Options& o : options) {
       std::fill(top_k.begin(), top_k.end(), o.k);
@@ -43,7 +44,7 @@ int sampler_cases() {
       std::fill(log_min_p.begin(), log_min_p.end(), o.log_min_p);
       const bool truncate = o.k > 0 || o.p < 1.0f || o.log_min_p > -INFINITY;
       const int rc = rk_emu_sample(0, config, logits.data(), V, B, V, greedy.data(), temperature.data(), top_k.data(),
-                                   top_p.data(), log_min_p.data(), seeds.data(), 1, true, truncate, o.raw,
+                                   top_p.data(), log_min_p.data(), seeds.data(), &step, true, truncate, o.raw,
                                    tokens.data(), logprobs.data());
       if (rc != 0) return rc;
       if (config == 0) break;  // the production configuration (512 threads) once: it is slow under the sanitizer

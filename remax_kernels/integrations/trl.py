@@ -327,8 +327,8 @@ def use_remax_kernels(trainer, *, fused_loss: bool = True):
     - with ``fused_loss`` (GRPO only): the loss is ``remax_kernels.hf.causal_lm_policy_loss`` when it is exactly
       TRL's: ``loss_type`` in grpo / bnpo / dr_grpo / dapo, token-level importance sampling, on-policy batches (no
       ``old_per_token_logps``: ``num_iterations=1`` and generation aligned with the optimizer steps, TRL's
-      default), KL to the reference (k3) and the entropy bonus (bnpo only). The logged loss, ``kl`` and clip
-      metrics are TRL's; ``entropy`` is logged when the fused loss computes it (``entropy_coef != 0``). Other
+      default), KL to the reference (k3) and the entropy bonus (bnpo only). The logged loss, ``kl``, ``entropy``
+      and clip metrics are TRL's (the fused loss always computes the entropy, at no extra read). Other
       configurations warn once and use TRL's loss code on the kernels' log-probs. RLOO's loss (a sequence-level
       ratio) is always TRL's code on the kernels' log-probs.
 

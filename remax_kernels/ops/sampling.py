@@ -64,9 +64,9 @@ import math
 import torch
 
 from remax_kernels import _cuda
-from remax_kernels._dispatch import resolve_backend
+from remax_kernels._dispatch import check_backend, resolve_backend
 from remax_kernels._triton import jit, tl, triton
-from remax_kernels._validate import check_float, check_same_device, check_tensor
+from remax_kernels._validate import check_float, check_same_device, check_tensor, value_checks_enabled
 
 LOGPROB_MODES = ("processed", "raw")
 # Thresholds tested per search pass: the candidate key range shrinks ~NUM_PIVOTS-fold per pass.
@@ -110,7 +110,7 @@ def _gumbel_noise(seed, row_key, step, groups):
     k0 = seed.to(tl.uint32) + zero
     k1 = (seed >> 32).to(tl.uint32) + zero
     c1 = row_key.to(tl.uint32) + zero
-    c2 = (zero.to(tl.int64) + step).to(tl.uint32)  # step may arrive as a constexpr or an int64
+    c2 = (zero.to(tl.int64) + step).to(tl.uint32)
     w0, w1, w2, w3 = _philox4x32(k0, k1, groups.to(tl.uint32) + zero, c1, c2, zero)
     word = tl.join(tl.join(w0, w2), tl.join(w1, w3))
     # 23 random bits + 0.5: u in [2^-24, 1 - 2^-24], both exact in fp32, so neither log() sees 0.
@@ -193,7 +193,7 @@ def _race_step(score, z, x, v0, offs, best, best_arg, best_z, best_x, RAW: tl.co
 @jit
 def _sample_kernel(
     logits_ptr, stride_row, greedy_ptr, temp_ptr, top_k_ptr, top_p_ptr, log_min_p_ptr, seed_ptr,
-    tokens_ptr, logprobs_ptr, V, step,
+    tokens_ptr, logprobs_ptr, V, step_ptr,
     KEY_ROW: tl.constexpr, TRUNCATE: tl.constexpr, RAW: tl.constexpr, BLOCK_V: tl.constexpr,
     SEARCH_BLOCK_V: tl.constexpr, NUM_PIVOTS: tl.constexpr,
 ):
@@ -201,6 +201,7 @@ def _sample_kernel(
     # Grid: (B,). Passes over the row: 1 without truncation; with it, 1 + search passes + 1 (see module docstring).
     row = tl.program_id(0)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
+    step = tl.load(step_ptr)  # from device memory: a captured CUDA graph replays with the next step's value
     greedy = tl.load(greedy_ptr + row) != 0
     sampled = ~greedy
     temp = tl.load(temp_ptr + row)
@@ -302,7 +303,7 @@ def _sample_kernel(
 @jit
 def _fused_sample_kernel(
     hidden_ptr, weight_ptr, bias_ptr, temp_ptr, seed_ptr, part_f_ptr, part_i_ptr,
-    B, V, H, stride_hb, stride_wv, step, v_per_split, n_splits,
+    B, V, H, stride_hb, stride_wv, step_ptr, v_per_split, n_splits,
     HAS_BIAS: tl.constexpr, KEY_ROW: tl.constexpr, RAW: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
@@ -316,6 +317,7 @@ def _fused_sample_kernel(
     # part_i layout [2, B, n_splits]: best index, greedy index.
     pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
+    step = tl.load(step_ptr)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
     temp = tl.load(temp_ptr + rows, mask=row_mask, other=1.0)
@@ -425,9 +427,9 @@ def _philox4x32_torch(k0, k1, c0, c1, c2, c3) -> tuple[torch.Tensor, torch.Tenso
     return c0, c1, c2, c3
 
 
-def _gumbel_noise_torch(seed: torch.Tensor, row_key: torch.Tensor, step: int, v0: int, v1: int) -> torch.Tensor:
-    """fp32 Gumbel noise ``[n, v1 - v0]`` of vocabulary entries ``v0..v1-1`` for seeds/row keys ``[n]`` (int64):
-    the kernels' stream, one Philox call per group of four entries."""
+def _gumbel_noise_torch(seed: torch.Tensor, row_key: torch.Tensor, step, v0: int, v1: int) -> torch.Tensor:
+    """fp32 Gumbel noise ``[n, v1 - v0]`` of vocabulary entries ``v0..v1-1`` for seeds/row keys ``[n]`` (int64) and
+    ``step`` (an int or a one-element int64 tensor): the kernels' stream, one Philox call per group of four."""
     q0, q1 = v0 >> 2, (v1 + 3) >> 2
     shape = (seed.shape[0], q1 - q0)
     c0 = torch.arange(q0, q1, device=seed.device)[None, :].expand(shape)
@@ -606,15 +608,17 @@ _INTS = (torch.int64, torch.int32)
 def check_sampling_options(*, temperature, top_k, top_p, min_p) -> None:
     """The checks ``sample_and_greedy`` makes of its sampling options, for callers that want them to fail before
     any heavy work (``generate_pairs`` before its prefill); raises ValueError/TypeError naming the option."""
-    _parse_options(1, 2, torch.device("cpu"), torch.zeros(1, dtype=torch.bool), temperature, top_k, top_p, min_p,
-                   0, 0, "processed")
+    parse_options(1, 2, torch.device("cpu"), torch.zeros(1, dtype=torch.bool), temperature, top_k, top_p, min_p, 0,
+                  "processed")
 
 
-def _parse_options(batch, vocab, device, greedy_mask, temperature, top_k, top_p, min_p, seed, step, logprobs):
-    """Validate the per-call options; returns contiguous per-row tensors ``[B]`` and host-side flags.
+def parse_options(batch, vocab, device, greedy_mask, temperature, top_k, top_p, min_p, seed, logprobs):
+    """Validate the per-call options on the host; returns contiguous per-row tensors ``[B]`` and host-side flags:
+    ``(temp, top_k, top_p, log_min_p, seeds, greedy_mask, key_row, truncate)``.
 
-    Scalar options cost no device sync (except ``temperature=0``, which checks that every row is greedy); per-row
-    tensors are range-checked with ONE device sync for all of them.
+    Scalar options are checked here at no cost. Checks that read tensor VALUES (per-row option tensors in range,
+    temperature 0 only at greedy rows) run inside the op, on CPU tensors always and on CUDA only with
+    ``REMAX_KERNELS_CHECKS=1`` (``_check_option_values``): nothing here synchronizes with the device.
     """
     check_tensor("greedy_mask", greedy_mask)
     if greedy_mask.dtype != torch.bool:
@@ -625,34 +629,22 @@ def _parse_options(batch, vocab, device, greedy_mask, temperature, top_k, top_p,
         raise ValueError(f"greedy_mask: is on {greedy_mask.device} but the logits are on {device}")
     if logprobs not in LOGPROB_MODES:
         raise ValueError(f"logprobs: must be one of {LOGPROB_MODES}, got {logprobs!r}")
-    if not _is_int(step):
-        raise TypeError(f"step: expected a Python int (the decode position), got {type(step).__name__}")
-    if not 0 <= step < 2**32:
-        raise ValueError(f"step: must be in [0, 2**32), got {step}")
-
-    bad_counts: list[tuple[str, torch.Tensor, str]] = []
-    sampled = ~greedy_mask
 
     if isinstance(temperature, torch.Tensor):
         temp = _row_tensor("temperature", temperature, batch, device, _FLOATS, "floating").float()
-        bad_counts.append(("temperature", ~torch.isfinite(temp) | (temp < 0), "values that are NaN, inf or negative"))
-        bad_counts.append(("temperature", (temp == 0) & sampled, "zeros at sampled rows (only greedy rows may be 0)"))
     elif _is_number(temperature):
         t = float(temperature)
         if t != t or t < 0 or t == math.inf:
             raise ValueError(f"temperature: must be a finite number >= 0, got {temperature!r}")
         if 0 < t < torch.finfo(torch.float32).tiny:
             raise ValueError(f"temperature: {t!r} underflows float32; use a value >= 1.2e-38")
-        if t == 0 and batch and not bool(greedy_mask.all()):
-            raise ValueError("temperature: 0 is only allowed when every row is greedy; sampled rows need T > 0")
         temp = torch.full((batch,), t, dtype=torch.float32, device=device)
     else:
         raise TypeError(f"temperature: expected a float or a per-row tensor, got {type(temperature).__name__}")
 
     truncate = False
     if isinstance(top_k, torch.Tensor):
-        k = _row_tensor("top_k", top_k, batch, device, _INTS, "integer").clamp(max=2**31 - 1).to(torch.int32)
-        bad_counts.append(("top_k", top_k < 0, "negative values"))
+        k = _row_tensor("top_k", top_k, batch, device, _INTS, "integer").clamp(min=-1, max=2**31 - 1).to(torch.int32)
         truncate = True
     elif _is_int(top_k):
         if top_k < 0:
@@ -664,7 +656,6 @@ def _parse_options(batch, vocab, device, greedy_mask, temperature, top_k, top_p,
 
     if isinstance(top_p, torch.Tensor):
         p = _row_tensor("top_p", top_p, batch, device, _FLOATS, "floating").float()
-        bad_counts.append(("top_p", ~((p > 0) & (p <= 1)), "values outside (0, 1]"))
         truncate = True
     elif _is_number(top_p):
         if not 0 < float(top_p) <= 1:
@@ -676,8 +667,8 @@ def _parse_options(batch, vocab, device, greedy_mask, temperature, top_k, top_p,
 
     if isinstance(min_p, torch.Tensor):
         mp = _row_tensor("min_p", min_p, batch, device, _FLOATS, "floating")
-        bad_counts.append(("min_p", ~((mp >= 0) & (mp < 1)), "values outside [0, 1)"))
-        log_min_p = torch.log(mp.double()).float()  # log(0) = -inf: disabled
+        # log(0) = -inf: disabled. A value outside [0, 1) becomes NaN or >= 0 here and is reported by the op.
+        log_min_p = torch.where((mp >= 0) & (mp < 1), torch.log(mp.double()), math.nan).float()
         truncate = True
     elif _is_number(min_p):
         if not 0 <= float(min_p) < 1:
@@ -698,13 +689,46 @@ def _parse_options(batch, vocab, device, greedy_mask, temperature, top_k, top_p,
         key_row = True
     else:
         raise TypeError(f"seed: expected an int or a per-row int64 tensor, got {type(seed).__name__}")
-
-    if bad_counts and batch:
-        counts = torch.stack([bad.sum() for _, bad, _ in bad_counts]).tolist()
-        for (name, _, what), n in zip(bad_counts, counts, strict=True):
-            if n:
-                raise ValueError(f"{name}: {n} {what}")
     return temp, k, p, log_min_p.float(), seeds, greedy_mask.contiguous(), key_row, truncate
+
+
+def step_tensor(step, device: torch.device) -> torch.Tensor:
+    """The decode step as the ops take it: an int64 ``[1]`` tensor on ``device`` (a Python int is filled in on the
+    device, no copy from the host; a one-element integer tensor is used as is, its value read by the kernel)."""
+    if isinstance(step, torch.Tensor):
+        if step.dtype not in _INTS or step.numel() != 1:
+            raise ValueError(f"step: a tensor step must be one int64/int32 value, got {step.dtype} {tuple(step.shape)}")
+        if step.device != device:
+            raise ValueError(f"step: is on {step.device} but the logits are on {device}")
+        return step.reshape(1).to(torch.int64)
+    if not _is_int(step):
+        raise TypeError(f"step: expected an int (the decode position) or a one-element tensor, got "
+                        f"{type(step).__name__}")
+    if not 0 <= step < 2**32:
+        raise ValueError(f"step: must be in [0, 2**32), got {step}")
+    return torch.full((1,), step, dtype=torch.int64, device=device)
+
+
+def _check_option_values(greedy, temp, top_k=None, top_p=None, log_min_p=None, step=None) -> None:
+    """The value checks of the per-row options (``parse_options``), with ONE read of the device for all of them."""
+    if not value_checks_enabled(greedy.device) or greedy.numel() == 0:
+        return
+    checks = [
+        ("temperature", ~torch.isfinite(temp) | (temp < 0), "values that are NaN, inf or negative"),
+        ("temperature", (temp == 0) & ~greedy, "zeros at sampled rows (only greedy rows may have temperature 0)"),
+    ]
+    if step is not None:
+        checks.append(("step", (step < 0) | (step >= 2**32), "values outside [0, 2**32)"))
+    if top_k is not None:
+        checks += [
+            ("top_k", top_k < 0, "negative values"),
+            ("top_p", ~((top_p > 0) & (top_p <= 1)), "values outside (0, 1]"),
+            ("min_p", ~(log_min_p < 0), "values outside [0, 1)"),
+        ]
+    counts = torch.stack([bad.sum() for _, bad, _ in checks]).tolist()
+    for (name, _, what), n in zip(checks, counts, strict=True):
+        if n:
+            raise ValueError(f"{name}: {n} {what}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -740,7 +764,9 @@ def sample_and_greedy(
         min_p: float or per-row tensor ``[B]`` in [0, 1); 0 disables. Keeps ``prob >= min_p * max prob``.
         seed: int (the stream is keyed on (seed, step, row position)) or per-row int64 tensor ``[B]`` (keyed on
             (seed[b], step) only: a row's token then does not depend on the rest of the batch).
-        step: int in [0, 2**32), the decode position; use a new step (or seed) for every draw.
+        step: int in [0, 2**32), the decode position; use a new step (or seed) for every draw. Or a one-element
+            int64 tensor on the logits' device, read by the kernel: a compiled or CUDA-graph-captured decode step
+            then replays with each step's value (no recompilation per step).
         logprobs: ``"processed"`` (log-prob under the distribution actually sampled: temperature + truncation,
             renormalized; greedy rows: temperature only) or ``"raw"`` (``log_softmax(logits)``).
         backend: ``"auto"``, ``"triton"``, ``"cuda"`` (the CUDA kernel of ``csrc/sampling.cuh``; needs the built
@@ -775,32 +801,81 @@ def sample_and_greedy(
     if logits.stride(1) != 1 and batch > 0 and vocab > 1:
         raise ValueError(f"logits: the last dim must be contiguous (stride 1), got strides {tuple(logits.stride())}")
     device = logits.device
-    temp, k, p, log_min_p, seeds, greedy_mask, key_row, truncate = _parse_options(
-        batch, vocab, device, greedy_mask, temperature, top_k, top_p, min_p, seed, step, logprobs
+    temp, k, p, log_min_p, seeds, greedy_mask, key_row, truncate = parse_options(
+        batch, vocab, device, greedy_mask, temperature, top_k, top_p, min_p, seed, logprobs
     )
-    raw = logprobs == "raw"
-    impl = resolve_backend(backend, device, op="sample_and_greedy")
+    check_backend(backend)
+    return _sample_op(logits.detach(), greedy_mask, temp, k, p, log_min_p, seeds, key_row, step_tensor(step, device),
+                      truncate, logprobs == "raw", backend)
+
+
+def sample_launch_config(device_type: str, vocab: int, truncate: bool) -> tuple[int, int, int]:
+    """``(BLOCK_V, SEARCH_BLOCK_V, num_warps)`` of ``_sample_kernel`` (``scripts/compile_triton.py`` compiles the
+    CUDA ones ahead of time and fails on register spills)."""
+    if device_type == "cuda":
+        # Search tiles are [NUM_PIVOTS, 256]. With truncation the kernel holds the search state too: at 8 warps
+        # ptxas caps it at 64 registers and spills; 4 warps (16 values per thread per block) fit in ~96-128.
+        return (2048, 256, 4) if truncate else (2048, 256, 8)
+    block_v = max(4, min(triton.next_power_of_2(vocab), 4096))  # interpreter: one big block; >= 4: Philox groups
+    return block_v, block_v, 4
+
+
+def fused_sample_launch_config(device_type: str, batch: int, vocab: int, sm_count: int, dtype: torch.dtype) -> dict:
+    """Block sizes, warps, stages and vocabulary splits of ``_fused_sample_kernel`` (compiled ahead of time by
+    ``scripts/compile_triton.py``, which fails on register spills)."""
+    if device_type == "cuda":
+        # Per thread: the [BLOCK_B, BLOCK_V] fp32 logit tile, its z / exp / score copies and the four-word Philox
+        # state of BLOCK_V / 4 groups per row. These sizes stay under 255 registers (ptxas -v, sm_80 and sm_90a);
+        # IEEE fp32 dots (no tensor cores) need more registers for the same tile.
+        block_b = min(32 if dtype == torch.float32 else 64, max(16, triton.next_power_of_2(batch)))
+        block_v = 32 if block_b == 64 or dtype == torch.float32 else 64
+        block_h, num_warps, num_stages = 64, 8, 1 if dtype == torch.float32 else 3
+        n_row_blocks = triton.cdiv(batch, block_b)
+        n_splits = max(1, min(triton.cdiv(vocab, block_v), triton.cdiv(4 * sm_count, n_row_blocks)))
+    else:
+        block_b, block_v, block_h, num_warps, num_stages = 16, 64, 32, 4, 1
+        n_splits = min(4, triton.cdiv(vocab, block_v))
+    v_per_split = triton.cdiv(triton.cdiv(vocab, n_splits), block_v) * block_v
+    return dict(BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_H=block_h, num_warps=num_warps, num_stages=num_stages,
+                v_per_split=v_per_split, n_splits=triton.cdiv(vocab, v_per_split))
+
+
+@torch.library.custom_op("remax_kernels::sample_and_greedy", mutates_args=())
+def _sample_op(
+    logits: torch.Tensor, greedy_mask: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+    top_p: torch.Tensor, log_min_p: torch.Tensor, seeds: torch.Tensor, key_row: bool, step: torch.Tensor,
+    truncate: bool, raw: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row options as ``parse_options`` returns them, the step as ``step_tensor`` does -> (tokens int64
+    ``[B]``, logprobs fp32 ``[B]``)."""
+    _check_option_values(greedy_mask, temperature, top_k, top_p, log_min_p, step)
+    batch, vocab = logits.shape
+    device = logits.device
     if batch == 0:
         return torch.empty(0, dtype=torch.int64, device=device), torch.empty(0, dtype=torch.float32, device=device)
+    impl = resolve_backend(backend, device, op="sample_and_greedy")
     if impl == "torch":
-        return _sample_torch(logits, greedy_mask, temp, k, p, log_min_p, seeds, key_row, step, truncate, raw)
+        return _sample_torch(logits, greedy_mask, temperature, top_k, top_p, log_min_p, seeds, key_row, step,
+                             truncate, raw)
     if impl == "cuda":
-        return _cuda.sample_and_greedy(logits, greedy_mask, temp, k, p, log_min_p, seeds, step, key_row, truncate, raw)
-
+        return _cuda.sample_and_greedy(logits, greedy_mask, temperature, top_k, top_p, log_min_p, seeds, step,
+                                       key_row, truncate, raw)
     tokens = torch.empty(batch, dtype=torch.int64, device=device)
     out_logprobs = torch.empty(batch, dtype=torch.float32, device=device)
-    if device.type == "cuda":
-        block_v, search_block_v, num_warps = 2048, 256, 8  # search tiles are [NUM_PIVOTS, 256]
-    else:  # interpreter: numpy is happiest with one big block
-        block_v = search_block_v = max(4, min(triton.next_power_of_2(vocab), 4096))  # >= 4: Philox groups
-        num_warps = 4
+    block_v, search_block_v, num_warps = sample_launch_config(device.type, vocab, truncate)
     _sample_kernel[(batch,)](
-        logits, logits.stride(0), greedy_mask.view(torch.uint8), temp, k, p, log_min_p, seeds,
+        logits, logits.stride(0), greedy_mask.view(torch.uint8), temperature, top_k, top_p, log_min_p, seeds,
         tokens, out_logprobs, vocab, step,
         KEY_ROW=key_row, TRUNCATE=truncate, RAW=raw, BLOCK_V=block_v, SEARCH_BLOCK_V=search_block_v,
         NUM_PIVOTS=_NUM_PIVOTS, num_warps=num_warps,
     )
     return tokens, out_logprobs
+
+
+@_sample_op.register_fake
+def _(logits, greedy_mask, temperature, top_k, top_p, log_min_p, seeds, key_row, step, truncate, raw, backend):
+    batch = logits.shape[0]
+    return logits.new_empty(batch, dtype=torch.int64), logits.new_empty(batch, dtype=torch.float32)
 
 
 def fused_linear_sample_and_greedy(
@@ -862,45 +937,54 @@ def fused_linear_sample_and_greedy(
             raise ValueError(f"{name}: the last dim must be contiguous (stride 1), got strides {tuple(t.stride())}")
     device = check_same_device(hidden=hidden, weight=weight, bias=bias)
     if bias is not None:
-        bias = bias.contiguous()
-    temp, _, _, _, seeds, greedy_mask, key_row, _ = _parse_options(
-        batch, vocab, device, greedy_mask, temperature, 0, 1.0, 0.0, seed, step, logprobs
+        bias = bias.contiguous().detach()
+    temp, _, _, _, seeds, greedy_mask, key_row, _ = parse_options(
+        batch, vocab, device, greedy_mask, temperature, 0, 1.0, 0.0, seed, logprobs
     )
-    raw = logprobs == "raw"
-    impl = resolve_backend(backend, device)
+    check_backend(backend)
+    return _fused_sample_op(hidden.detach(), weight.detach(), bias, greedy_mask, temp, seeds, key_row,
+                            step_tensor(step, device), logprobs == "raw", backend)
+
+
+@torch.library.custom_op("remax_kernels::fused_linear_sample_and_greedy", mutates_args=())
+def _fused_sample_op(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, greedy_mask: torch.Tensor,
+    temperature: torch.Tensor, seeds: torch.Tensor, key_row: bool, step: torch.Tensor, raw: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row options as ``parse_options`` returns them, the step as ``step_tensor`` does -> (tokens int64
+    ``[B]``, logprobs fp32 ``[B]``)."""
+    _check_option_values(greedy_mask, temperature, step=step)
+    batch, hidden_size = hidden.shape
+    vocab = weight.shape[0]
+    device = hidden.device
     if batch == 0:
         return torch.empty(0, dtype=torch.int64, device=device), torch.empty(0, dtype=torch.float32, device=device)
-    if impl == "torch":
-        return _fused_sample_torch(hidden, weight, bias, greedy_mask, temp, seeds, key_row, step, raw)
-
-    if device.type == "cuda":
-        block_b = min(64, max(16, triton.next_power_of_2(batch)))
-        block_v, block_h, num_stages = 128, 64, 3
-        num_warps = 8 if block_b >= 32 else 4  # [BLOCK_B, BLOCK_V] fp32 tiles + Philox state per thread
-        n_row_blocks = triton.cdiv(batch, block_b)
-        target_programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-        n_splits = max(1, min(triton.cdiv(vocab, block_v), triton.cdiv(target_programs, n_row_blocks)))
-    else:
-        block_b, block_v, block_h, num_warps, num_stages = 16, 64, 32, 4, 1
-        n_splits = min(4, triton.cdiv(vocab, block_v))
-    v_per_split = triton.cdiv(triton.cdiv(vocab, n_splits), block_v) * block_v
-    n_splits = triton.cdiv(vocab, v_per_split)
+    if resolve_backend(backend, device) == "torch":
+        return _fused_sample_torch(hidden, weight, bias, greedy_mask, temperature, seeds, key_row, step, raw)
+    sm_count = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+    cfg = fused_sample_launch_config(device.type, batch, vocab, sm_count, hidden.dtype)
+    v_per_split, n_splits = cfg.pop("v_per_split"), cfg.pop("n_splits")
     part_f = torch.empty((9, batch, n_splits), dtype=torch.float32, device=device)
     part_i = torch.empty((2, batch, n_splits), dtype=torch.int32, device=device)
-    grid = (triton.cdiv(batch, block_b), n_splits)
+    grid = (triton.cdiv(batch, cfg["BLOCK_B"]), n_splits)
     _fused_sample_kernel[grid](
-        hidden, weight, bias if bias is not None else hidden, temp, seeds, part_f, part_i,
+        hidden, weight, bias if bias is not None else hidden, temperature, seeds, part_f, part_i,
         batch, vocab, hidden_size, hidden.stride(0), weight.stride(0), step, v_per_split, n_splits,
         HAS_BIAS=bias is not None, KEY_ROW=key_row, RAW=raw,
-        INPUT_PRECISION="ieee" if hidden.dtype == torch.float32 else None,
-        BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_H=block_h, num_warps=num_warps, num_stages=num_stages,
+        INPUT_PRECISION="ieee" if hidden.dtype == torch.float32 else None, **cfg,
     )
     # Deterministic combine over splits: argmax returns the first (lowest-vocabulary) split on ties.
     best_split = part_f[0].argmax(1, keepdim=True)
     greedy_split = part_f[3].argmax(1, keepdim=True)
     pick = lambda t, idx: t.gather(1, idx)[:, 0]
     return _finalize_fused(
-        greedy_mask, temp, pick(part_i[0], best_split), pick(part_f[1], best_split), pick(part_f[2], best_split),
+        greedy_mask, temperature, pick(part_i[0], best_split), pick(part_f[1], best_split), pick(part_f[2], best_split),
         pick(part_i[1], greedy_split), pick(part_f[3], greedy_split), part_f[4], part_f[5], part_f[6], part_f[7],
         part_f[8].sum(1), raw,
     )
+
+
+@_fused_sample_op.register_fake
+def _(hidden, weight, bias, greedy_mask, temperature, seeds, key_row, step, raw, backend):
+    batch = hidden.shape[0]
+    return hidden.new_empty(batch, dtype=torch.int64), hidden.new_empty(batch, dtype=torch.float32)

@@ -100,7 +100,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         i32, i32, ptr, i64, i64, i64, i64, i64, ptr, i64, f32, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64,
     ]
     lib.rk_emu_sample.argtypes = [
-        i32, i32, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_uint32, ctypes.c_bool, ctypes.c_bool,
+        i32, i32, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_bool, ctypes.c_bool,
         ctypes.c_bool, ptr, ptr,
     ]
     for fn in (lib.rk_emu_row_logprobs_fwd, lib.rk_emu_row_logprobs_bwd, lib.rk_emu_sample):
@@ -167,15 +167,16 @@ def row_logprobs_backward(logits, targets, row_max, log_norm, entropy, grad_logp
 
 def sample_and_greedy(logits, greedy, temperature, top_k, top_p, log_min_p, seeds, step, key_row, truncate, raw,
                       *, config=0):
-    """The CUDA decoding step on CPU tensors; per-row arguments as ``sampling._parse_options`` returns them."""
+    """The CUDA decoding step on CPU tensors; per-row arguments as ``sampling.parse_options`` returns them."""
     batch, vocab = logits.shape
     tokens = torch.full((batch,), -1, dtype=torch.int64)
     logprobs = torch.full((batch,), float("nan"))
     args = [t.contiguous() for t in (greedy.view(torch.uint8), temperature.float(), top_k.to(torch.int32),
-                                      top_p.float(), log_min_p.float(), seeds.to(torch.int64))]
+                                      top_p.float(), log_min_p.float(), seeds.to(torch.int64),
+                                      torch.as_tensor(step, dtype=torch.int64).reshape(1))]
     rc = library().rk_emu_sample(
         DTYPE_CODES[logits.dtype], config, _ptr(logits), logits.stride(0), batch, vocab, *(_ptr(a) for a in args),
-        step, key_row, truncate, raw, _ptr(tokens), _ptr(logprobs),
+        key_row, truncate, raw, _ptr(tokens), _ptr(logprobs),
     )
     _check(rc, "sample_and_greedy")
     return tokens, logprobs
