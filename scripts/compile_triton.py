@@ -112,7 +112,7 @@ def sampling_specs() -> list[Spec]:
         sig = _signature(sampling._sample_kernel, {
             "logits_ptr": f"*{ty}", "stride_row": "i32", "greedy_ptr": "*u8", "temp_ptr": "*fp32",
             "top_k_ptr": "*i32", "top_p_ptr": "*fp32", "log_min_p_ptr": "*fp32", "seed_ptr": "*i64",
-            "tokens_ptr": "*i64", "logprobs_ptr": "*fp32", "V": "i32", "step": "i32"})
+            "tokens_ptr": "*i64", "logprobs_ptr": "*fp32", "V": "i32", "step_ptr": "*i64"})
         for block_v, search_block_v, warps in sorted({sampling.sample_launch_config("cuda", v, truncate)
                                                       for v in VOCABS}):
             specs.append(Spec("sampling", sampling._sample_kernel, sig, {
@@ -132,7 +132,7 @@ def _fused_sample_spec(cfg: dict, dt: str, ty: str) -> Spec:
     sig = _signature(sampling._fused_sample_kernel, {
         "hidden_ptr": f"*{ty}", "weight_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "temp_ptr": "*fp32",
         "seed_ptr": "*i64", "part_f_ptr": "*fp32", "part_i_ptr": "*i32", "B": "i32", "V": "i32", "H": "i32",
-        "stride_hb": "i32", "stride_wv": "i32", "step": "i32", "v_per_split": "i32", "n_splits": "i32"})
+        "stride_hb": "i32", "stride_wv": "i32", "step_ptr": "*i64", "v_per_split": "i32", "n_splits": "i32"})
     return Spec("sampling", sampling._fused_sample_kernel, sig, {
         "HAS_BIAS": False, "KEY_ROW": False, "RAW": False, "INPUT_PRECISION": "ieee" if dt == "fp32" else None,
         "BLOCK_B": cfg["BLOCK_B"], "BLOCK_V": cfg["BLOCK_V"], "BLOCK_H": cfg["BLOCK_H"]},
