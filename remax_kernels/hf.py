@@ -226,6 +226,7 @@ def causal_lm_policy_loss(
     temperature: float = 1.0,
     old_logprobs: torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
+    rollout_logprobs: torch.Tensor | None = None,
     options: LossOptions | None = None,
     backend: str = "auto",
     **option_overrides,
@@ -240,7 +241,8 @@ def causal_lm_policy_loss(
         response_mask: ``[B, R]`` 0/1 over the last ``R`` tokens of ``input_ids`` (``R <= L - 1``), e.g.
             ``PairedRollout.sampled_response_mask`` with ``input_ids = PairedRollout.sampled_ids``.
         advantages: ``[B]`` or ``[B, R]`` float, e.g. ``remax_advantages(sampled_reward, greedy_reward)``.
-        old_logprobs, ref_logprobs: optional ``[B, R]``, as in ``remax_kernels.policy_loss``.
+        old_logprobs, ref_logprobs, rollout_logprobs: optional ``[B, R]``, as in ``remax_kernels.policy_loss``
+            (``rollout_logprobs``: e.g. ``PairedRollout.sampled_logprobs``, for the mismatch metrics and TIS).
         options, **option_overrides: the loss options (``remax_kernels.LossOptions`` and/or its fields by keyword).
         backend: for the row kernels, as in ``remax_kernels.fused_linear_policy_loss``.
 
@@ -267,5 +269,6 @@ def causal_lm_policy_loss(
     )
     return fused_linear_policy_loss(
         hidden, weight, targets, advantages, response_mask, bias=bias, temperature=temperature / scale,
-        old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, options=options, backend=backend, **option_overrides,
+        old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs, options=options,
+        backend=backend, **option_overrides,
     )

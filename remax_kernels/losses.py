@@ -9,7 +9,14 @@ log-probs, all constants except ``logp`` and ``entropy``)::
     importance ratio:                r_t  = exp(clamp(logp_t - old_t, -20, 20))
     PPO (clip_ratio=eps):            pg_t = max(-A_t r_t, -A_t clip(r_t, 1 - eps_low, 1 + eps_high))
     dual clip (clip_ratio_c=c):      pg_t = min(pg_t, -A_t c) where A_t < 0
+    rollout correction (TIS):        pg_t *= min(exp(logp_t - rollout_t), rollout_is_cap)   (a constant weight)
     L_t = pg_t + kl_coef * KL_t(logp_t, ref_t) - entropy_coef * entropy_t
+
+``rollout_logprobs`` are the log-probs the rollout engine reported for the tokens it sampled (e.g.
+``PairedRollout.sampled_logprobs``). Given them, the metrics measure the train-rollout mismatch (mean and max
+|logp - rollout|, the importance ratio's mean and spread); with ``rollout_is_cap`` the policy-gradient term is
+reweighted by the truncated importance ratio (TIS, as verl and others correct the mismatch between inference and
+training kernels).
 
 KL estimators (Schulman's k1/k2/k3, verl's ``kl_penalty``; d = logp - ref)::
 
@@ -82,6 +89,8 @@ class LossOptions:
         entropy_coef: weight of the entropy bonus (subtracted from the loss; needs the entropy).
         loss_agg_mode: one of ``LOSS_AGG_MODES`` (weights in the module docstring).
         loss_agg_norm: the constant ``norm`` of ``"seq-mean-token-sum-norm"`` (default: T, the padded length).
+        rollout_is_cap: truncated importance sampling: each token's policy-gradient term is weighted by
+            ``min(exp(logp - rollout_logp), rollout_is_cap)`` (a constant; needs ``rollout_logprobs``); None = off.
 
     Example::
 
@@ -97,6 +106,7 @@ class LossOptions:
     entropy_coef: float = 0.0
     loss_agg_mode: str = "token-mean"
     loss_agg_norm: float | None = None
+    rollout_is_cap: float | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)
@@ -134,6 +144,11 @@ class LossOptions:
             if not (norm > 0 and norm != float("inf")):
                 raise ValueError(f"loss_agg_norm: must be a finite number > 0, got {self.loss_agg_norm!r}")
             set_("loss_agg_norm", norm)
+        if self.rollout_is_cap is not None:
+            cap = float(self.rollout_is_cap)
+            if not (cap > 0 and cap != float("inf")):
+                raise ValueError(f"rollout_is_cap: must be a finite number > 0, got {self.rollout_is_cap!r}")
+            set_("rollout_is_cap", cap)
 
     @classmethod
     def build(cls, options: LossOptions | None = None, **overrides) -> LossOptions:
@@ -148,8 +163,10 @@ class LossOptions:
         # A plain constructor call (not dataclasses.replace/fields), so that torch.compile traces it.
         return cls(**{name: overrides.get(name, getattr(base, name)) for name in _OPTION_NAMES})
 
-    def check_inputs(self, *, has_old: bool, has_ref: bool, has_entropy: bool) -> None:
+    def check_inputs(self, *, has_old: bool, has_ref: bool, has_entropy: bool, has_rollout: bool = False) -> None:
         """The tensors these options need must be given."""
+        if self.rollout_is_cap is not None and not has_rollout:
+            raise ValueError("rollout_logprobs: is required when rollout_is_cap is set (the correction needs them)")
         if not has_old and (self.clip_ratio is not None or self.clip_ratio_c is not None):
             raise ValueError("old_logprobs: is required when clip_ratio or clip_ratio_c is set (the ratio needs it)")
         if self.kl_coef != 0 and not has_ref:
@@ -188,11 +205,12 @@ def token_loss_terms(
     old_logprobs: torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
+    rollout_logprobs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, dict[str, torch.Tensor]]:
     """Elementwise: ``(pg, L, dL/dlogp, dL/dentropy, per-token metrics)`` for tokens with these inputs (all the
     same shape, finite, constants except ``logp``/``entropy``). ``dL/dentropy`` is the constant
-    ``-entropy_coef``. Metrics: ``ppo_kl``, ``clip_frac``, ``clip_frac_lower``, ``kl``, ``entropy`` as the inputs
-    allow."""
+    ``-entropy_coef``. Metrics: ``ppo_kl``, ``clip_frac``, ``clip_frac_lower``, ``kl``, ``entropy``,
+    ``rollout_abs_diff``, ``rollout_is_ratio``, ``rollout_is_clipped`` as the inputs allow."""
     metrics: dict[str, torch.Tensor] = {}
     adv = advantages
     if old_logprobs is None:
@@ -217,6 +235,15 @@ def token_loss_terms(
             metrics["clip_frac_lower"] = capped.to(pg.dtype)
             pg = torch.where(capped, pg_lower, pg)
             d_pg = torch.where(capped, 0.0, d_pg)
+    if rollout_logprobs is not None:
+        diff = logp.detach() - rollout_logprobs
+        ratio = torch.exp(diff.clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP))
+        metrics["rollout_abs_diff"] = diff.abs()
+        metrics["rollout_is_ratio"] = ratio
+        if options.rollout_is_cap is not None:
+            metrics["rollout_is_clipped"] = (ratio > options.rollout_is_cap).to(pg.dtype)
+            is_weight = ratio.clamp(max=options.rollout_is_cap)
+            pg, d_pg = is_weight * pg, is_weight * d_pg
     loss, d_loss = pg, d_pg
     if ref_logprobs is not None:
         kl, d_kl = kl_estimate(logp, ref_logprobs, options.kl_estimator)
@@ -249,7 +276,7 @@ class _TokenInputs:
     """The ``[B, T]`` inputs of the loss in the math dtype, zeroed off the response before any math (so padding
     garbage, NaN or -inf, reaches neither the loss nor, through 0 * NaN, a gradient)."""
 
-    def __init__(self, response_mask, advantages, old_logprobs, ref_logprobs, dtype):
+    def __init__(self, response_mask, advantages, old_logprobs, ref_logprobs, dtype, rollout_logprobs=None):
         self.valid = response_mask != 0
         zero = torch.zeros((), dtype=dtype, device=response_mask.device)
         self.on_response = lambda t: torch.where(self.valid, t.detach().to(dtype), zero)
@@ -257,6 +284,7 @@ class _TokenInputs:
         self.advantages = self.on_response(adv[:, None].expand(self.valid.shape) if adv.dim() == 1 else adv)
         self.old = None if old_logprobs is None else self.on_response(old_logprobs)
         self.ref = None if ref_logprobs is None else self.on_response(ref_logprobs)
+        self.rollout = None if rollout_logprobs is None else self.on_response(rollout_logprobs)
 
 
 def _check_finite_advantages(inputs: _TokenInputs) -> None:
@@ -271,7 +299,8 @@ def _metrics(logp, entropy, inputs: _TokenInputs, weights, options, response_mas
     response of ``logprob_mean``, ``adv_mean``, ``adv_std`` and the per-token metrics of ``token_loss_terms``."""
     with torch.no_grad():
         pg, _, _, _, per_token = token_loss_terms(
-            logp, inputs.advantages, options, old_logprobs=inputs.old, ref_logprobs=inputs.ref, entropy=entropy)
+            logp, inputs.advantages, options, old_logprobs=inputs.old, ref_logprobs=inputs.ref, entropy=entropy,
+            rollout_logprobs=inputs.rollout)
         weight = response_mask.to(dtype)
         n_tokens = weight.sum()
         denom = torch.where(n_tokens > 0, n_tokens, torch.ones_like(n_tokens))
@@ -285,6 +314,10 @@ def _metrics(logp, entropy, inputs: _TokenInputs, weights, options, response_mas
         out["adv_mean"] = adv_mean
         out["adv_std"] = token_mean((inputs.advantages - adv_mean) ** 2).sqrt()
         out["response_tokens"] = n_tokens
+        if inputs.rollout is not None:
+            out["rollout_abs_diff_max"] = torch.where(weight > 0, per_token["rollout_abs_diff"], 0.0).amax()
+            out["rollout_is_ratio_std"] = token_mean((per_token["rollout_is_ratio"] - out["rollout_is_ratio"]) ** 2
+                                                     ).sqrt()
     return out
 
 
@@ -297,9 +330,9 @@ class _WeightedTokenLoss(torch.autograd.Function):
     """``sum(w * L(logp, entropy))`` with the closed-form gradient of ``token_loss_terms``."""
 
     @staticmethod
-    def forward(ctx, logp, entropy, weights, advantages, old, ref, options):
+    def forward(ctx, logp, entropy, weights, advantages, old, ref, rollout, options):
         _, loss_tok, d_logp, d_entropy, _ = token_loss_terms(
-            logp, advantages, options, old_logprobs=old, ref_logprobs=ref, entropy=entropy)
+            logp, advantages, options, old_logprobs=old, ref_logprobs=ref, entropy=entropy, rollout_logprobs=rollout)
         ctx.save_for_backward(weights * d_logp, weights * d_entropy)
         return (weights * loss_tok).sum()
 
@@ -307,7 +340,7 @@ class _WeightedTokenLoss(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         g_logp, g_entropy = ctx.saved_tensors
-        return grad * g_logp, grad * g_entropy if ctx.needs_input_grad[1] else None, None, None, None, None, None
+        return (grad * g_logp, grad * g_entropy if ctx.needs_input_grad[1] else None) + (None,) * 6
 
 
 def _check_token_tensor(name: str, t, shape: tuple) -> torch.Tensor:
@@ -337,6 +370,7 @@ def policy_loss(
     old_logprobs: torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
+    rollout_logprobs: torch.Tensor | None = None,
     options: LossOptions | None = None,
     **option_overrides,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -350,6 +384,8 @@ def policy_loss(
             ``clip_ratio`` and ``clip_ratio_c``. Passing ``logprobs.detach()`` gives exactly the REINFORCE gradient.
         ref_logprobs: ``[B, T]`` reference-policy log-probs (constants), for the KL term and the ``kl`` metric.
         entropy: ``[B, T]`` per-token entropy of the current policy (may require grad), for the bonus and metric.
+        rollout_logprobs: ``[B, T]`` log-probs the rollout engine reported for these tokens (constants): the
+            train-rollout mismatch metrics, and the TIS weights with ``rollout_is_cap``.
         options: a ``LossOptions`` (default: its defaults, the paper's loss).
         **option_overrides: any ``LossOptions`` field by keyword (``clip_ratio``, ``clip_ratio_c``, ``kl_coef``,
             ``kl_estimator``, ``entropy_coef``, ``loss_agg_mode``, ``loss_agg_norm``), applied over ``options``.
@@ -360,7 +396,10 @@ def policy_loss(
         policy-gradient part, aggregated like the loss), ``logprob_mean``, ``adv_mean``, ``adv_std`` (population
         std), ``response_tokens``; plus ``kl`` (with ``ref_logprobs``), ``entropy`` (with ``entropy``), ``ppo_kl``
         (mean old - logp) with ``old_logprobs``, ``clip_frac`` with ``clip_ratio``, ``clip_frac_lower`` with
-        ``clip_ratio_c``. The backward is the closed form of ``token_loss_terms`` (once differentiable).
+        ``clip_ratio_c``; with ``rollout_logprobs``: ``rollout_abs_diff`` (mean |logp - rollout|),
+        ``rollout_abs_diff_max``, ``rollout_is_ratio`` and ``rollout_is_ratio_std`` (exp(logp - rollout)) and,
+        with ``rollout_is_cap``, ``rollout_is_clipped`` (the fraction of tokens whose weight was capped). The
+        backward is the closed form of ``token_loss_terms`` (once differentiable).
 
     Non-finite advantages at response tokens raise ``ValueError`` on CPU tensors (on CUDA with
     ``REMAX_KERNELS_CHECKS=1``: the check reads device memory).
@@ -378,25 +417,27 @@ def policy_loss(
         raise ValueError(f"logprobs: expected a 2-D tensor [B, T], got shape {tuple(logprobs.shape)}")
     shape = tuple(logprobs.shape)
     _check_mask_and_advantages(response_mask, advantages, shape, "logprobs")
-    for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs), ("entropy", entropy)):
+    for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs), ("entropy", entropy),
+                    ("rollout_logprobs", rollout_logprobs)):
         if t is not None:
             _check_token_tensor(name, t, shape)
     check_same_device(
         logprobs=logprobs, advantages=advantages, response_mask=response_mask, old_logprobs=old_logprobs,
-        ref_logprobs=ref_logprobs, entropy=entropy,
+        ref_logprobs=ref_logprobs, entropy=entropy, rollout_logprobs=rollout_logprobs,
     )
     opts = LossOptions.build(options, **option_overrides)
     opts.check_inputs(has_old=old_logprobs is not None, has_ref=ref_logprobs is not None,
-                      has_entropy=entropy is not None)
+                      has_entropy=entropy is not None, has_rollout=rollout_logprobs is not None)
     # fp32 math whatever the input precision (float64 inputs stay float64, for references and tests).
     dtype = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
-    inputs = _TokenInputs(response_mask, advantages, old_logprobs, ref_logprobs, dtype)
+    inputs = _TokenInputs(response_mask, advantages, old_logprobs, ref_logprobs, dtype, rollout_logprobs)
     _check_finite_advantages(inputs)
     zero = torch.zeros((), dtype=dtype, device=logprobs.device)
     logp = torch.where(inputs.valid, logprobs.to(dtype), zero)
     ent = None if entropy is None else torch.where(inputs.valid, entropy.to(dtype), zero)
     weights = aggregation_weights(response_mask, opts, dtype)
-    loss = _WeightedTokenLoss.apply(logp, ent, weights, inputs.advantages, inputs.old, inputs.ref, opts)
+    loss = _WeightedTokenLoss.apply(logp, ent, weights, inputs.advantages, inputs.old, inputs.ref, inputs.rollout,
+                                    opts)
     return loss, _metrics(logp.detach(), None if ent is None else ent.detach(), inputs, weights, opts, response_mask,
                           dtype)
 
@@ -410,9 +451,10 @@ def policy_loss(
 def _fused_loss_op(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
     token_weights: torch.Tensor, advantages: torch.Tensor, old_logprobs: torch.Tensor | None,
-    ref_logprobs: torch.Tensor | None, temperature: float, clip_low: float | None, clip_high: float | None,
-    clip_ratio_c: float | None, kl_coef: float, kl_estimator: str, entropy_coef: float, dtype: torch.dtype,
-    backend: str, need_hidden: bool, need_weight: bool, need_bias: bool,
+    ref_logprobs: torch.Tensor | None, rollout_logprobs: torch.Tensor | None, temperature: float,
+    clip_low: float | None, clip_high: float | None, clip_ratio_c: float | None, kl_coef: float, kl_estimator: str,
+    entropy_coef: float, rollout_is_cap: float | None, dtype: torch.dtype, backend: str, need_hidden: bool,
+    need_weight: bool, need_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Flat ``[N]`` per-token inputs (``targets`` -100 off the response) -> (fp32 0-d loss, logp ``[N]``, entropy
     ``[N]`` or ``[0]``, grad_hidden, grad_weight, grad_bias for a unit upstream gradient, ``[0]`` when not needed).
@@ -427,19 +469,21 @@ def _fused_loss_op(
         if n_high:
             raise ValueError(f"targets: {n_high} values >= vocab size {vocab} at response tokens")
     options = LossOptions(clip_ratio=None if clip_low is None else (clip_low, clip_high), clip_ratio_c=clip_ratio_c,
-                          kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef)
+                          kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
+                          rollout_is_cap=rollout_is_cap)
     n_rows = hidden.shape[0]
     entropy_grad = entropy_coef != 0
     head = LmHead(hidden, weight, bias, targets, _IGNORE_INDEX, dtype, temperature, backend)
     per_row = {name: None if t is None else t.index_select(0, head.rows)
                for name, t in (("w", token_weights), ("adv", advantages), ("old", old_logprobs),
-                               ("ref", ref_logprobs))}
+                               ("ref", ref_logprobs), ("rollout", rollout_logprobs))}
     losses = []
 
     def upstream(part, logp, entropy):
         sel = {name: None if t is None else t[part] for name, t in per_row.items()}
         _, loss_tok, d_logp, d_entropy, _ = token_loss_terms(
-            logp, sel["adv"], options, old_logprobs=sel["old"], ref_logprobs=sel["ref"], entropy=entropy)
+            logp, sel["adv"], options, old_logprobs=sel["old"], ref_logprobs=sel["ref"], entropy=entropy,
+            rollout_logprobs=sel["rollout"])
         losses.append((sel["w"] * loss_tok).sum())
         return sel["w"] * d_logp, (sel["w"] * d_entropy if entropy_grad else None)
 
@@ -456,9 +500,9 @@ def _fused_loss_op(
 
 
 @_fused_loss_op.register_fake
-def _(hidden, weight, bias, targets, token_weights, advantages, old_logprobs, ref_logprobs, temperature, clip_low,
-      clip_high, clip_ratio_c, kl_coef, kl_estimator, entropy_coef, dtype, backend, need_hidden, need_weight,
-      need_bias):
+def _(hidden, weight, bias, targets, token_weights, advantages, old_logprobs, ref_logprobs, rollout_logprobs,
+      temperature, clip_low, clip_high, clip_ratio_c, kl_coef, kl_estimator, entropy_coef, rollout_is_cap, dtype,
+      backend, need_hidden, need_weight, need_bias):
     n = hidden.shape[0]
     empty = lambda: hidden.new_empty(0)
     return (hidden.new_empty((), dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32),
@@ -490,13 +534,13 @@ def _fused_loss_backward(ctx, grad_loss, *_):
     # The gradients were finished in the forward for a unit upstream gradient; the chain rule only scales them.
     # In place, so a second backward through the same graph is refused.
     if grad_loss is None:
-        return (None,) * 20
+        return (None,) * 22
     if getattr(ctx, "used", False):
         raise RuntimeError("fused_linear_policy_loss: backward through the same loss twice is not supported (its "
                            "stored gradients were already scaled); compute the loss again")
     ctx.used = True
     grads = [_scaled(g, grad_loss) if need else None for g, need in zip(ctx.saved_tensors, ctx.needs, strict=True)]
-    return (*grads,) + (None,) * 17
+    return (*grads,) + (None,) * 19
 
 
 _fused_loss_op.register_autograd(_fused_loss_backward, setup_context=_fused_loss_setup_context)
@@ -513,6 +557,7 @@ def fused_linear_policy_loss(
     temperature: float = 1.0,
     old_logprobs: torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
+    rollout_logprobs: torch.Tensor | None = None,
     options: LossOptions | None = None,
     backend: str = "auto",
     **option_overrides,
@@ -539,7 +584,7 @@ def fused_linear_policy_loss(
         bias: optional ``[V]`` lm-head bias.
         temperature: the sampling temperature (> 0): log-probs are taken under ``softmax(logits / temperature)``,
             the distribution the tokens were sampled from.
-        old_logprobs, ref_logprobs: ``[B, T]``, as in ``policy_loss``.
+        old_logprobs, ref_logprobs, rollout_logprobs: ``[B, T]``, as in ``policy_loss``.
         options, **option_overrides: the loss options, as in ``policy_loss``.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` for the row kernels (see ``remax_kernels._dispatch``).
 
@@ -573,28 +618,31 @@ def fused_linear_policy_loss(
     if tuple(targets.shape) != shape:
         raise ValueError(f"targets: shape {tuple(targets.shape)} does not match hidden's [B, T] = {shape}")
     _check_mask_and_advantages(response_mask, advantages, shape, "targets")
-    for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
+    for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs),
+                    ("rollout_logprobs", rollout_logprobs)):
         if t is not None and tuple(check_tensor(name, t).shape) != shape:
             raise ValueError(f"{name}: shape {tuple(t.shape)} does not match targets {shape}")
     check_same_device(
         hidden=hidden, targets=targets, response_mask=response_mask, advantages=advantages,
-        old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+        old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs,
     )
     temperature = check_temperature("temperature", temperature)
     check_backend(backend)
     opts = LossOptions.build(options, **option_overrides)
-    opts.check_inputs(has_old=old_logprobs is not None, has_ref=ref_logprobs is not None, has_entropy=True)
+    opts.check_inputs(has_old=old_logprobs is not None, has_ref=ref_logprobs is not None, has_entropy=True,
+                      has_rollout=rollout_logprobs is not None)
     dtype = compute_dtype(hidden, weight)
 
-    inputs = _TokenInputs(response_mask, advantages, old_logprobs, ref_logprobs, torch.float32)
+    inputs = _TokenInputs(response_mask, advantages, old_logprobs, ref_logprobs, torch.float32, rollout_logprobs)
     weights = aggregation_weights(response_mask, opts, torch.float32)
     flat = lambda t: None if t is None else t.reshape(-1)
     grad_on = torch.is_grad_enabled()
     clip_low, clip_high = opts.clip_ratio if opts.clip_ratio is not None else (None, None)
     loss, logp, entropy, _, _, _ = _fused_loss_op(
         hidden.reshape(-1, hidden_size), weight, bias, targets.masked_fill(~inputs.valid, _IGNORE_INDEX).reshape(-1),
-        weights.reshape(-1), inputs.advantages.reshape(-1), flat(inputs.old), flat(inputs.ref), temperature,
-        clip_low, clip_high, opts.clip_ratio_c, opts.kl_coef, opts.kl_estimator, opts.entropy_coef, dtype, backend,
+        weights.reshape(-1), inputs.advantages.reshape(-1), flat(inputs.old), flat(inputs.ref), flat(inputs.rollout),
+        temperature, clip_low, clip_high, opts.clip_ratio_c, opts.kl_coef, opts.kl_estimator, opts.entropy_coef,
+        opts.rollout_is_cap, dtype, backend,
         grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
         grad_on and bias is not None and bias.requires_grad,
     )
@@ -642,11 +690,13 @@ class ReMaxLoss(nn.Module):
         bias: torch.Tensor | None = None,
         ref_logprobs: torch.Tensor | None = None,
         old_logprobs: torch.Tensor | None = None,
+        rollout_logprobs: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Shapes as ``fused_linear_policy_loss``; returns ``(loss, metrics)``."""
         return fused_linear_policy_loss(
             hidden, lm_head_weight, targets, advantages, response_mask, bias=bias, temperature=self.temperature,
-            old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, options=self.options, backend=self.backend,
+            old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs,
+            options=self.options, backend=self.backend,
         )
 
     def extra_repr(self) -> str:

@@ -41,8 +41,8 @@ def _opcheck_cases(device, backend):
         (ops.fused_linear_logprobs.default, (flat_h, w, b, flat_t, -100, 0.8, True, torch.float32, backend)),
         (ops.fused_linear_policy_loss.default,
          (flat_h, w, b, flat_t, torch.rand(n, device=device), torch.randn(n, device=device),
-          torch.randn(n, device=device) - 3, torch.randn(n, device=device) - 3, 1.0, 0.2, 0.28, 3.0, 0.1, "k3",
-          0.01, torch.float32, backend, True, True, True)),
+          torch.randn(n, device=device) - 3, torch.randn(n, device=device) - 3, torch.randn(n, device=device) - 3,
+          1.0, 0.2, 0.28, 3.0, 0.1, "k3", 0.01, 2.0, torch.float32, backend, True, True, True)),
     ]
 
 

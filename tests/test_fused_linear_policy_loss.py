@@ -23,6 +23,8 @@ CASES = {
     ),
     "k2-sum-norm": dict(bias=True, kl_coef=0.05, kl_estimator="k2", loss_agg_mode="seq-mean-token-sum-norm",
                         loss_agg_norm=16.0),
+    # Truncated importance sampling against the rollout's log-probs.
+    "tis": dict(per_token_adv=True, use_rollout=True, rollout_is_cap=1.2),
 }
 
 
@@ -49,7 +51,8 @@ def reference(hidden, weight, bias, targets, mask, adv, *, temperature=1.0, old=
 
 def run_case(case, dtype, device, backend):
     opts = dict(CASES[case])
-    per_token_adv, use_bias, use_old = (opts.pop(k, False) for k in ("per_token_adv", "bias", "use_old"))
+    per_token_adv, use_bias, use_old, use_rollout = (opts.pop(k, False) for k in ("per_token_adv", "bias", "use_old",
+                                                                                   "use_rollout"))
     temperature = opts.pop("temperature", 1.0)
     hidden, weight, bias, targets, mask, adv = make_inputs(dtype, device, per_token_adv=per_token_adv, bias=use_bias)
     leaves64 = [t.detach().double().requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
@@ -58,6 +61,9 @@ def run_case(case, dtype, device, backend):
                                              temperature=temperature)
     old = (logp0 + 0.3 * torch.randn_like(logp0)).float() if use_old else None
     ref_lp = (logp0 + 0.5 * torch.randn_like(logp0)).float() if opts.get("kl_coef") else None
+    rollout = (logp0 + 0.3 * torch.randn_like(logp0)).float() if use_rollout else None
+    if use_rollout:
+        opts["rollout_logprobs"] = rollout
 
     ref_loss, ref_logp, ref_ent = reference(*leaves64, targets, mask, adv, temperature=temperature, old=old,
                                             ref=ref_lp, **opts)
@@ -188,7 +194,8 @@ def test_bf16_on_gpu_large_vocab(case):
     """bf16 at a realistic vocabulary: the kernel's error vs float64 must be within ~2x plain torch's bf16 error."""
     device = torch.device("cuda")
     # No old log-probs here (the ratio terms are elementwise on [B, T], covered above): the kernel is what is tested.
-    opts = {k: v for k, v in CASES[case].items() if k not in ("use_old", "clip_ratio", "clip_ratio_c")}
+    opts = {k: v for k, v in CASES[case].items()
+            if k not in ("use_old", "clip_ratio", "clip_ratio_c", "use_rollout", "rollout_is_cap")}
     per_token_adv, use_bias = opts.pop("per_token_adv", False), opts.pop("bias", False)
     temperature = opts.pop("temperature", 1.0)
     hidden, weight, bias, targets, mask, adv = make_inputs(torch.bfloat16, device, B=4, T=64, H=512, V=32003,

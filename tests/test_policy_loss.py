@@ -257,3 +257,38 @@ def test_bad_inputs_name_the_argument():
         policy_loss(logp, adv, mask, old_logprobs=old, clip_ratio=1.5)
     with pytest.raises(ValueError, match="clip_ratio_c"):
         policy_loss(logp, adv, mask, old_logprobs=old, clip_ratio_c=0.5)
+
+
+@pytest.mark.parametrize("clip", ["reinforce", "ppo"])
+def test_truncated_importance_sampling_matches_reference(clip):
+    """rollout_is_cap weights each token's policy-gradient term by min(pi / pi_rollout, cap), a constant."""
+    logp, adv, mask, old, ref, entropy = batch(per_token_adv=True)
+    rollout = logp + torch.randn_like(logp) * 0.5  # ratios on both sides of the cap
+    ours, refs = run_both(logp, adv, mask, old, ref, entropy, rollout_logprobs=rollout, rollout_is_cap=1.5,
+                          kl_coef=0.1, **CLIPS[clip])
+    loss, metrics, g_logp, _ = ours
+    assert_rel_close(loss, refs[0], F32, name="loss")
+    assert_rel_close(g_logp, refs[1], F32, name="d loss / d logprobs")
+    ratio = torch.exp(logp - rollout)[mask]
+    torch.testing.assert_close(metrics["rollout_is_clipped"], (ratio > 1.5).float().mean())
+    assert 0 < float(metrics["rollout_is_clipped"]) < 1
+
+
+def test_rollout_mismatch_metrics():
+    """Given the rollout's log-probs, the metrics measure |logp - rollout| (mean, max) and the ratio's spread; an
+    exact match reads 0 and 1; the loss is unchanged without rollout_is_cap."""
+    logp, adv, mask, *_ = batch()
+    gap = torch.randn_like(logp) * 0.01
+    plain, _ = policy_loss(logp, adv, mask)
+    loss, m = policy_loss(logp, adv, mask, rollout_logprobs=logp + gap)
+    torch.testing.assert_close(loss, plain, rtol=0, atol=0)
+    torch.testing.assert_close(m["rollout_abs_diff"], gap[mask].abs().mean())
+    torch.testing.assert_close(m["rollout_abs_diff_max"], gap[mask].abs().max())
+    torch.testing.assert_close(m["rollout_is_ratio"], torch.exp(-gap[mask]).mean())
+    torch.testing.assert_close(m["rollout_is_ratio_std"], torch.exp(-gap[mask]).std(unbiased=False))
+    _, exact = policy_loss(logp, adv, mask, rollout_logprobs=logp.clone())
+    assert float(exact["rollout_abs_diff_max"]) == 0.0 and float(exact["rollout_is_ratio"]) == 1.0
+    with pytest.raises(ValueError, match="rollout_logprobs.*required"):
+        policy_loss(logp, adv, mask, rollout_is_cap=2.0)
+    with pytest.raises(ValueError, match="rollout_is_cap"):
+        policy_loss(logp, adv, mask, rollout_logprobs=logp, rollout_is_cap=0.0)

@@ -118,6 +118,8 @@ def ref_policy_loss(
     entropy_coef=0.0,
     loss_agg_mode="token-mean",
     loss_agg_norm=None,
+    rollout_logprobs=None,
+    rollout_is_cap=None,
 ):
     """float64 loss (0-d), differentiable in ``logprobs`` and ``entropy``. Inputs must be finite (no padding NaN)."""
     logp = logprobs.double()
@@ -135,6 +137,9 @@ def ref_policy_loss(
             loss = torch.maximum(loss, -adv * torch.clamp(ratio, 1 - low, 1 + high))
         if clip_ratio_c is not None:
             loss = torch.where(adv < 0, torch.minimum(loss, -adv * clip_ratio_c), loss)
+    if rollout_is_cap is not None:  # truncated importance sampling: a constant weight per token
+        weight = torch.exp(torch.clamp(logp.detach() - rollout_logprobs.double(), min=-20, max=20))
+        loss = loss * torch.clamp(weight, max=rollout_is_cap)
     if ref_logprobs is not None and kl_coef:
         loss = loss + kl_coef * ref_kl(logp, ref_logprobs.detach().double(), kl_estimator)
     if entropy is not None and entropy_coef:
