@@ -28,12 +28,13 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from remax_kernels.losses import KL_ESTIMATORS, LOSS_AGG_MODES, LossOptions
+
 ESTIMATORS = ("remax", "reinforce", "rloo", "grpo")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 KL_PENALTIES = ("reward", "loss")
-KL_ESTIMATORS = ("k1", "k2", "k3")
 KL_MODES = ("sum", "one-step")
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+ROLLOUT_CORRECTIONS = ("none", "tis")
 DEVICES = ("auto", "cpu", "cuda")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 TASKS = ("addition",)
@@ -146,6 +147,11 @@ class TrainConfig:
     whiten: bool = _f(False, "whiten the advantages over the batch (single process only)")
     entropy_coef: float = _f(0.0, "entropy bonus coefficient")
     loss_agg_mode: str = _f("token-mean", "how per-token losses are averaged", choices=LOSS_AGG_MODES)
+    rollout_correction: str = _f("none", "'tis': weight each token's policy-gradient term by min(pi_train / "
+                                         "pi_rollout, tis_cap) (truncated importance sampling) to correct the "
+                                         "rollout-train log-prob mismatch, which is measured and logged either way",
+                                 choices=ROLLOUT_CORRECTIONS)
+    tis_cap: float = _f(2.0, "rollout_correction 'tis': the cap of the importance weight")
     # --- systems -----------------------------------------------------------------------------------------------------
     device: str = _f("auto", "auto (CUDA when available), cpu or cuda", choices=DEVICES)
     cpu_threads: int = _f(0, "torch threads on the CPU; 0 = 1 for the embedded tiny model, else torch's default (a "
@@ -178,8 +184,6 @@ class TrainConfig:
                              "responses and rewards (stdout and RUN_DIR/samples.jsonl); 0 = none")
     track_grad_var: bool = _f(False, "log grad_var: 0.5*||g_a - g_b||^2 of the two half-batch gradients (trace of the "
                                      "half-batch gradient covariance, an unbiased estimate)")
-    log_entropy: bool = _f(True, "log the policy entropy of the sampled tokens (one extra no-grad forward per step; "
-                                 "free when entropy_coef > 0)")
     log_level: str = _f("info", "messages of the 'remax' logger shown (rank 0 only): debug adds a line per step",
                         choices=LOG_LEVELS)
     report_to: str = _f("none", "also write every metric to TensorBoard event files in RUN_DIR/tensorboard (needs "
@@ -247,11 +251,26 @@ class TrainConfig:
             raise ValueError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
         if self.clip_reward is not None and not self.clip_reward > 0:
             raise ValueError(f"clip_reward: must be > 0 or unset, got {self.clip_reward}")
+        if not 0 < self.tis_cap < float("inf"):
+            raise ValueError(f"tis_cap: must be a finite number > 0, got {self.tis_cap}")
+        self.loss_options()  # the loss options' own checks
         if self.estimator in ("rloo", "grpo"):
             if self.group_size < 2:
                 raise ValueError(f"group_size: {self.estimator} needs >= 2 samples per prompt, got {self.group_size}")
             if self.batch_size % self.group_size:
                 raise ValueError(f"batch_size: {self.batch_size} is not a multiple of group_size {self.group_size}")
+
+    def loss_options(self) -> LossOptions:
+        """The ``remax_kernels.LossOptions`` of this run (checked there): the KL term only with
+        ``kl_penalty='loss'``; Dr. GRPO's norm is the generation budget (a constant, so micro-batches of different
+        lengths share it); TIS with ``rollout_correction='tis'``."""
+        sum_norm = self.loss_agg_mode == "seq-mean-token-sum-norm"
+        return LossOptions(
+            kl_coef=self.kl_coef if self.kl_penalty == "loss" else 0.0, kl_estimator=self.kl_estimator,
+            entropy_coef=self.entropy_coef, loss_agg_mode=self.loss_agg_mode,
+            loss_agg_norm=float(self.response_budget) if sum_norm else None,
+            rollout_is_cap=self.tis_cap if self.rollout_correction == "tis" else None,
+        )
 
     @property
     def response_budget(self) -> int:
@@ -464,13 +483,13 @@ HELP_GROUPS = (
                                               "weight_decay", "max_grad_norm")),
     ("generation", ("max_prompt_length", "max_new_tokens", "temperature", "top_k", "top_p", "min_p")),
     ("loss and advantages", ("kl_coef", "kl_penalty", "kl_estimator", "kl_mode", "gamma", "clip_reward", "whiten",
-                             "entropy_coef", "loss_agg_mode")),
+                             "entropy_coef", "loss_agg_mode", "rollout_correction", "tis_cap")),
     ("systems", ("device", "cpu_threads", "attn_implementation", "bf16", "gradient_checkpointing", "lora_r",
                  "lora_alpha", "lora_dropout", "lora_target_modules", "seed")),
     ("run directory, checkpoints, evaluation, logging", ("run_dir", "resume", "save_every", "keep_checkpoints",
                                                          "save_final_model", "eval_every", "eval_size", "eval_seed",
                                                          "eval_batch_size", "log_samples", "track_grad_var",
-                                                         "log_entropy", "log_level", "report_to", "progress",
+                                                         "log_level", "report_to", "progress",
                                                          "plot")),
 )
 

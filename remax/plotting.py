@@ -130,7 +130,7 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
         (axes[0, 1], "kl", "KL divergence to the frozen reference", "KL per response token (nats)",
          "no reference model (kl_coef = 0)"),
         (axes[0, 2], "entropy", "Policy entropy on the sampled tokens", "entropy per token (nats)",
-         "not logged (log_entropy = false)"),
+         "not logged"),
     ):
         points = [(r["step"], r[key]) for r in train if key in r]
         if points:

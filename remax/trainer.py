@@ -41,6 +41,7 @@ from remax.config import INPUT_PATHS, TrainConfig, save_config
 from remax.data import format_prompts, load_jsonl_prompts, tokenize_prompts, uses_chat_template
 from remax.distributed import (
     DistInfo,
+    all_reduce_max,
     all_reduce_sum,
     barrier,
     broadcast_object,
@@ -68,9 +69,17 @@ MIN_EVAL_PROMPTS = 32
 # Fields a resume may change: how a run is executed, logged and saved, not what it optimizes or measures.
 RESUME_MAY_CHANGE = frozenset({
     "steps", "run_dir", "resume", "init_from", "save_every", "keep_checkpoints", "save_final_model", "eval_every",
-    "eval_batch_size", "rollout_batch_size", "grad_accum", "log_samples", "track_grad_var", "log_entropy", "log_level",
+    "eval_batch_size", "rollout_batch_size", "grad_accum", "log_samples", "track_grad_var", "log_level",
     "report_to", "progress", "plot", "device", "cpu_threads", "attn_implementation", "bf16", "gradient_checkpointing",
 })
+
+# Token-mean metrics of the loss, and their names in a step's record. The rollout's log-probs (the sampling kernel's,
+# on the KV-cache decode path) against the training forward's on the same tokens: the train-rollout mismatch.
+_LOSS_METRICS = {
+    "pg_loss": "loss/pg_loss", "logprob_mean": "loss/logprob_mean", "kl": "loss/kl", "entropy": "entropy",
+    "rollout_abs_diff": "mismatch/logprob_abs_diff", "rollout_is_ratio": "mismatch/is_ratio",
+    "rollout_is_clipped": "mismatch/is_clipped",
+}
 
 logger = get_logger("trainer")
 
@@ -214,6 +223,7 @@ class Trainer:
         setup_logging(config.log_level, is_main=self.info.is_main)
         self.quiet = quiet
         config.check_world(self.info.world_size)
+        self.loss_options = config.loss_options()  # checked once: a bad combination fails before any model work
         self.device = pick_device(config.device)
         self._tensorboard = _tensorboard_writer_class() if config.report_to == "tensorboard" else None
         self.tokenizer = ensure_pad_token(tokenizer)
@@ -438,25 +448,15 @@ class Trainer:
         total = float(all_reduce_sum(torch.tensor([sum(counts)], dtype=torch.float64), self.info)[0])
         return [world * c / max(total, 1.0) for c in counts]
 
-    def _loss_options(self, ref_logprobs) -> dict:
-        """The ``policy_loss`` keyword arguments this config asks for (all but the temperature)."""
-        cfg = self.config
-        kwargs = dict(entropy_coef=cfg.entropy_coef, loss_agg_mode=cfg.loss_agg_mode)
-        if cfg.loss_agg_mode == "seq-mean-token-sum-norm":
-            # A constant (the generation budget), so micro-batches of different lengths share one divisor.
-            kwargs["loss_agg_norm"] = float(cfg.response_budget)
-        if ref_logprobs is not None:
-            kwargs.update(ref_logprobs=ref_logprobs, kl_estimator=cfg.kl_estimator,
-                          kl_coef=cfg.kl_coef if cfg.kl_penalty == "loss" else 0.0)
-        return kwargs
-
-    def _policy_loss(self, model, ids, attention_mask, response_mask, advantages, ref_logprobs):
-        """``(loss, metrics)`` of one micro-batch, from hidden states (no ``[tokens, vocab]`` logits)."""
+    def _policy_loss(self, model, ids, attention_mask, response_mask, advantages, ref_logprobs, rollout_logprobs):
+        """``(loss, metrics)`` of one micro-batch, from hidden states (no ``[tokens, vocab]`` logits), its gradients
+        computed in the forward. The rollout's log-probs give the mismatch metrics (and TIS weights when on)."""
         from remax_kernels.hf import causal_lm_policy_loss
 
         with self._autocast():
             return causal_lm_policy_loss(model, ids, attention_mask, response_mask, advantages,
-                                         temperature=self.config.temperature, **self._loss_options(ref_logprobs))
+                                         temperature=self.config.temperature, ref_logprobs=ref_logprobs,
+                                         rollout_logprobs=rollout_logprobs, options=self.loss_options)
 
     def _grad_shards(self) -> list[torch.Tensor | None]:
         return [local_tensor(p.grad).detach().clone() if p.grad is not None else None
@@ -484,13 +484,9 @@ class Trainer:
         # The rollout's log-probs are of the distribution sampled from, truncated by top-k / top-p / min-p; the KL
         # compares the full distributions (softmax(logits / T)), so with truncation they are recomputed here.
         truncated = cfg.top_k > 0 or cfg.top_p < 1.0 or cfg.min_p > 0.0
-        want_entropy = cfg.log_entropy and cfg.entropy_coef == 0
-        old_logprobs = rollout["sampled_logprobs"]
-        entropy = None
-        if want_entropy or (truncated and self.ref_runner is not None):
-            full_logprobs, entropy = self._response_logprobs(self.runner, ids, attn, resp, entropy=want_entropy)
-            if truncated:
-                old_logprobs = full_logprobs
+        rollout_logprobs = old_logprobs = rollout["sampled_logprobs"]
+        if truncated and self.ref_runner is not None:
+            old_logprobs = self._response_logprobs(self.runner, ids, attn, resp)[0]
         ref_logprobs = token_kl = None
         if self.ref_runner is not None:
             ref_logprobs = self._response_logprobs(self.ref_runner, ids, attn, resp)[0]
@@ -507,15 +503,20 @@ class Trainer:
         weights = self._loss_weights(micro, resp)
         stats = _Stats()
         half_grads = None
+        diff_max = 0.0
         self.policy.train()
         for i, (s, w) in enumerate(zip(micro, weights, strict=True)):
             ref_m = None if ref_logprobs is None else ref_logprobs[s]
-            loss, m = self.runner(self._policy_loss, ids[s], attn[s], resp[s], advantages[s], ref_m)
+            loss, m = self.runner(self._policy_loss, ids[s], attn[s], resp[s], advantages[s], ref_m,
+                                  rollout_logprobs[s])
             (loss * w).backward()
             tokens = float(resp[s].sum())
-            for key in ("pg_loss", "logprob_mean", "kl", "entropy"):
+            for key, name in _LOSS_METRICS.items():
                 if key in m:
-                    stats.add(f"loss/{key}" if key != "entropy" else "entropy", float(m[key]) * tokens, tokens)
+                    stats.add(name, float(m[key]) * tokens, tokens)
+            ratio_mean, ratio_std = float(m["rollout_is_ratio"]), float(m["rollout_is_ratio_std"])
+            stats.add("_is_ratio_sq", (ratio_std**2 + ratio_mean**2) * tokens, tokens)
+            diff_max = max(diff_max, float(m["rollout_abs_diff_max"]))
             if cfg.track_grad_var and i == len(micro) // 2 - 1:
                 half_grads = self._grad_shards()
         grad_var = self._grad_var(half_grads, micro, weights) if half_grads is not None else None
@@ -541,10 +542,12 @@ class Trainer:
         stats.add("_adv_sq", float(adv.square().sum()), tokens)
         if token_kl is not None:
             stats.add("kl", float(token_kl.sum()), tokens)
-        if entropy is not None:
-            stats.add("entropy", float(torch.where(resp, entropy, 0.0).sum()), tokens)
         record = {"split": "train", "step": step + 1}
         record.update(stats.reduce(self.info))
+        is_ratio_sq = record.pop("_is_ratio_sq")
+        record["mismatch/is_ratio_std"] = math.sqrt(max(is_ratio_sq - record["mismatch/is_ratio"] ** 2, 0.0))
+        record["mismatch/logprob_abs_diff_max"] = float(
+            all_reduce_max(torch.tensor([diff_max], dtype=torch.float64), self.info)[0])
         sampled_sq = record.pop("_reward_sampled_sq")
         record["reward/sampled_std"] = math.sqrt(max(sampled_sq - record["reward/sampled"] ** 2, 0.0))
         record["adv/std"] = math.sqrt(max(record.pop("_adv_sq") - record["adv/mean"] ** 2, 0.0))
@@ -831,6 +834,10 @@ class Trainer:
                       "sampled": after["eval/reward_sampled"]},
         }
         if train:
+            out["rollout_mismatch"] = {
+                "logprob_abs_diff_mean": float(np.mean([r["mismatch/logprob_abs_diff"] for r in train])),
+                "logprob_abs_diff_max": float(max(r["mismatch/logprob_abs_diff_max"] for r in train)),
+            }
             out["mean_step_time_s"] = float(np.mean([r["perf/step_time_s"] for r in train]))
             out["mean_tokens_per_s"] = float(np.mean([r["perf/tokens_per_s"] for r in train]))
             out["peak_mem_mb"] = float(max(r["perf/peak_mem_mb"] for r in train))
@@ -909,5 +916,9 @@ def format_summary(summary: dict) -> str:
     if "mean_step_time_s" in summary:
         lines.append(f"mean step {summary['mean_step_time_s']:.3f} s, {summary['mean_tokens_per_s']:.0f} generated "
                      f"tokens/s, peak memory {summary['peak_mem_mb']:.0f} MB")
+    if "rollout_mismatch" in summary:
+        mm = summary["rollout_mismatch"]
+        lines.append(f"rollout vs training log-probs of the sampled tokens: mean |diff| "
+                     f"{mm['logprob_abs_diff_mean']:.2e}, max {mm['logprob_abs_diff_max']:.2e}")
     lines.append(f"run directory: {summary['run_dir']}")
     return "\n".join(lines)

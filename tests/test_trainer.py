@@ -314,7 +314,7 @@ def test_one_step_through_triton_kernels(tmp_path, monkeypatch):
         pytest.skip("needs CUDA or TRITON_INTERPRET=1 (set by conftest without CUDA)")
     monkeypatch.setenv("REMAX_KERNELS_BACKEND", "triton")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    config = tiny_config(tmp_path, batch_size=4, eval_size=4, kl_coef=0.1, device=device, log_entropy=False)
+    config = tiny_config(tmp_path, batch_size=4, eval_size=4, kl_coef=0.1, device=device)
     trainer = make_trainer(config)
     trainer.run_dir = config.run_dir
     record = trainer.train_step(0)
@@ -324,3 +324,22 @@ def test_one_step_through_triton_kernels(tmp_path, monkeypatch):
     expected = reference.train_step(0)
     for key in ("reward/sampled", "reward/greedy", "loss/pg_loss", "loss/logprob_mean", "grad_norm", "kl"):
         assert math.isclose(record[key], expected[key], rel_tol=1e-4, abs_tol=1e-6), key
+
+
+def test_rollout_train_mismatch_is_measured_and_tis_corrects_it(tmp_path):
+    """Every step logs the rollout's log-probs against the training forward's on the same tokens (fp32 on the CPU:
+    different kernels, nearly equal), and rollout_correction='tis' caps the importance weights."""
+    plain = make_trainer(tiny_config(tmp_path / "a")).train_step(0)
+    for key in ("mismatch/logprob_abs_diff", "mismatch/logprob_abs_diff_max", "mismatch/is_ratio",
+                "mismatch/is_ratio_std"):
+        assert math.isfinite(plain[key]), key
+    assert plain["mismatch/logprob_abs_diff_max"] < 1e-3
+    assert abs(plain["mismatch/is_ratio"] - 1) < 1e-3
+    assert "mismatch/is_clipped" not in plain
+    tis = make_trainer(tiny_config(tmp_path / "b", rollout_correction="tis", tis_cap=1.5)).train_step(0)
+    assert tis["mismatch/is_clipped"] == 0.0  # ratios ~1: nothing capped
+    assert math.isclose(tis["loss/pg_loss"], plain["loss/pg_loss"], rel_tol=1e-3, abs_tol=1e-5)
+    with pytest.raises(ValueError, match="tis_cap"):
+        tiny_config(tmp_path, tis_cap=0.0).validate()
+    with pytest.raises(ValueError, match="rollout_correction"):
+        tiny_config(tmp_path, rollout_correction="is").validate()
