@@ -16,14 +16,16 @@ import torch
 
 
 def logprobs_entropy_chunk(
-    logits: torch.Tensor, targets: torch.Tensor, temperature: float, ignore_index: int, need_entropy: bool
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float | torch.Tensor, ignore_index: int,
+    need_entropy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """logits ``[n, V]`` (any float dtype), targets ``[n]`` -> fp32 ``(logp [n], entropy [n] or None, lse [n])``.
 
-    Ignored rows get logp = 0 and entropy = 0; a row with NaN/inf logits gets NaN (unless ignored).
+    ``temperature``: a float, or per-row fp32 ``[n, 1]``. Ignored rows get logp = 0 and entropy = 0; a row with
+    NaN/inf logits gets NaN (unless ignored).
     """
     z = logits.float()
-    if temperature != 1.0:
+    if isinstance(temperature, torch.Tensor) or temperature != 1.0:
         z = z / temperature
     # Work relative to the row max: lse - sum(p * z) cancels catastrophically when |z| ~ 1e3 (3 digits lost in
     # fp32), while d = z - max is exact for the entries that carry the probability mass.

@@ -85,12 +85,12 @@ def _signature(kernel, types: dict[str, str]) -> dict[str, str]:
 
 def token_logprobs_specs() -> list[Spec]:
     specs = []
-    configs = sorted({token_logprobs._launch_config(v) for v in VOCABS})
+    configs = sorted({token_logprobs.row_launch_config(v) for v in VOCABS})
     for (block_v, warps), (dt, ty) in ((c, d) for c in configs for d in DTYPES.items()):
         fwd = _signature(token_logprobs._token_logprobs_fwd_kernel, {
             "logits_ptr": f"*{ty}", "targets_ptr": "*i64", "logp_ptr": "*fp32", "row_max_ptr": "*fp32",
             "log_norm_ptr": "*fp32", "entropy_ptr": "*fp32", "V": "i32", "T1": "i32", "stride_0": "i32",
-            "stride_1": "i32", "inv_temperature": "fp32", "ignore_index": "i32"})
+            "stride_1": "i32", "temperature": "fp32", "ignore_index": "i32"})
         for entropy in (False, True):
             specs.append(Spec("token_logprobs", token_logprobs._token_logprobs_fwd_kernel, fwd,
                               {"BLOCK_V": block_v, "COMPUTE_ENTROPY": entropy}, warps, dtype=dt))
@@ -98,7 +98,7 @@ def token_logprobs_specs() -> list[Spec]:
             "logits_ptr": f"*{ty}", "targets_ptr": "*i64", "row_max_ptr": "*fp32", "log_norm_ptr": "*fp32",
             "entropy_ptr": "*fp32", "grad_logp_ptr": "*fp32", "grad_entropy_ptr": "*fp32", "grad_ptr": f"*{ty}",
             "V": "i32", "T1": "i32", "stride_0": "i32", "stride_1": "i32", "grad_T1": "i32", "grad_stride_0": "i32",
-            "grad_stride_1": "i32", "inv_temperature": "fp32", "ignore_index": "i32"})
+            "grad_stride_1": "i32", "temperature": "fp32", "ignore_index": "i32"})
         for g_logp, g_entropy in ((True, False), (True, True), (False, True)):
             specs.append(Spec("token_logprobs", token_logprobs._token_logprobs_bwd_kernel, bwd,
                               {"BLOCK_V": block_v, "HAS_GRAD_LOGP": g_logp, "HAS_GRAD_ENTROPY": g_entropy},
@@ -113,8 +113,7 @@ def sampling_specs() -> list[Spec]:
             "logits_ptr": f"*{ty}", "stride_row": "i32", "greedy_ptr": "*u8", "temp_ptr": "*fp32",
             "top_k_ptr": "*i32", "top_p_ptr": "*fp32", "log_min_p_ptr": "*fp32", "seed_ptr": "*i64",
             "tokens_ptr": "*i64", "logprobs_ptr": "*fp32", "V": "i32", "step_ptr": "*i64"})
-        for block_v, search_block_v, warps in sorted({sampling.sample_launch_config("cuda", v, truncate)
-                                                      for v in VOCABS}):
+        for block_v, search_block_v, warps in sorted({sampling.sample_launch_config("cuda", v) for v in VOCABS}):
             specs.append(Spec("sampling", sampling._sample_kernel, sig, {
                 "KEY_ROW": False, "TRUNCATE": truncate, "RAW": raw, "BLOCK_V": block_v,
                 "SEARCH_BLOCK_V": search_block_v, "NUM_PIVOTS": sampling._NUM_PIVOTS}, warps, dtype=dt))

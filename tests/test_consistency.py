@@ -88,3 +88,41 @@ def test_fused_linear_logprobs_row_gradients_are_batch_invariant(backend, device
     full = run(slice(None))
     for n, offset in BATCHES:
         _same_rows(full, run(slice(offset, offset + n)), offset, n, "fused_linear_logprobs grad_hidden")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sampling_logprobs_equal_the_logprob_op_bitwise(backend, dtype, device):
+    """For the token the sampling op picked, its reported log-prob is bit for bit the log-prob op's on the same
+    logits: "processed" (temperature, no truncation; greedy rows also under truncation) and "raw" (T = 1)."""
+    logits = (3 * torch.randn(24, V, device=device)).to(dtype)
+    greedy = torch.arange(24, device=device) % 2 == 0
+    temperature = torch.rand(24, device=device) + 0.5
+    for opts, mode, rows in ((dict(), "processed", slice(None)), (dict(top_p=0.8), "processed", greedy),
+                             (dict(top_k=30), "raw", slice(None))):
+        tokens, logp = rk.sample_and_greedy(logits, greedy, temperature=temperature, seed=7, step=2, logprobs=mode,
+                                            backend=backend, **opts)
+        for r in range(24) if isinstance(rows, slice) else torch.nonzero(rows).flatten().tolist():
+            t = 1.0 if mode == "raw" else float(temperature[r])
+            expected = rk.token_logprobs(logits[r : r + 1], tokens[r : r + 1], temperature=t, backend=backend)
+            assert torch.equal(logp[r : r + 1], expected), (opts, mode, r, float(logp[r]), float(expected[0]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_sampling_logprobs_equal_fused_linear_logprobs_bitwise(backend, device, invariant):
+    """From hidden states and the lm-head weight (batch-invariant mode): the fused sampling op's tokens and
+    log-probs are the logits op's, bit for bit, at any batch size."""
+    hidden = torch.randn(20, H, device=device)
+    weight = torch.randn(V, H, device=device) * H**-0.5
+    bias = torch.randn(V, device=device)
+    greedy = torch.arange(20, device=device) % 2 == 1
+    seeds = torch.arange(20, device=device) * 3
+    tokens, logp = rk.fused_linear_sample_and_greedy(hidden, weight, greedy, bias=bias, temperature=0.9, seed=seeds,
+                                                     step=4, backend=backend)
+    expected = rk.fused_linear_logprobs(hidden, weight, tokens, bias=bias, temperature=0.9, backend=backend)
+    assert torch.equal(logp, expected)
+    for n, offset in ((1, 3), (7, 11)):
+        part = rk.fused_linear_sample_and_greedy(hidden[offset : offset + n], weight, greedy[offset : offset + n],
+                                                 bias=bias, temperature=0.9, seed=seeds[offset : offset + n], step=4,
+                                                 backend=backend)
+        _same_rows((tokens, logp), part, offset, n, "fused_linear_sample_and_greedy")

@@ -65,8 +65,11 @@ import torch
 
 from remax_kernels import _cuda
 from remax_kernels._dispatch import check_backend, resolve_backend
+from remax_kernels._torch_math import logprobs_entropy_chunk
 from remax_kernels._triton import jit, tl, triton
 from remax_kernels._validate import check_float, check_same_device, check_tensor, value_checks_enabled
+from remax_kernels.ops.fused_linear_logprobs import batch_invariant, fixed_shape_matmul
+from remax_kernels.ops.token_logprobs import online_softmax_step, row_launch_config, token_logprob
 
 LOGPROB_MODES = ("processed", "raw")
 # Thresholds tested per search pass: the candidate key range shrinks ~NUM_PIVOTS-fold per pass.
@@ -176,18 +179,16 @@ def _threshold_search(
 
 
 @jit
-def _race_step(score, z, x, v0, offs, best, best_arg, best_z, best_x, RAW: tl.constexpr):
-    # One block of the Gumbel race: keep the running winner (strict '>': the earlier block wins ties) and its
-    # processed (z) and raw (x) logit, from which the chosen token's log-prob is computed after the pass.
+def _race_step(score, x, v0, offs, best, best_arg, best_x):
+    # One block of the Gumbel race: keep the running winner (strict '>': the earlier block wins ties) and its raw
+    # logit x, from which the chosen token's log-prob is computed after the pass.
     blk_best = tl.max(score, 0)
     blk_best_arg = tl.argmax(score, 0)
     up = blk_best > best
-    best_z = tl.where(up, tl.max(tl.where(offs == blk_best_arg, z, float("-inf")), 0), best_z)
-    if RAW:
-        best_x = tl.where(up, tl.max(tl.where(offs == blk_best_arg, x, float("-inf")), 0), best_x)
+    best_x = tl.where(up, tl.max(tl.where(offs == blk_best_arg, x, float("-inf")), 0), best_x)
     best_arg = tl.where(up, v0 + blk_best_arg, best_arg)
     best = tl.where(up, blk_best, best)
-    return best, best_arg, best_z, best_x
+    return best, best_arg, best_x
 
 
 @jit
@@ -214,15 +215,18 @@ def _sample_kernel(
     offs = tl.arange(0, BLOCK_V)
     neg_inf = float("-inf")
 
+    inv_t = 1.0 / t
     gmax = tl.full((), neg_inf, tl.float32)
     garg = tl.full((), 0, tl.int32)
-    m = tl.full((), neg_inf, tl.float32)
-    s = tl.full((), 0.0, tl.float32)
-    m_raw = tl.full((), neg_inf, tl.float32)
-    s_raw = tl.full((), 0.0, tl.float32)
+    m = tl.full((), neg_inf, tl.float32)  # max of z = x / t: truncation thresholds, overflow check
+    s = tl.full((), 0.0, tl.float32)  # sum exp(z - m): truncation masses
+    # The reported log-probs come from log-prob kernel's own online softmax (token_logprobs.online_softmax_step over
+    # the same blocks), so they equal token_logprobs' bit for bit for the same logits and temperature.
+    m_lp = tl.full((), neg_inf, tl.float32)
+    s_lp = tl.full((), 0.0, tl.float32)
+    unused = tl.full((), 0.0, tl.float32)
     best = tl.full((), neg_inf, tl.float32)
     best_arg = tl.full((), 0, tl.int32)
-    best_z = tl.full((), 0.0, tl.float32)
     best_x = tl.full((), 0.0, tl.float32)
     zmin = tl.full((), float("inf"), tl.float32)
     n_finite = tl.full((), 0, tl.int32)
@@ -239,14 +243,12 @@ def _sample_kernel(
         gmax = tl.where(up, blk_max, gmax)
         z = x / t
         m_new = tl.maximum(m, tl.max(z, 0))
-        m_ref = tl.where(m_new == neg_inf, 0.0, m_new)  # all -inf so far: keep s = 0 instead of exp(nan)
-        s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(z - m_ref), 0)
+        if TRUNCATE:
+            m_ref = tl.where(m_new == neg_inf, 0.0, m_new)  # all -inf so far: keep s = 0 instead of exp(nan)
+            s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(z - m_ref), 0)
         m = m_new
-        if RAW:
-            m_raw_new = tl.maximum(m_raw, blk_max)
-            m_raw_ref = tl.where(m_raw_new == neg_inf, 0.0, m_raw_new)
-            s_raw = s_raw * tl.exp(m_raw - m_raw_ref) + tl.sum(tl.exp(x - m_raw_ref), 0)
-            m_raw = m_raw_new
+        # "raw": log_softmax(x); "processed": temperature applied (the truncated rows are renormalized below).
+        m_lp, s_lp, _ = online_softmax_step(x, cols < V, m_lp, s_lp, unused, 1.0 if RAW else inv_t, False)
         if TRUNCATE:
             finite = z > neg_inf
             zmin = tl.minimum(zmin, tl.min(tl.where(finite, z, float("inf")), 0))
@@ -255,10 +257,9 @@ def _sample_kernel(
             if sampled:  # greedy rows skip the Philox work, the bulk of this pass's arithmetic
                 noise = _gumbel_noise(seed, row_key, step, v0 // 4 + tl.arange(0, BLOCK_V // 4))
                 score = z + tl.reshape(noise, (BLOCK_V,))
-                best, best_arg, best_z, best_x = _race_step(score, z, x, v0, offs, best, best_arg, best_z, best_x, RAW)
+                best, best_arg, best_x = _race_step(score, x, v0, offs, best, best_arg, best_x)
 
     invalid = (n_nan > 0) | (gmax == neg_inf) | (gmax == float("inf")) | (m == float("inf"))
-    log_norm = tl.log(s)
     if TRUNCATE:
         active = sampled & ~invalid
         top_k = tl.load(top_k_ptr + row)
@@ -276,24 +277,25 @@ def _sample_kernel(
             row_ptr, V, t, m, tau, tl.where(p_on, key_max, tau), mass, top_p * mass,
             USE_MASS=True, BLOCK_V=SEARCH_BLOCK_V, NUM_PIVOTS=NUM_PIVOTS,
         )
-        # Final pass, sampled valid rows only (a zero-trip loop for the others): Gumbel race over K and K's mass.
+        # Final pass, sampled valid rows only (a zero-trip loop for the others): Gumbel race over K and K's mass
+        # (with the log-prob's d = (x - m_lp) / t, so that a kept set of the whole row renormalizes to nothing).
         s_kept = tl.full((), 0.0, tl.float32)
+        m_lp_safe = tl.where(m_lp == neg_inf, 0.0, m_lp)
         for v0 in range(0, tl.where(active, V, 0), BLOCK_V):
             cols = v0 + offs
             x = tl.load(row_ptr + cols, mask=cols < V, other=neg_inf).to(tl.float32)
             z = x / t
             kept = (z > neg_inf) & (_ordered_key(z) >= tau) & (z - m >= log_min_p)
-            s_kept += tl.sum(tl.where(kept, tl.exp(z - m), 0.0), 0)
+            s_kept += tl.sum(tl.where(kept, tl.exp((x - m_lp_safe) * inv_t), 0.0), 0)
             noise = tl.reshape(_gumbel_noise(seed, row_key, step, v0 // 4 + tl.arange(0, BLOCK_V // 4)), (BLOCK_V,))
             score = tl.where(kept, z + noise, neg_inf)
-            best, best_arg, best_z, best_x = _race_step(score, z, x, v0, offs, best, best_arg, best_z, best_x, RAW)
-        log_norm = tl.where(greedy, log_norm, tl.log(tl.where(s_kept > 0, s_kept, 1.0)))
+            best, best_arg, best_x = _race_step(score, x, v0, offs, best, best_arg, best_x)
+        if not RAW:
+            # Renormalized over K: log(p_tok / P(K)) = log p_tok - log(s_kept / s_lp).
+            s_lp = tl.where(sampled & active, tl.where(s_kept > 0, s_kept, 1.0), s_lp)
 
     token = tl.where(greedy, garg, best_arg)
-    if RAW:
-        logp = (tl.where(greedy, gmax, best_x) - m_raw) - tl.log(s_raw)
-    else:
-        logp = (tl.where(greedy, gmax / t, best_z) - m) - log_norm
+    logp = token_logprob(tl.where(greedy, gmax, best_x), m_lp, s_lp, 1.0 if RAW else inv_t)
     token = tl.where(invalid, 0, token)
     logp = tl.where(invalid, float("nan"), logp)
     tl.store(tokens_ptr + row, token.to(tl.int64))
@@ -475,12 +477,6 @@ def _max_sumexp(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return top, torch.exp(values - top_ref[:, None]).sum(1)
 
 
-def _log_softmax_at(values: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
-    """log_softmax(values)[tok] per row, max subtracted before the log (see ``_log_norm_parts``)."""
-    top, total = _max_sumexp(values)
-    return (values.gather(1, tok[:, None])[:, 0] - top) - torch.log(total)
-
-
 def _sample_torch(logits, greedy, temp, top_k, top_p, log_min_p, seed, key_row, step, truncate, raw):
     B, V = logits.shape
     tokens = torch.empty(B, dtype=torch.int64, device=logits.device)
@@ -503,10 +499,14 @@ def _sample_torch(logits, greedy, temp, top_k, top_p, log_min_p, seed, key_row, 
         score = torch.where(kept, z + _gumbel_noise_torch(seed[r0:r1], row_key.to(x.device), step, 0, V), -math.inf)
         stok = score.argmax(1)
         tok = torch.where(g, gtok, stok)
-        if raw:
-            lp = _log_softmax_at(x, tok)
-        else:
-            lp = torch.where(g, _log_softmax_at(z, tok), _log_softmax_at(torch.where(kept, z, -math.inf), tok))
+        # token_logprobs' own chunk math on the same shifted rows: its log-probs, bit for bit.
+        shifted = x - torch.where(torch.isfinite(gmax), gmax, torch.zeros_like(gmax))[:, None]
+        lp = logprobs_entropy_chunk(shifted, tok, 1.0 if raw else t[:, None], -1, False)[0].clamp(max=0.0)
+        if truncate and not raw:
+            # Sampled rows: renormalized over the kept set K, log p_tok - log P(K).
+            d = shifted / t[:, None]
+            kept_mass = torch.logsumexp(torch.where(kept, d, -math.inf), 1) - torch.logsumexp(d, 1)
+            lp = torch.where(g, lp, lp - kept_mass)
         invalid = torch.isnan(x).any(1) | ~torch.isfinite(gmax) | (z.max(1).values == math.inf)
         tokens[r0:r1] = torch.where(invalid, 0, tok)
         logprobs[r0:r1] = torch.where(invalid, math.nan, lp)
@@ -809,15 +809,15 @@ def sample_and_greedy(
                       truncate, logprobs == "raw", backend)
 
 
-def sample_launch_config(device_type: str, vocab: int, truncate: bool) -> tuple[int, int, int]:
-    """``(BLOCK_V, SEARCH_BLOCK_V, num_warps)`` of ``_sample_kernel`` (``scripts/compile_triton.py`` compiles the
-    CUDA ones ahead of time and fails on register spills)."""
+def sample_launch_config(device_type: str, vocab: int) -> tuple[int, int, int]:
+    """``(BLOCK_V, SEARCH_BLOCK_V, num_warps)`` of ``_sample_kernel``: the row passes use the log-prob row kernel's
+    blocks and warps (``token_logprobs.row_launch_config``: same reductions, hence bitwise-equal log-probs); the
+    threshold searches test ``NUM_PIVOTS`` pivots on [NUM_PIVOTS, 256] tiles on CUDA. ``scripts/compile_triton.py``
+    compiles the CUDA configurations ahead of time and fails on register spills."""
+    block_v, num_warps = row_launch_config(vocab)
     if device_type == "cuda":
-        # Search tiles are [NUM_PIVOTS, 256]. With truncation the kernel holds the search state too: at 8 warps
-        # ptxas caps it at 64 registers and spills; 4 warps (16 values per thread per block) fit in ~96-128.
-        return (2048, 256, 4) if truncate else (2048, 256, 8)
-    block_v = max(4, min(triton.next_power_of_2(vocab), 4096))  # interpreter: one big block; >= 4: Philox groups
-    return block_v, block_v, 4
+        return block_v, 256, num_warps
+    return block_v, block_v, num_warps  # interpreter: numpy is happiest with one big block
 
 
 def fused_sample_launch_config(device_type: str, batch: int, vocab: int, sm_count: int, dtype: torch.dtype) -> dict:
@@ -849,6 +849,12 @@ def _sample_op(
     """Per-row options as ``parse_options`` returns them, the step as ``step_tensor`` does -> (tokens int64
     ``[B]``, logprobs fp32 ``[B]``)."""
     _check_option_values(greedy_mask, temperature, top_k, top_p, log_min_p, step)
+    return _sample_impl(logits, greedy_mask, temperature, top_k, top_p, log_min_p, seeds, key_row, step, truncate,
+                        raw, backend)
+
+
+def _sample_impl(logits, greedy_mask, temperature, top_k, top_p, log_min_p, seeds, key_row, step, truncate, raw,
+                 backend):
     batch, vocab = logits.shape
     device = logits.device
     if batch == 0:
@@ -862,7 +868,7 @@ def _sample_op(
                                        key_row, truncate, raw)
     tokens = torch.empty(batch, dtype=torch.int64, device=device)
     out_logprobs = torch.empty(batch, dtype=torch.float32, device=device)
-    block_v, search_block_v, num_warps = sample_launch_config(device.type, vocab, truncate)
+    block_v, search_block_v, num_warps = sample_launch_config(device.type, vocab)
     _sample_kernel[(batch,)](
         logits, logits.stride(0), greedy_mask.view(torch.uint8), temperature, top_k, top_p, log_min_p, seeds,
         tokens, out_logprobs, vocab, step,
@@ -959,6 +965,13 @@ def _fused_sample_op(
     device = hidden.device
     if batch == 0:
         return torch.empty(0, dtype=torch.int64, device=device), torch.empty(0, dtype=torch.float32, device=device)
+    if batch_invariant():
+        # The lm-head's fixed-shape GEMM tiles, then the sampling row kernel: a row's token and log-prob are those
+        # of sample_and_greedy on the logits fused_linear_logprobs computes for it, bit for bit.
+        logits = fixed_shape_matmul(hidden, weight.T, bias)
+        off = torch.zeros_like(temperature)
+        return _sample_impl(logits, greedy_mask, temperature, off.int(), off + 1, off - math.inf, seeds, key_row, step,
+                            False, raw, backend)
     if resolve_backend(backend, device) == "torch":
         return _fused_sample_torch(hidden, weight, bias, greedy_mask, temperature, seeds, key_row, step, raw)
     sm_count = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0

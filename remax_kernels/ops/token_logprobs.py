@@ -32,11 +32,41 @@ from remax_kernels._validate import (
     value_checks_enabled,
 )
 
-# Largest vocabulary block one program holds in registers per loop step (fp32: 16 values per thread at 8 warps).
-_MAX_BLOCK_V = 4096
+# The vocabulary block one program reads per loop step, and its warps: 16 fp32 values per thread (two 16-byte
+# loads of bf16). The sampling kernel reads its rows with the same blocks, warps and online-softmax step
+# (``online_softmax_step``), so the log-probs both report for a token agree bit for bit (tests/test_consistency.py).
+ROW_BLOCK_V = 2048
+ROW_NUM_WARPS = 4
 # The torch path materializes at most about this many fp32 elements per temporary (16 MiB): rows are processed
 # in chunks of max(1, _TORCH_CHUNK_ELEMENTS // V).
 _TORCH_CHUNK_ELEMENTS = 1 << 22
+
+
+@jit
+def online_softmax_step(x, mask, m, s, w, inv_temperature, COMPUTE_ENTROPY: tl.constexpr):
+    # One block of the online softmax of a row, relative to the running max m of the RAW logits x (before the
+    # temperature): s = sum exp(d), w = sum exp(d) * d with d = (x - m) * inv_temperature, rescaled when m grows.
+    # Masked lanes hold -inf (exp gives 0). Shared by the log-prob and the sampling kernels.
+    m_new = tl.maximum(m, tl.max(x, axis=0))
+    # While every value so far is -inf, shift by 0 instead of -inf to avoid inf - inf = NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    shift = tl.where(m == float("-inf"), 0.0, (m - m_safe) * inv_temperature)
+    scale = tl.exp(shift)
+    d = (x - m_safe) * inv_temperature
+    e = tl.exp(d)
+    if COMPUTE_ENTROPY:
+        w = scale * (w + s * shift) + tl.sum(tl.where(mask, e * d, 0.0), axis=0)
+    s = s * scale + tl.sum(e, axis=0)
+    return m_new, s, w
+
+
+@jit
+def token_logprob(x_target, m, s, inv_temperature):
+    # log softmax(x / T)[target] from online_softmax_step's (m, s); never > 0 (see the forward kernel).
+    logp = (x_target - m) * inv_temperature - tl.log(s)
+    # logp <= 0 holds exactly in real arithmetic (x_target <= m, s >= 1); an approximate log of s ~ 1 must not make
+    # it +1e-7 (positive log-probs broke RL training: verl #2656). tl.where, not tl.minimum: NaN propagates.
+    return tl.where(logp > 0.0, 0.0, logp)
 
 
 @jit
@@ -51,7 +81,7 @@ def _token_logprobs_fwd_kernel(
     T1,
     stride_0,
     stride_1,
-    inv_temperature,
+    temperature,
     ignore_index,
     BLOCK_V: tl.constexpr,
     COMPUTE_ENTROPY: tl.constexpr,
@@ -66,6 +96,7 @@ def _token_logprobs_fwd_kernel(
     # m and log(s) are saved separately for the backward. Ignored rows (target == ignore_index) skip the loop
     # and get logp = entropy = m = log(s) = 0.
     row = tl.program_id(0).to(tl.int64)
+    inv_temperature = 1.0 / temperature  # on the device, as the sampling kernel computes it
     base = (row // T1) * stride_0 + (row % T1) * stride_1
     target = tl.load(targets_ptr + row).to(tl.int64)
     valid = target != ignore_index
@@ -83,30 +114,16 @@ def _token_logprobs_fwd_kernel(
         cols = start + offs
         mask = cols < V
         x = tl.load(logits_ptr + base + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        # While every value so far is -inf, shift by 0 instead of -inf to avoid inf - inf = NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        shift = tl.where(m == float("-inf"), 0.0, (m - m_safe) * inv_temperature)
-        scale = tl.exp(shift)
-        d = (x - m_safe) * inv_temperature
-        e = tl.exp(d)
-        if COMPUTE_ENTROPY:
-            w = scale * (w + s * shift) + tl.sum(tl.where(mask, e * d, 0.0), axis=0)
-        s = s * scale + tl.sum(e, axis=0)
-        m = m_new
+        m, s, w = online_softmax_step(x, mask, m, s, w, inv_temperature, COMPUTE_ENTROPY)
 
     log_s = tl.log(s)
-    logp = (x_target - m) * inv_temperature - log_s
-    # logp <= 0 and entropy >= 0 hold exactly in real arithmetic (x_target <= m, s >= 1, w <= 0); an approximate
-    # log of s ~ 1 must not make them +1e-7 (positive log-probs broke RL training: verl #2656). tl.where, not
-    # tl.minimum, so that NaN still propagates.
-    logp = tl.where(logp > 0.0, 0.0, logp)
+    logp = token_logprob(x_target, m, s, inv_temperature)
     tl.store(logp_ptr + row, tl.where(valid, logp, 0.0))
     tl.store(row_max_ptr + row, tl.where(valid, m, 0.0))
     tl.store(log_norm_ptr + row, tl.where(valid, log_s, 0.0))
     if COMPUTE_ENTROPY:
         entropy = log_s - w / s
-        entropy = tl.where(entropy < 0.0, 0.0, entropy)
+        entropy = tl.where(entropy < 0.0, 0.0, entropy)  # >= 0 exactly in real arithmetic (w <= 0), as logp <= 0
         tl.store(entropy_ptr + row, tl.where(valid, entropy, 0.0))
 
 @jit
@@ -126,7 +143,7 @@ def _token_logprobs_bwd_kernel(
     grad_T1,
     grad_stride_0,
     grad_stride_1,
-    inv_temperature,
+    temperature,
     ignore_index,
     BLOCK_V: tl.constexpr,
     HAS_GRAD_LOGP: tl.constexpr,
@@ -139,6 +156,7 @@ def _token_logprobs_bwd_kernel(
     # may be the logits' own storage (in-place: each block is read before it is overwritten, by the same
     # program). Ignored rows do not read the logits and get an all-zero gradient row.
     row = tl.program_id(0).to(tl.int64)
+    inv_temperature = 1.0 / temperature
     base = (row // T1) * stride_0 + (row % T1) * stride_1
     grad_base = (row // grad_T1) * grad_stride_0 + (row % grad_T1) * grad_stride_1
     target = tl.load(targets_ptr + row).to(tl.int64)
@@ -211,10 +229,14 @@ def _readable_rows(logits: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, 
     return logits, layout
 
 
-def _launch_config(vocab_size: int) -> tuple[int, int]:
-    """``(BLOCK_V, num_warps)`` for a vocabulary of ``vocab_size``: whole rows up to 4096, else 4096-wide steps."""
-    block_v = min(triton.next_power_of_2(vocab_size), _MAX_BLOCK_V)
-    return block_v, max(1, min(8, block_v // 256))
+def row_launch_config(vocab_size: int) -> tuple[int, int]:
+    """``(BLOCK_V, num_warps)`` of the row kernels (and of the sampling kernel's passes) for a vocabulary of
+    ``vocab_size``: whole rows up to ``ROW_BLOCK_V``, else ``ROW_BLOCK_V``-wide steps; >= 4 (four entries per
+    Philox call in the sampling kernel)."""
+    block_v = max(4, min(triton.next_power_of_2(vocab_size), ROW_BLOCK_V))
+    # 16 values per thread: at 1024 values and 4 warps ptxas holds the sampling kernel's search state in fewer
+    # registers and spills (scripts/compile_triton.py).
+    return block_v, max(1, min(ROW_NUM_WARPS, block_v // 512))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -257,11 +279,11 @@ def _triton_forward(logits, layout, targets, temperature, ignore_index, need_ent
     entropy = torch.empty(n, dtype=torch.float32, device=logits.device) if need_entropy else None
     if n == 0:
         return logp, entropy, row_max, log_norm
-    block_v, num_warps = _launch_config(vocab_size)
+    block_v, num_warps = row_launch_config(vocab_size)
     t1, s0, s1 = layout
     _token_logprobs_fwd_kernel[(n,)](
         logits, targets, logp, row_max, log_norm, entropy if need_entropy else logp,
-        vocab_size, t1, s0, s1, 1.0 / temperature, ignore_index,
+        vocab_size, t1, s0, s1, temperature, ignore_index,
         BLOCK_V=block_v, COMPUTE_ENTROPY=need_entropy, num_warps=num_warps,
     )
     return logp, entropy, row_max, log_norm
@@ -277,14 +299,14 @@ def _triton_backward(logits, layout, targets, row_max, log_norm, entropy, grad_l
         grad_layout = _contiguous_layout(layout, vocab_size)
     if n == 0:
         return grad
-    block_v, num_warps = _launch_config(vocab_size)
+    block_v, num_warps = row_launch_config(vocab_size)
     t1, s0, s1 = layout
     g_t1, g_s0, g_s1 = grad_layout
     unused = row_max  # a valid pointer for the arguments a constexpr flag switches off
     _token_logprobs_bwd_kernel[(n,)](
         logits, targets, row_max, log_norm, unused if entropy is None else entropy,
         unused if grad_logp is None else grad_logp, unused if grad_entropy is None else grad_entropy, grad,
-        vocab_size, t1, s0, s1, g_t1, g_s0, g_s1, 1.0 / temperature, ignore_index,
+        vocab_size, t1, s0, s1, g_t1, g_s0, g_s1, temperature, ignore_index,
         BLOCK_V=block_v, HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENTROPY=grad_entropy is not None,
         num_warps=num_warps,
     )
