@@ -27,7 +27,7 @@ BACKEND_ENV_VAR = "REMAX_KERNELS_BACKEND"
 
 # The ops with a CUDA kernel (csrc/), and what "auto" runs for them on CUDA tensors: "cuda" only once a GPU
 # measurement shows it faster than Triton (benchmarks/README.md, "auto on CUDA"). Unmeasured: "triton".
-AUTO_ON_CUDA = {"sample_and_greedy": "triton"}
+AUTO_ON_CUDA = {"sample_and_greedy": "triton", "token_logprobs": "triton"}
 
 
 def interpreter_enabled() -> bool:

@@ -94,3 +94,16 @@ def test_cuda_extension_is_loaded_lazily():
             "from remax_kernels import _cuda; ok = _cuda.available(); "
             "assert ok == ('remax_kernels._C' in sys.modules), ok")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_public_ops_route_backend_cuda(monkeypatch):
+    """backend="cuda" on the row-kernel ops reaches the dispatcher with their op name: on CPU tensors a clear error
+    naming where the tensors are (token_logprobs and the lm-head ops share the row kernel)."""
+    import remax_kernels as rk
+
+    monkeypatch.delenv(_dispatch.BACKEND_ENV_VAR, raising=False)
+    logits, targets = torch.randn(3, 10), torch.randint(0, 10, (3,))
+    with pytest.raises(RuntimeError, match="tensors are on cpu"):
+        rk.token_logprobs(logits, targets, backend="cuda")
+    with pytest.raises(RuntimeError, match="tensors are on cpu"):
+        rk.fused_linear_logprobs(torch.randn(3, 4), torch.randn(10, 4), targets, backend="cuda")

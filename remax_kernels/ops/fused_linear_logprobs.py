@@ -176,7 +176,7 @@ class LmHead:
     def __init__(self, hidden, weight, bias, targets, ignore_index, dtype, temperature, backend):
         self.hidden, self.weight, self.bias = hidden, weight, bias
         self.dtype, self.temperature = dtype, temperature
-        self.impl = resolve_backend(backend, hidden.device)
+        self.impl = resolve_backend(backend, hidden.device, op="token_logprobs")  # the row kernel's backend
         self.weight_c = weight.to(dtype)
         self.bias_c = None if bias is None else bias.to(dtype)
         targets = targets.reshape(-1)
@@ -432,8 +432,9 @@ def fused_linear_logprobs(
         ignore_index: targets equal to this give log-prob 0, entropy 0 and exactly zero gradient (even if that
             row's hidden state is not finite); their rows never enter a matmul.
         return_entropy: also return the entropy of ``softmax(logits / temperature)`` per token.
-        backend: the row kernels: ``"auto"`` (CUDA -> Triton, CPU -> torch), ``"triton"`` or ``"torch"``; see
-            ``remax_kernels._dispatch``. The GEMMs are torch's (cuBLAS on CUDA) either way.
+        backend: the row kernels: ``"auto"`` (CUDA -> Triton, CPU -> torch), ``"triton"``, ``"cuda"`` (the CUDA
+            C++ row kernel) or ``"torch"``; see ``remax_kernels._dispatch``. The GEMMs are torch's (cuBLAS on CUDA)
+            either way.
 
     Compute dtype: under ``torch.autocast`` the GEMMs run in the autocast dtype (fp32 inputs are cast once per
     call); otherwise in the inputs' dtype (fp32 uses TF32 only if ``torch.backends.cuda.matmul`` allows it). The

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from remax_kernels import _cuda
 from remax_kernels._dispatch import check_backend, resolve_backend
 from remax_kernels._torch_math import grad_logits_chunk, logprobs_entropy_chunk
 from remax_kernels._triton import jit, tl, triton
@@ -253,10 +254,14 @@ def row_forward(
     ``(logp, entropy or None, row_max, log_norm)``, with ``log p_v = (x_v - row_max) / T - log_norm``.
 
     ``targets`` is a contiguous ``[N]`` int tensor; rows whose target is ``ignore_index`` get zeros everywhere.
-    ``impl`` is ``"triton"`` or ``"torch"`` (see ``_dispatch``).
+    ``impl`` is ``"triton"``, ``"cuda"`` (the CUDA C++ row kernel of ``csrc/``) or ``"torch"`` (see ``_dispatch``).
     """
     if impl == "triton":
         return _triton_forward(logits, layout, targets, temperature, ignore_index, need_entropy)
+    if impl == "cuda":
+        logp, row_max, log_norm, entropy = _cuda.row_logprobs_forward(
+            logits, targets, 1.0 / temperature, ignore_index, need_entropy, layout=layout)
+        return logp, entropy, row_max, log_norm
     return _torch_forward(logits, layout, targets, temperature, ignore_index, need_entropy)
 
 
@@ -268,6 +273,15 @@ def row_backward(
     """d(sum grad_logp * logp + grad_entropy * entropy) / d logits, in the logits' dtype, from the forward's
     ``row_max``/``log_norm``/``entropy``. ``inplace=True`` writes it over ``logits`` itself (each block is read
     before it is overwritten) and returns ``logits``; else a new tensor shaped like ``logits``, contiguous."""
+    if impl == "cuda":
+        if inplace:
+            out, out_layout = logits, layout
+        else:
+            out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+            out_layout = _contiguous_layout(layout, logits.shape[-1])
+        return _cuda.row_logprobs_backward(logits, targets, row_max, log_norm, entropy, grad_logp, grad_entropy,
+                                           1.0 / temperature, ignore_index, out, layout=layout,
+                                           out_layout=out_layout)
     backward = _triton_backward if impl == "triton" else _torch_backward
     return backward(logits, layout, targets, row_max, log_norm, entropy, grad_logp, grad_entropy, temperature,
                     ignore_index, inplace)
@@ -396,7 +410,7 @@ def _forward_impl(logits, targets, temperature, ignore_index, need_entropy, back
     rows, layout = _readable_rows(logits)
     logp, entropy, row_max, log_norm = row_forward(
         rows, layout, targets.reshape(-1).contiguous(), temperature, ignore_index, need_entropy,
-        resolve_backend(backend, logits.device),
+        resolve_backend(backend, logits.device, op="token_logprobs"),
     )
     return logp, entropy if need_entropy else logp.new_empty(0), row_max, log_norm
 
@@ -441,7 +455,7 @@ def _token_logprobs_backward_op(
     rows, layout = _readable_rows(logits)
     return row_backward(
         rows, layout, targets.reshape(-1).contiguous(), row_max, log_norm, entropy, grad_logp, grad_entropy,
-        temperature, ignore_index, False, resolve_backend(backend, logits.device),
+        temperature, ignore_index, False, resolve_backend(backend, logits.device, op="token_logprobs"),
     ).view(logits.shape)
 
 
@@ -459,7 +473,7 @@ def _token_logprobs_backward_inplace_op(
     """The same gradient, written over ``logits`` (which must not need a copy: see ``_needs_copy``)."""
     row_backward(
         logits, _row_layout(logits), targets.reshape(-1).contiguous(), row_max, log_norm, entropy, grad_logp,
-        grad_entropy, temperature, ignore_index, True, resolve_backend(backend, logits.device),
+        grad_entropy, temperature, ignore_index, True, resolve_backend(backend, logits.device, op="token_logprobs"),
     )
 
 
@@ -529,7 +543,8 @@ def token_logprobs(
             The backward then OVERWRITES ``logits`` (and returns that storage as the gradient), so the logits must
             not be used after ``backward()`` and the graph cannot be backpropagated twice. If the logits need a
             copy to be read (see above), the gradient goes to a new buffer and ``logits`` stay intact.
-        backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see ``remax_kernels._dispatch``). The torch path
+        backend: ``"auto"``, ``"triton"``, ``"cuda"`` (the CUDA C++ row kernel; needs the built extension) or
+            ``"torch"`` (see ``remax_kernels._dispatch``). The torch path
             processes rows in chunks, so its extra memory is ``O(chunk x V)`` fp32 in forward and backward.
 
     Returns:
