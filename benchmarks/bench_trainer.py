@@ -73,7 +73,8 @@ def random_prompts(n: int, lengths: tuple[int, int], vocab_size: int, seed: int 
 class EagerLogitsTrainer(Trainer):
     """The baseline: ``Trainer`` whose loss reads the model's materialized ``[B, L, V]`` logits."""
 
-    def _policy_loss(self, model, ids, attention_mask, response_mask, advantages, ref_logprobs):
+    def _policy_loss(self, model, ids, attention_mask, response_mask, advantages, ref_logprobs, rollout_logprobs,
+                     old_logprobs=None):
         mask = attention_mask.long()
         positions = position_ids_from_attention_mask(mask)
         width = response_mask.shape[1]
@@ -81,7 +82,8 @@ class EagerLogitsTrainer(Trainer):
             logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
         logp = bl.eager_token_logprobs(logits[:, -width - 1 : -1], ids[:, -width:],
                                        temperature=self.config.temperature)
-        return rk.policy_loss(logp, advantages, response_mask, **self._loss_options(ref_logprobs))
+        return rk.policy_loss(logp, advantages, response_mask, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+                              rollout_logprobs=rollout_logprobs, options=self.loss_options)
 
 
 def _build_trainer(kind: str, shapes: dict, s: hz.Settings, run_dir: str):
@@ -140,8 +142,8 @@ def _loss_check(steps: _Steps) -> dict:
     response_mask = torch.ones(batch, width, dtype=torch.bool, device=trainer.device)
     advantages = torch.tensor([0.5, -1.0], device=trainer.device)
     with torch.no_grad():
-        ours, _ = trainer._policy_loss(trainer.policy, ids, mask, response_mask, advantages, None)
-        eager, _ = eager_loss(trainer, trainer.policy, ids, mask, response_mask, advantages, None)
+        ours, _ = trainer._policy_loss(trainer.policy, ids, mask, response_mask, advantages, None, None)
+        eager, _ = eager_loss(trainer, trainer.policy, ids, mask, response_mask, advantages, None, None)
     return {"loss": float(ours), "loss_eager": float(eager), "abs_diff": abs(float(ours) - float(eager))}
 
 
