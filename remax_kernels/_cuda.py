@@ -66,24 +66,15 @@ def _register_fakes() -> None:
 
 def row_layout(x: torch.Tensor) -> tuple[int, int, int]:
     """``(T1, s0, s1)``: row ``r`` of ``x`` viewed as ``[-1, V]`` starts ``(r // T1) * s0 + (r % T1) * s1`` elements
-    after ``x.data_ptr()``. Leading dimensions of size 1 are dropped and mergeable neighbours merged; raises
+    after ``x.data_ptr()`` (the Triton row kernels' addressing, ``token_logprobs._row_layout``); raises
     ``ValueError`` when more than two strides remain (pass a contiguous copy, or an explicit ``layout``)."""
-    merged: list[tuple[int, int]] = []
-    for size, stride in zip(x.shape[:-1], x.stride()[:-1], strict=True):
-        if size == 1:
-            continue
-        if merged and merged[-1][1] == size * stride:
-            merged[-1] = (merged[-1][0] * size, stride)
-        else:
-            merged.append((size, stride))
-    if not merged:
-        return 1, 0, 0
-    if len(merged) == 1:
-        return merged[0][0], 0, merged[0][1]
-    if len(merged) == 2:
-        return merged[1][0], merged[0][1], merged[1][1]
-    raise ValueError(f"the leading dimensions of shape {tuple(x.shape)} / strides {x.stride()} need more than two "
-                     "strides; pass a contiguous copy or an explicit layout")
+    from remax_kernels.ops.token_logprobs import _row_layout  # lazy: that module imports this one
+
+    layout = _row_layout(x)
+    if layout is None:
+        raise ValueError(f"the leading dimensions of shape {tuple(x.shape)} / strides {x.stride()} need more than "
+                         "two strides; pass a contiguous copy or an explicit layout")
+    return layout
 
 
 def row_logprobs_forward(
