@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from remax_kernels._validate import check_float, check_same_device, check_tensor
+from remax_kernels._validate import check_float, check_same_device, check_tensor, value_checks_enabled
 
 KL_MODES = ("sum", "one-step")
 _REWARD_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -43,9 +43,10 @@ def _check_rewards(name: str, rewards, batch: int | None = None) -> torch.Tensor
         raise ValueError(f"{name}: expected a 1-D tensor [B] (one reward per sequence), got {tuple(rewards.shape)}")
     if batch is not None and rewards.shape[0] != batch:
         raise ValueError(f"{name}: has {rewards.shape[0]} rewards but the batch has {batch} (shape mismatch)")
-    n_bad = int((~torch.isfinite(rewards)).sum())
-    if n_bad:
-        raise ValueError(f"{name}: {n_bad} NaN/inf values; rewards must be finite")
+    if value_checks_enabled(rewards.device):
+        n_bad = int((~torch.isfinite(rewards)).sum())
+        if n_bad:
+            raise ValueError(f"{name}: {n_bad} NaN/inf values; rewards must be finite")
     return rewards
 
 
@@ -122,9 +123,10 @@ def _shape_and_whiten(
     if token_kl is not None:
         # Positions outside the response may hold padding garbage; only response tokens must be finite.
         kl = torch.where(valid, token_kl.to(score.dtype), torch.zeros((), dtype=score.dtype, device=score.device))
-        n_bad = int((~torch.isfinite(kl)).sum())
-        if n_bad:
-            raise ValueError(f"token_kl: {n_bad} NaN/inf values at response tokens")
+        if value_checks_enabled(kl.device):
+            n_bad = int((~torch.isfinite(kl)).sum())
+            if n_bad:
+                raise ValueError(f"token_kl: {n_bad} NaN/inf values at response tokens")
         kl_reward = -kl_coef * kl
         if kl_mode == "one-step":
             adv = adv + kl_reward

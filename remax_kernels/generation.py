@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from remax_kernels._validate import check_attention_mask, check_index, check_temperature
+from remax_kernels._validate import check_attention_mask, check_index, check_temperature, value_checks_enabled
 from remax_kernels.hf import position_ids_from_attention_mask
 from remax_kernels.ops.sampling import check_sampling_options, parse_options
 
@@ -149,6 +149,8 @@ def _check_prompts(input_ids, attention_mask) -> None:
     if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids: expected a non-empty 2-D tensor [B, P], got shape {tuple(input_ids.shape)}")
     check_attention_mask(attention_mask, input_ids)
+    if not value_checks_enabled(input_ids.device):  # the values below read device memory (see _validate)
+        return
     mask = attention_mask.long()
     if bool(((mask != 0) & (mask != 1)).any()):
         raise ValueError("attention_mask: values must be 0 or 1")
