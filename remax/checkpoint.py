@@ -3,8 +3,9 @@
 Layout of ``RUN_DIR/checkpoints``::
 
     step_00000050/            one complete checkpoint
-        .metadata, *.distcp   policy + optimizer (torch.distributed.checkpoint; sharded when running FSDP2)
-        scheduler.pt          LR scheduler state
+        .metadata, *.distcp   policy + optimizer, and every extra part's model + optimizer (PPO: the value model)
+                              (torch.distributed.checkpoint; sharded when running FSDP2)
+        scheduler.pt          LR scheduler state (scheduler_<part>.pt for an extra part)
         rng_rank{r}.pt        python / numpy / torch (+ CUDA) RNG states of rank r
         trainer_state.json    step, metric history, config; written last
     latest                    the name of the newest complete checkpoint, replaced atomically
@@ -13,6 +14,13 @@ A checkpoint is written into ``.tmp-step_XXXXXXXX`` and renamed (``os.replace``)
 then ``latest`` is swapped with another ``os.replace``. A crash or Ctrl-C at any point therefore leaves ``latest``
 naming the previous complete checkpoint; a left-over ``.tmp-*`` directory is never read and is removed by the next
 save. The run directory must be on a filesystem all ranks share.
+
+World size: the model and optimizer states are saved as global tensors with their sharding described in
+``.metadata`` (``torch.distributed.checkpoint``), and ``load_checkpoint`` reads them into whatever sharding the
+loading run has, so a run saved by N ranks resumes on M (1 included). Everything else is rank-independent except
+the RNG states: ranks beyond those saved start from rank 0's (the trainer seeds every rollout row from the step and
+row alone, so its results do not depend on them). ``tests/test_distributed.py`` resumes a 2-rank checkpoint in one
+process.
 """
 
 from __future__ import annotations
@@ -79,11 +87,22 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _model_and_optim_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+def _model_and_optim_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict) -> dict:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    return {"model": model_sd, "optim": optim_sd}
+    state = {"model": model_sd, "optim": optim_sd}
+    for name, (part_model, part_optimizer, _) in extra.items():
+        state[f"{name}_model"], state[f"{name}_optim"] = get_state_dict(part_model, part_optimizer)
+    return state
+
+
+def _check_extra(extra: dict | None) -> dict:
+    extra = extra or {}
+    for name in extra:
+        if not name.isidentifier() or name in ("model", "optim"):
+            raise ValueError(f"extra: part names must be identifiers other than 'model'/'optim', got {name!r}")
+    return extra
 
 
 def save_checkpoint(
@@ -96,10 +115,15 @@ def save_checkpoint(
     trainer_state: dict,
     info: DistInfo,
     keep: int = 2,
+    extra: dict | None = None,
 ) -> str:
-    """Write checkpoint ``step`` atomically (every rank calls this); returns its directory."""
+    """Write checkpoint ``step`` atomically (every rank calls this); returns its directory.
+
+    ``extra``: more trained parts, ``{name: (model, optimizer, scheduler)}`` (PPO's value model as ``"value"``).
+    """
     import torch.distributed.checkpoint as dcp
 
+    extra = _check_extra(extra)
     root = os.path.join(run_dir, "checkpoints")
     final = os.path.join(root, _step_name(step))
     tmp = os.path.join(root, f".tmp-{_step_name(step)}")
@@ -113,11 +137,13 @@ def save_checkpoint(
     with warnings.catch_warnings():
         # One process without a process group is intended here; DCP warns about it on every call.
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(_model_and_optim_state(model, optimizer), checkpoint_id=tmp)
+        dcp.save(_model_and_optim_state(model, optimizer, extra), checkpoint_id=tmp)
     torch.save(rng_state(), os.path.join(tmp, f"rng_rank{info.rank}.pt"))
     barrier(info)
     if info.is_main:
         torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+        for name, (_, _, part_scheduler) in extra.items():
+            torch.save(part_scheduler.state_dict(), os.path.join(tmp, f"scheduler_{name}.pt"))
         state = dict(trainer_state, step=step, world_size=info.world_size)
         write_atomic(os.path.join(tmp, STATE_FILE), json.dumps(state))
         _fsync_dir(tmp)
@@ -173,17 +199,24 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler,
     info: DistInfo,
+    extra: dict | None = None,
 ) -> dict:
-    """Restore everything ``save_checkpoint`` wrote (in place) and return the trainer state (step, history, ...)."""
+    """Restore everything ``save_checkpoint`` wrote (in place; ``extra`` as there) and return the trainer state
+    (step, history, ``world_size`` of the saving run, ...), on any number of ranks (module docstring)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    state = _model_and_optim_state(model, optimizer)
+    extra = _check_extra(extra)
+    state = _model_and_optim_state(model, optimizer, extra)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
+    for name, (part_model, part_optimizer, part_scheduler) in extra.items():
+        set_state_dict(part_model, part_optimizer, model_state_dict=state[f"{name}_model"],
+                       optim_state_dict=state[f"{name}_optim"])
+        part_scheduler.load_state_dict(torch.load(os.path.join(path, f"scheduler_{name}.pt"), weights_only=False))
     rng_file = os.path.join(path, f"rng_rank{info.rank}.pt")
     if not os.path.isfile(rng_file):
         # Resumed on more ranks than were saved: the extra ranks continue from rank 0's RNG streams.

@@ -5,7 +5,7 @@
     remax train --init_from RUN_DIR [--key value ...]      a new embedded run from RUN_DIR's saved warm-start
     remax eval RUN_DIR | --model DIR ... [--key value]     greedy and sampled reward on the held-out prompts
     remax plot RUN_DIR                                     reward_curves.png from metrics.jsonl
-    remax compare [--estimators remax,reinforce,rloo] [--config FILE] [--key value ...]
+    remax compare [--estimators remax,ppo,grpo,rloo] [--config FILE] [--key value ...]
 
 Options are the config fields (``remax train --help`` lists them with their allowed values), written ``--key value``
 or ``--key=value``; booleans take a value (``--bf16 false``). With no model (``remax train``), the embedded
@@ -22,6 +22,7 @@ import dataclasses
 import datetime
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -306,8 +307,10 @@ def _eval_config(args) -> tuple[TrainConfig, bool, str | None]:
                 saved_config.model)
             values = merge(values, {"model": final, "tokenizer": final})
     values = merge(values, overrides)
-    # Evaluation trains nothing: no reference, adapters, TensorBoard, resume or warm-start.
-    values.update(kl_coef=0.0, lora_r=0, report_to="none", resume=None, run_dir=None, init_from=None)
+    # Evaluation trains nothing: no reference, value model, adapters, TensorBoard, resume or warm-start.
+    # (The held-out reward does not depend on the estimator: "remax" builds no value model.)
+    values.update(kl_coef=0.0, lora_r=0, report_to="none", resume=None, run_dir=None, init_from=None,
+                  estimator="remax")
     config = TrainConfig.from_dict(values, source="eval")
     if embedded and config.max_new_tokens is None:
         config = config.replace(max_new_tokens=config.task.digits + 2)
@@ -373,6 +376,33 @@ def cmd_plot(args) -> str:
     return path
 
 
+def _run_isolated(run_config: TrainConfig, root: str) -> dict:
+    """Train one estimator in a fresh Python process (``remax train --config``) and return its summary: the process's
+    peak resident memory (``ru_maxrss`` only ever grows within a process) is then this estimator's alone."""
+    from remax.config import save_config
+
+    path = os.path.join(root, f"config-{run_config.estimator}.yaml")
+    save_config(run_config, path)
+    rc = subprocess.run([sys.executable, "-m", "remax", "train", "--config", path]).returncode
+    if rc == 130:
+        raise KeyboardInterrupt
+    if rc != 0:
+        raise UsageError(f"compare: the {run_config.estimator} run failed (exit status {rc}; its output is above, its "
+                         f"run directory is {run_config.run_dir})")
+    with open(os.path.join(run_config.run_dir, "summary.json")) as fh:
+        return json.load(fh)
+
+
+def _free_device_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def cmd_compare(args) -> dict:
     from remax.config import ESTIMATORS
     from remax.distributed import init_distributed, shutdown
@@ -397,23 +427,35 @@ def cmd_compare(args) -> dict:
     config = _setup_errors(make_config)
     info = init_distributed(_setup_errors(lambda: pick_device(config.device)).type)
     setup_logging(config.log_level, is_main=info.is_main)
+    # Each estimator in a process of its own, so its peak memory is its own; under torchrun the ranks are the
+    # processes, and the estimators run one after the other in them.
+    isolate = not info.enabled
     try:
-        root = config.run_dir or _default_run_dir(info, prefix="compare-")
+        root = os.path.abspath(config.run_dir or _default_run_dir(info, prefix="compare-"))
         try:
             parts = _setup_errors(lambda: build_experiment(config, info, run_dir=root))
             parts.pop("warmstart_s")
+            if isolate:
+                parts = None  # the runs load what they need themselves; nothing stays held here meanwhile
+                _free_device_memory()
             runs, summaries = {}, {}
             for e in estimators:
                 logger.info(f"\n=== {e} ===")
                 run_config = config.replace(estimator=e, run_dir=os.path.join(root, e))
-                p = dict(parts, policy=copy.deepcopy(parts["policy"]))
-                trainer = Trainer(p.pop("policy"), p.pop("tokenizer"), p.pop("reward_fn"), config=run_config,
-                                  dist_info=info, **p)
-                summaries[e] = trainer.train()
+                if isolate:
+                    # The embedded experiment's estimators start from the warm-start saved in ROOT/initial_policy.
+                    child = run_config.replace(init_from=root) if config.model is None else run_config
+                    summaries[e] = _run_isolated(child, root)
+                else:
+                    p = dict(parts, policy=copy.deepcopy(parts["policy"]))
+                    trainer = Trainer(p.pop("policy"), p.pop("tokenizer"), p.pop("reward_fn"), config=run_config,
+                                      dist_info=info, **p)
+                    summaries[e] = trainer.train()
+                    del trainer
                 runs[e] = run_config.run_dir
         except KeyboardInterrupt:
             raise Interrupted(f"interrupted; the estimators' runs are in {root}/<estimator>") from None
-        result = {"run_dir": root, "runs": summaries}
+        result = {"run_dir": root, "runs": summaries, "isolated": isolate}
         if info.is_main:
             from remax.plotting import read_metrics
 
@@ -421,22 +463,110 @@ def cmd_compare(args) -> dict:
                 train, _ = read_metrics(run_dir)
                 var = [r["grad_var"] for r in train if "grad_var" in r]
                 summaries[e]["mean_grad_var"] = sum(var) / len(var) if var else None
+            result["targets"] = compare_targets(summaries)
             result["plot"] = plot_compare(runs, os.path.join(root, "compare.png"))
             with open(os.path.join(root, "compare.json"), "w") as fh:
                 json.dump(result, fh, indent=2)
+            result["table"] = os.path.join(root, "compare.md")
+            with open(result["table"], "w") as fh:
+                fh.write(compare_markdown(summaries, config, isolated=isolate))
             logger.info(format_compare(summaries))
-            logger.info(f"plot: {result['plot']}")
+            for line in result["targets"]:
+                logger.info(line["text"])
+            logger.info(f"table: {result['table']}; plot: {result['plot']}")
         return result
     finally:
         shutdown()
 
 
-def format_compare(summaries: dict) -> str:
-    lines = ["", f"{'estimator':12}{'greedy before':>15}{'greedy after':>14}{'sampled after':>15}{'mean grad var':>15}"]
+# ReMax against PPO at equal batch: the paper's claims (46% less GPU memory at 7B, about twice as fast) as targets.
+COMPARE_TARGETS = {"model_states": 0.6, "time_per_step": 0.7}
+
+_COLUMNS = ("estimator", "greedy before", "greedy after", "sampled after", "rollout s", "reward s", "train s",
+            "s/step", "peak MB", "states MB", "trainable", "frozen", "grad var")
+
+
+def _compare_rows(summaries: dict) -> list[list[str]]:
+    rows = []
     for e, s in summaries.items():
+        t = s.get("time_per_step_s", {})
+        states = s.get("model_states_bytes")
+        params = s.get("parameters", {})
         var = s.get("mean_grad_var")
-        lines.append(f"{e:12}{s['before']['greedy']:>15.4f}{s['after']['greedy']:>14.4f}{s['after']['sampled']:>15.4f}"
-                     f"{var if var is not None else float('nan'):>15.3e}")
+        fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
+        rows.append([e, f"{s['before']['greedy']:.3f}", f"{s['after']['greedy']:.3f}", f"{s['after']['sampled']:.3f}",
+                     fmt(t.get("rollout"), ".4f"), fmt(t.get("reward"), ".4f"), fmt(t.get("train"), ".4f"),
+                     fmt(t.get("total"), ".4f"), fmt(s.get("peak_mem_mb"), ".0f"),
+                     fmt(None if states is None else _states_total(states) / 2**20, ".2f"),
+                     fmt(params.get("trainable"), ","), fmt(params.get("frozen"), ","), fmt(var, ".3g")])
+    return rows
+
+
+def _states_total(states: dict) -> int:
+    return sum(sum(parts.values()) for parts in states.values())
+
+
+def compare_targets(summaries: dict) -> list[dict]:
+    """ReMax against PPO, when both ran: model-state memory and time per step ratios against ``COMPARE_TARGETS``, and
+    the held-out greedy reward after RL (ReMax's at least PPO's). Each: ``{"name", "value", "met", "text"}``."""
+    remax, ppo = summaries.get("remax"), summaries.get("ppo")
+    if remax is None or ppo is None or "time_per_step_s" not in remax or "time_per_step_s" not in ppo:
+        return []
+    out = []
+    if "model_states_bytes" in remax and "model_states_bytes" in ppo:
+        ratio = _states_total(remax["model_states_bytes"]) / _states_total(ppo["model_states_bytes"])
+        out.append(("model_states", ratio, ratio <= COMPARE_TARGETS["model_states"],
+                    f"ReMax / PPO memory in model states: {ratio:.2f}x (target <= {COMPARE_TARGETS['model_states']})"))
+    ratio = remax["time_per_step_s"]["total"] / ppo["time_per_step_s"]["total"]
+    out.append(("time_per_step", ratio, ratio <= COMPARE_TARGETS["time_per_step"],
+                f"ReMax / PPO time per step: {ratio:.2f}x (target <= {COMPARE_TARGETS['time_per_step']}; rollout "
+                f"{remax['time_per_step_s']['rollout'] / ppo['time_per_step_s']['rollout']:.2f}x, training "
+                f"{remax['time_per_step_s']['train'] / ppo['time_per_step_s']['train']:.2f}x)"))
+    a, b = remax["after"]["greedy"], ppo["after"]["greedy"]
+    out.append(("reward_after", a - b, a >= b,
+                f"held-out greedy reward after RL: ReMax {a:.3f}, PPO {b:.3f} (target: ReMax >= PPO)"))
+    return [{"name": n, "value": v, "met": bool(met), "text": f"{text}: {'met' if met else 'MISSED'}"}
+            for n, v, met, text in out]
+
+
+def format_compare(summaries: dict) -> str:
+    """The comparison as a plain-text table (columns as ``compare_markdown``)."""
+    rows = [list(_COLUMNS)] + _compare_rows(summaries)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS))]
+    return "\n" + "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(
+        zip(r, widths, strict=True))) for r in rows)
+
+
+def compare_markdown(summaries: dict, config: TrainConfig, *, isolated: bool) -> str:
+    """``compare.md``: what ran, the table, the ReMax / PPO targets and what the columns mean."""
+    import datetime
+
+    import torch
+    import transformers
+
+    from remax.model import pick_device
+    from remax.plotting import describe_task
+
+    first = next(iter(summaries.values()), {})
+    device = pick_device(config.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} thread(s)"
+    lines = [f"# remax compare: {', '.join(summaries)}", "",
+             f"{describe_task(config.flat_dict())}; {config.steps} steps x {config.batch_size} rows per step from "
+             f"the same warm-started policy. {datetime.date.today()}, {where}, torch {torch.__version__}, "
+             f"transformers {transformers.__version__}.", "",
+             "| " + " | ".join(_COLUMNS) + " |", "|" + " --- |" * len(_COLUMNS)]
+    lines += ["| " + " | ".join(r) + " |" for r in _compare_rows(summaries)]
+    targets = compare_targets(summaries)
+    if targets:
+        lines += [""] + [f"- {t['text']}" for t in targets]
+    kind = first.get("peak_mem_kind", "peak memory")
+    lines += ["", "Columns: held-out reward (greedy / sampled responses) before and after RL; median seconds per step "
+              "in rollout, reward and training and in all (the first step left out); peak MB: " + kind +
+              (", each estimator in its own process" if isolated else
+               " (under torchrun the estimators share the processes: on the CPU this peak is cumulative)") +
+              "; states MB: parameters, gradients and optimizer state of every model held, summed over ranks from "
+              "the tensors; trainable / frozen parameters of every model; grad var: mean half-batch gradient "
+              "variance.", ""]
     return "\n".join(lines)
 
 
@@ -449,7 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   formatter_class=argparse.RawDescriptionHelpFormatter, epilog=USAGE)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,plot,compare}")
     for name, helptext in (("train", "train a policy with ReMax (default: the embedded experiment)"),
-                           ("compare", "remax vs reinforce vs rloo/grpo on the same task and budget"),
+                           ("compare", "remax vs ppo, grpo, rloo, reinforce on the same task, batch and budget: "
+                                       "reward, time per step, memory"),
                            ("eval", "held-out greedy and sampled reward of a trained policy")):
         usage = (f"remax {name} [RUN_DIR] [--key value ...]" if name == "eval"
                  else f"remax {name} [--config FILE.yaml] [--key value ...]")
@@ -460,7 +591,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--config", metavar="FILE.yaml",
                            help="YAML file of config fields (relative paths in it are relative to its folder)")
         if name == "compare":
-            p.add_argument("--estimators", default="remax,reinforce,rloo", help="comma-separated estimators")
+            p.add_argument("--estimators", default="remax,ppo,grpo,rloo",
+                           help="comma-separated estimators (default: remax,ppo,grpo,rloo)")
         add_config_arguments(p)
     p = sub.add_parser("plot", help="reward_curves.png of a run directory", allow_abbrev=False)
     p.add_argument("run_dir")

@@ -5,10 +5,10 @@ a section of their own, ``TaskConfig``: ``task: {digits: 3}`` in YAML, ``--task.
 keys, values of the wrong type and out-of-range values raise one ``ValueError``/``TypeError`` naming the field before
 any model is loaded.
 
-Paths: a relative input path (``model``, ``tokenizer``, ``ref_model``, ``reward``, ``prompts``, ``eval_prompts``,
-``init_from``) written in a YAML file is relative to that file's folder; given on the command line, to the current
-folder. The command line stores them absolute, so a run's ``config.yaml`` reads the same from anywhere. ``run_dir``
-and ``resume`` (where a run is written) are relative to the current folder.
+Paths: a relative input path (``model``, ``tokenizer``, ``ref_model``, ``value_model``, ``reward``, ``prompts``,
+``eval_prompts``, ``init_from``) written in a YAML file is relative to that file's folder; given on the command line,
+to the current folder. The command line stores them absolute, so a run's ``config.yaml`` reads the same from
+anywhere. ``run_dir`` and ``resume`` (where a run is written) are relative to the current folder.
 
 Why no config library: the command line is the standard library's ``argparse``, built from the dataclass fields
 (``config_argument_parser``: types, allowed values, defaults and help text from the fields' metadata), and YAML is
@@ -30,7 +30,7 @@ from typing import Any
 
 from remax_kernels.losses import KL_ESTIMATORS, LOSS_AGG_MODES, LossOptions
 
-ESTIMATORS = ("remax", "reinforce", "rloo", "grpo")
+ESTIMATORS = ("remax", "reinforce", "rloo", "grpo", "ppo")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 KL_PENALTIES = ("reward", "loss")
 KL_MODES = ("sum", "one-step")
@@ -43,7 +43,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 # Input paths, resolved against a YAML file's folder (see the module doc). ``reward`` is a path only in its
 # ``file.py:function`` and directory forms.
-INPUT_PATHS = ("model", "tokenizer", "ref_model", "prompts", "eval_prompts", "init_from")
+INPUT_PATHS = ("model", "tokenizer", "ref_model", "value_model", "prompts", "eval_prompts", "init_from")
 
 
 def _f(default, help: str, **kw):
@@ -66,12 +66,24 @@ class TaskConfig:
     hidden_size: int = _f(64, "embedded Llama: hidden size")
     layers: int = _f(2, "embedded Llama: decoder layers")
     heads: int = _f(4, "embedded Llama: attention heads")
+    kv_heads: int = _f(0, "embedded Llama: key/value heads (grouped-query attention); 0 = heads")
+    intermediate_size: int = _f(0, "embedded Llama: MLP width; 0 = 4 * hidden_size")
+    vocab_size: int = _f(0, "embedded Llama: vocabulary rows of the embedding and lm-head; 0 = the character "
+                            "tokenizer's 16. Larger values give the model a real-sized lm-head (e.g. 151936, "
+                            "Qwen2.5's) whose extra tokens the task never uses (they decode to nothing)")
+    tie_embeddings: bool = _f(False, "embedded Llama: tie the lm-head to the input embedding (as small Qwen/Llama "
+                                     "models do)")
 
     def __post_init__(self) -> None:
         _check_choices(self, prefix="task.")
         for name in ("digits", "train_size", "sft_batch_size", "hidden_size", "layers", "heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"task.{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("kv_heads", "intermediate_size", "vocab_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"task.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.kv_heads and self.heads % self.kv_heads:
+            raise ValueError(f"task.kv_heads: {self.kv_heads} does not divide task.heads {self.heads}")
         if self.sft_steps < 0:
             raise ValueError(f"task.sft_steps: must be >= 0, got {self.sft_steps}")
         if not self.sft_lr > 0:
@@ -108,14 +120,33 @@ class TrainConfig:
                                      "policy (RUN/initial_policy) instead of warming up again; its task.*, seed "
                                      "and eval_size are taken over", metavar="RUN_DIR")
     # --- RL ---------------------------------------------------------------------------------------------------------
-    estimator: str = _f("remax", "advantage estimator: remax (greedy baseline), reinforce (no baseline), rloo, grpo",
-                        choices=ESTIMATORS)
+    estimator: str = _f("remax", "advantage estimator: remax (greedy baseline), reinforce (no baseline), rloo, grpo, "
+                                 "or ppo (a value model and GAE; see the PPO fields)", choices=ESTIMATORS)
     group_size: int = _f(4, "rloo/grpo: samples per prompt (batch_size rows = batch_size/group_size prompts)")
     steps: int = _f(1000, "RL optimizer steps (in all: a resume with a larger value continues the run)")
     batch_size: int = _f(64, "rows per RL step over all ranks (remax: prompts, each with a sampled + greedy response)")
     rollout_batch_size: int = _f(0, "rows per generate_pairs call (bounds generation memory); 0 = the whole per-rank "
                                     "batch. Each row has its own sampling seed, so results do not depend on it")
-    grad_accum: int = _f(1, "micro-batches per step (the per-rank batch is split; the loss is normalized exactly)")
+    grad_accum: int = _f(1, "micro-batches per optimizer step (the per-rank batch, or ppo mini-batch, is split; the "
+                            "loss is normalized exactly; under FSDP2 gradients are reduced once, after the last)")
+    # --- PPO (estimator: ppo) -----------------------------------------------------------------------------------------
+    # Defaults: the settings TRL, verl, OpenRLHF and DeepSpeed-Chat (the ReMax paper's PPO baseline) share, and
+    # DeepSpeed-Chat's where they differ; each help text names the others' values.
+    value_model: str | None = _f(None, "ppo: local directory the value model starts from: a sequence-classification "
+                                       "model with one label (e.g. a reward model; its score head is kept) or a causal "
+                                       "LM (a new zero value head); default: a copy of the policy's backbone with a "
+                                       "zero-initialized scalar head", metavar="DIR")
+    critic_lr: float | None = _f(None, "ppo: the value model's peak learning rate (AdamW, the policy's schedule); "
+                                       "unset = lr (TRL: one rate; verl and OpenRLHF use ~10x the actor's)")
+    clip_ratio: float = _f(0.2, "ppo: clip eps of the policy's importance ratio (TRL, verl, OpenRLHF, DeepSpeed-Chat)")
+    clip_ratio_c: float | None = _f(None, "ppo: dual-clip bound c > 1 for negative advantages (verl: 3.0); unset = off")
+    value_clip: float | None = _f(0.2, "ppo: the value loss clips new values to old +- value_clip (TRL, OpenRLHF, "
+                                       "DeepSpeed-Chat: 0.2; verl 0.5); unset = no clipping")
+    gae_lambda: float = _f(0.95, "ppo: GAE lambda (TRL, DeepSpeed-Chat, OpenRLHF: 0.95; verl and newer OpenRLHF: "
+                                 "1.0); the discount is gamma")
+    ppo_epochs: int = _f(1, "ppo: passes over each rollout batch (verl, OpenRLHF, DeepSpeed-Chat: 1; TRL 4)")
+    ppo_mini_batch_size: int = _f(0, "ppo: rows per optimizer step within a pass, over all ranks (shuffled per pass); "
+                                     "0 = the whole batch: one update per pass (DeepSpeed-Chat; verl: batch / 4)")
     # --- optimizer and schedule -------------------------------------------------------------------------------------
     lr: float = _f(1e-3, "peak learning rate (AdamW)")
     lr_schedule: str = _f("cosine", "learning-rate schedule after warm-up", choices=LR_SCHEDULES)
@@ -142,9 +173,10 @@ class TrainConfig:
     kl_estimator: str = _f("k3", "KL estimator of the 'loss' penalty and of the logged kl", choices=KL_ESTIMATORS)
     kl_mode: str = _f("sum", "'reward' penalty: KL summed to the end (verl) or one-step (official ReMax)",
                       choices=KL_MODES)
-    gamma: float = _f(1.0, "discount of the reward over the response tokens (official ReMax: 0.99)")
+    gamma: float = _f(1.0, "discount of the reward over the response tokens (official ReMax: 0.99); ppo: GAE's")
     clip_reward: float | None = _f(None, "clip the reward difference / reward to [-c, c]; unset = off (official: 5)")
-    whiten: bool = _f(False, "whiten the advantages over the batch (single process only)")
+    whiten: bool = _f(False, "whiten the advantages over the batch (single process only; ppo always whitens its GAE "
+                             "advantages, over all ranks, as TRL, verl and OpenRLHF do)")
     entropy_coef: float = _f(0.0, "entropy bonus coefficient")
     loss_agg_mode: str = _f("token-mean", "how per-token losses are averaged", choices=LOSS_AGG_MODES)
     rollout_correction: str = _f("none", "'tis': weight each token's policy-gradient term by min(pi_train / "
@@ -172,7 +204,8 @@ class TrainConfig:
                              metavar="DIR")
     resume: str | None = _f(None, "run directory to continue from its latest complete checkpoint (fields that fix "
                                   "what the run optimizes must not change; steps may grow)", metavar="RUN_DIR")
-    save_every: int = _f(50, "checkpoint every N steps (and at the end); 0 = only at the end")
+    save_every: int = _f(50, "checkpoint every N steps (and at the end); 0 = only at the end; -1 = never (the run "
+                             "cannot be resumed; for measurement runs of large models)")
     keep_checkpoints: int = _f(2, "how many complete checkpoints to keep")
     save_final_model: bool = _f(True, "save the final policy (save_pretrained; the adapter for LoRA) into "
                                       "RUN_DIR/final")
@@ -183,7 +216,8 @@ class TrainConfig:
     log_samples: int = _f(3, "at every evaluation, log this many held-out prompts with their greedy and sampled "
                              "responses and rewards (stdout and RUN_DIR/samples.jsonl); 0 = none")
     track_grad_var: bool = _f(False, "log grad_var: 0.5*||g_a - g_b||^2 of the two half-batch gradients (trace of the "
-                                     "half-batch gradient covariance, an unbiased estimate)")
+                                     "half-batch gradient covariance, an unbiased estimate; ppo: of its first "
+                                     "mini-batch update)")
     log_level: str = _f("info", "messages of the 'remax' logger shown (rank 0 only): debug adds a line per step",
                         choices=LOG_LEVELS)
     report_to: str = _f("none", "also write every metric to TensorBoard event files in RUN_DIR/tensorboard (needs "
@@ -233,7 +267,9 @@ class TrainConfig:
                      "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("cpu_threads", "rollout_batch_size", "warmup_steps", "lr_decay_steps", "save_every",
+        if self.save_every < -1:
+            raise ValueError(f"save_every: must be >= -1, got {self.save_every}")
+        for name in ("cpu_threads", "rollout_batch_size", "warmup_steps", "lr_decay_steps",
                      "eval_every", "top_k", "lora_r", "log_samples"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
@@ -253,6 +289,22 @@ class TrainConfig:
             raise ValueError(f"clip_reward: must be > 0 or unset, got {self.clip_reward}")
         if not 0 < self.tis_cap < float("inf"):
             raise ValueError(f"tis_cap: must be a finite number > 0, got {self.tis_cap}")
+        if self.critic_lr is not None and not self.critic_lr > 0:
+            raise ValueError(f"critic_lr: must be > 0 or unset, got {self.critic_lr}")
+        if self.value_clip is not None and not self.value_clip > 0:
+            raise ValueError(f"value_clip: must be > 0 or unset, got {self.value_clip}")
+        if not 0 <= self.gae_lambda <= 1:
+            raise ValueError(f"gae_lambda: must be in [0, 1], got {self.gae_lambda}")
+        if self.ppo_epochs < 1:
+            raise ValueError(f"ppo_epochs: must be >= 1, got {self.ppo_epochs}")
+        if self.ppo_mini_batch_size < 0:
+            raise ValueError(f"ppo_mini_batch_size: must be >= 0, got {self.ppo_mini_batch_size}")
+        if self.estimator == "ppo":
+            if self.batch_size % self.mini_batch_rows:
+                raise ValueError(f"ppo_mini_batch_size: {self.ppo_mini_batch_size} does not divide batch_size "
+                                 f"{self.batch_size}")
+            if self.whiten:
+                raise ValueError("whiten: ppo always whitens its GAE advantages (over all ranks); leave whiten false")
         self.loss_options()  # the loss options' own checks
         if self.estimator in ("rloo", "grpo"):
             if self.group_size < 2:
@@ -261,11 +313,14 @@ class TrainConfig:
                 raise ValueError(f"batch_size: {self.batch_size} is not a multiple of group_size {self.group_size}")
 
     def loss_options(self) -> LossOptions:
-        """The ``remax_kernels.LossOptions`` of this run (checked there): the KL term only with
-        ``kl_penalty='loss'``; Dr. GRPO's norm is the generation budget (a constant, so micro-batches of different
-        lengths share it); TIS with ``rollout_correction='tis'``."""
+        """The ``remax_kernels.LossOptions`` of this run (checked there): PPO's clipping (``clip_ratio``,
+        ``clip_ratio_c``) with ``estimator='ppo'`` only; the KL term only with ``kl_penalty='loss'``; Dr. GRPO's norm
+        is the generation budget (a constant, so micro-batches of different lengths share it); TIS with
+        ``rollout_correction='tis'``."""
         sum_norm = self.loss_agg_mode == "seq-mean-token-sum-norm"
+        ppo = self.estimator == "ppo"
         return LossOptions(
+            clip_ratio=self.clip_ratio if ppo else None, clip_ratio_c=self.clip_ratio_c if ppo else None,
             kl_coef=self.kl_coef if self.kl_penalty == "loss" else 0.0, kl_estimator=self.kl_estimator,
             entropy_coef=self.entropy_coef, loss_agg_mode=self.loss_agg_mode,
             loss_agg_norm=float(self.response_budget) if sum_norm else None,
@@ -276,6 +331,12 @@ class TrainConfig:
     def response_budget(self) -> int:
         """``max_new_tokens``, 256 when unset (the command line sets it for the embedded experiment)."""
         return 256 if self.max_new_tokens is None else self.max_new_tokens
+
+    @property
+    def mini_batch_rows(self) -> int:
+        """Rows per optimizer step over all ranks: ``ppo_mini_batch_size`` (0 = ``batch_size``) for ppo, else
+        ``batch_size`` (every other estimator makes one update per step)."""
+        return (self.ppo_mini_batch_size or self.batch_size) if self.estimator == "ppo" else self.batch_size
 
     @property
     def schedule_steps(self) -> int:
@@ -299,12 +360,16 @@ class TrainConfig:
             )
         if (rows // world_size) % self.grad_accum:
             raise ValueError(f"grad_accum: {self.grad_accum} does not divide the per-rank batch {rows // world_size}")
+        mini = self.mini_batch_rows
+        if mini < rows and (mini % world_size or (mini // world_size) % self.grad_accum):
+            raise ValueError(f"ppo_mini_batch_size: {mini} must split evenly over {world_size} rank(s) into grad_accum "
+                             f"{self.grad_accum} micro-batches each")
         if self.whiten and world_size > 1:
             raise ValueError("whiten: is computed over one rank's batch; not supported with more than one rank")
 
     def check_paths(self) -> None:
         """Fail fast on missing local paths (nothing is ever downloaded)."""
-        for name in ("model", "tokenizer", "ref_model", "init_from"):
+        for name in ("model", "tokenizer", "ref_model", "value_model", "init_from"):
             path = getattr(self, name)
             if path is not None and not os.path.isdir(path):
                 raise ValueError(f"{name}: {path!r} is not a local directory (models are never downloaded)")
@@ -479,6 +544,8 @@ HELP_GROUPS = (
                                     "prompt_field", "chat_template")),
     ("the embedded experiment (when --model is unset)", ("task", "init_from")),
     ("RL", ("estimator", "group_size", "steps", "batch_size", "rollout_batch_size", "grad_accum")),
+    ("PPO (estimator ppo)", ("value_model", "critic_lr", "clip_ratio", "clip_ratio_c", "value_clip", "gae_lambda",
+                             "ppo_epochs", "ppo_mini_batch_size")),
     ("optimizer and learning-rate schedule", ("lr", "lr_schedule", "warmup_steps", "lr_decay_steps", "min_lr_ratio",
                                               "weight_decay", "max_grad_norm")),
     ("generation", ("max_prompt_length", "max_new_tokens", "temperature", "top_k", "top_p", "min_p")),

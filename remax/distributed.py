@@ -2,8 +2,17 @@
 
 Sharding: every decoder layer (the HF model's ``_no_split_modules`` classes) is its own FSDP2 unit and a
 ``ModelRunner`` wrapping the model is the root unit. All model calls go through ``runner(fn, ...)``, so the root's
-forward gathers the root-level parameters (embeddings, final norm, ``lm_head``) while ``fn`` runs: the fused
-loss reads ``lm_head.weight`` directly, and outside a root forward it would be a sharded DTensor.
+forward gathers the root-level parameters (embeddings, final norm, ``lm_head``) ONCE while ``fn`` runs: the fused
+loss reads ``lm_head.weight`` directly, as the plain unsharded tensor of that one all-gather, however many token
+chunks it streams (outside a root forward it would be a sharded DTensor, gathered again at every use). FSDP2 keeps
+the root's parameters gathered from its forward to its backward, and the fused loss's backward only scales
+gradients it computed in the forward, so a policy-loss call costs one all-gather per unit and one reduce-scatter per
+unit (``tests/test_distributed.py`` counts them). The policy, the frozen reference and PPO's value model are all
+sharded this way; with ``bf16`` on CUDA each unit computes in bf16 from fp32 master shards and reduces gradients in
+fp32 (``MixedPrecisionPolicy``).
+
+Gradient accumulation: ``gradient_sync(runner, False)`` before a micro-batch's backward keeps its gradients
+unsharded and local (no reduce-scatter); the last micro-batch turns it back on and reduces the sum once.
 
 Generation calls the model once per decoded token and ranks stop at different lengths, so ``gathered_params``
 unshards every unit up front and keeps them gathered until the end: no collective runs inside the decode loop,
@@ -37,7 +46,8 @@ class DistInfo:
 
 
 def init_distributed(device_type: str) -> DistInfo:
-    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1): nccl on CUDA, gloo on CPU."""
+    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1): nccl for CUDA tensors and gloo for
+    CPU ones on a GPU machine (the metrics are summed as CPU tensors), gloo alone on CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
@@ -45,7 +55,8 @@ def init_distributed(device_type: str) -> DistInfo:
     if not dist.is_initialized():
         if device_type == "cuda":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
+        backend = "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank)
 
 
@@ -76,19 +87,44 @@ def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return layers
 
 
-def wrap_model(model: torch.nn.Module, info: DistInfo, device: torch.device) -> ModelRunner:
-    """``ModelRunner(model)``, sharded with FSDP2 over all ranks when there is more than one."""
+def mixed_precision_policy(bf16: bool, device: torch.device):
+    """FSDP2's ``MixedPrecisionPolicy`` for a run: bf16 parameters for compute and fp32 gradient reduction when
+    ``bf16`` is on and the device is CUDA (``bf16`` is ignored on CPU), else None (fp32 throughout)."""
+    if not (bf16 and device.type == "cuda"):
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def wrap_model(model: torch.nn.Module, info: DistInfo, device: torch.device, *, bf16: bool = False) -> ModelRunner:
+    """``ModelRunner(model)``, sharded with FSDP2 over all ranks when there is more than one (``bf16``: see
+    ``mixed_precision_policy``)."""
     runner = ModelRunner(model)
     if not info.enabled:
         return runner
+    import dataclasses
+
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (info.world_size,))
+    policy = mixed_precision_policy(bf16, device)
+    layer_kwargs = {} if policy is None else {"mp_policy": policy}
     for layer in _decoder_layers(model):
-        fully_shard(layer, mesh=mesh)
-    fully_shard(runner, mesh=mesh)
+        fully_shard(layer, mesh=mesh, **layer_kwargs)
+    # The root's forward receives the loss inputs (advantages, log-probs): they must not be cast to bf16.
+    root_kwargs = {} if policy is None else {"mp_policy": dataclasses.replace(policy, cast_forward_inputs=False)}
+    fully_shard(runner, mesh=mesh, **root_kwargs)
     return runner
+
+
+def gradient_sync(runner: torch.nn.Module, enabled: bool) -> None:
+    """Whether the next backward reduce-scatters gradients (FSDP2's ``set_requires_gradient_sync``, every unit);
+    no-op for an unsharded runner. Off, the micro-batch's gradients accumulate unsharded on each rank."""
+    set_sync = getattr(runner, "set_requires_gradient_sync", None)
+    if set_sync is not None:
+        set_sync(enabled)
 
 
 def _fsdp_units(module: torch.nn.Module) -> list:
@@ -109,7 +145,9 @@ def gathered_params(runner: torch.nn.Module):
     finally:
         for unit in units:
             unit.reshard()
-            unit.set_reshard_after_forward(True)
+            # Back to FSDP2's defaults: layers reshard after their forward; the root keeps its parameters (the
+            # embeddings and lm-head) gathered until its backward, which would otherwise gather them again.
+            unit.set_reshard_after_forward(unit is not runner)
 
 
 def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:

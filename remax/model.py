@@ -66,10 +66,13 @@ def build_tiny_llama(tokenizer, task: TaskConfig, *, seed: int) -> torch.nn.Modu
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hidden = task.hidden_size
+    if 0 < task.vocab_size < len(tokenizer):
+        raise ValueError(f"task.vocab_size: {task.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
     llama = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden,
-        num_hidden_layers=task.layers, num_attention_heads=task.heads,
-        num_key_value_heads=task.heads, max_position_embeddings=64, tie_word_embeddings=False,
+        vocab_size=task.vocab_size or len(tokenizer), hidden_size=hidden,
+        intermediate_size=task.intermediate_size or 4 * hidden, num_hidden_layers=task.layers,
+        num_attention_heads=task.heads, num_key_value_heads=task.kv_heads or task.heads, max_position_embeddings=64,
+        tie_word_embeddings=task.tie_embeddings,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     with torch.random.fork_rng(devices=[]):

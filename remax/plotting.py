@@ -14,6 +14,7 @@ ESTIMATOR_NAMES = {
     "reinforce": "REINFORCE (no baseline)",
     "rloo": "RLOO (leave-one-out baseline)",
     "grpo": "GRPO (group-normalized)",
+    "ppo": "PPO (value model + GAE)",
 }
 
 
@@ -66,9 +67,11 @@ def _pyplot():
 
 
 def describe_task(config: dict) -> str:
-    """What a run trains: the embedded addition task (digits, tiny Llama), or its model and reward."""
+    """What a run trains: the embedded addition task (digits, the Llama's layers and width), or its model and
+    reward."""
     if config.get("model") is None and config:
-        return f"the embedded addition task ({config.get('task.digits', '?')}-digit sums, tiny Llama)"
+        return (f"the embedded addition task ({config.get('task.digits', '?')}-digit sums, Llama of "
+                f"{config.get('task.layers', '?')} layers x {config.get('task.hidden_size', '?')})")
     if not config:
         return "an unknown model (no config.yaml)"
     reward = config.get("reward")
@@ -114,7 +117,8 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
 
     ax = axes[0, 0]
     for key, label, color in (("reward/sampled", "sampled", "tab:blue"), ("reward/greedy", "greedy", "tab:orange")):
-        if train:
+        # Only ReMax decodes greedy responses while training; every estimator has them at evaluation.
+        if train and key in train[0]:
             ax.plot(steps, [r[key] for r in train], color=color, alpha=0.2, lw=0.8)
             ax.plot(steps, _smooth([r[key] for r in train], window), color=color,
                     label=f"training batch, {label} responses" + (f" ({window}-step average)" if window > 1 else ""))
@@ -147,7 +151,7 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
     ax = axes[1, 0]
     longest = 1.0
     for key, label, color in (("sampled", "sampled", "tab:blue"), ("greedy", "greedy", "tab:orange")):
-        values = [r[f"response_length/{key}"] for r in train]
+        values = [r[f"response_length/{key}"] for r in train] if train and f"response_length/{key}" in train[0] else []
         if values:
             ax.plot(steps, _smooth(values, window), color=color, label=f"training batch, {label}")
             longest = max(longest, max(values))
@@ -193,62 +197,136 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
     return out
 
 
-def plot_compare(run_dirs: dict[str, str], out: str) -> str:
-    """Estimators side by side: training reward, held-out greedy reward, and the gradient variance (absolute and
-    relative to the squared gradient norm), with a caption that says how the variance is estimated.
+def _read_summary(run_dir: str) -> dict:
+    path = os.path.join(run_dir, "summary.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as fh:
+        return json.load(fh)
 
-    ``run_dirs`` maps a label (the estimator) to its run directory. Returns ``out``.
+
+def _bars(ax, names: list[str], parts: list[tuple[str, list[float]]]) -> None:
+    """Stacked bars: one per name, one segment per ``(label, values)`` part."""
+    bottom = [0.0] * len(names)
+    for label, values in parts:
+        ax.bar(names, values, bottom=bottom, label=label)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    for x, total in enumerate(bottom):
+        ax.annotate(f"{total:.3g}", (x, total), ha="center", va="bottom", fontsize=8)
+    ax.set_ylim(0, 1.15 * max(bottom + [1e-12]))
+    ax.tick_params(axis="x", labelsize=8)
+
+
+def plot_compare(run_dirs: dict[str, str], out: str) -> str:
+    """Estimators side by side: held-out greedy reward against the RL step and against the training wall time, the
+    training reward, the gradient variance (absolute and relative to the squared gradient norm, with a caption that
+    says how it is estimated), the time per step (rollout / reward / training) and the memory (model states by
+    parameters / gradients / optimizer state, and the peak memory) of each.
+
+    ``run_dirs`` maps a label (the estimator) to its run directory; the time and memory bars come from each run's
+    ``summary.json`` (written at the end of a run). Returns ``out``.
     """
     plt = _pyplot()
-    fig, axes = plt.subplots(2, 2, figsize=(14, 10.5))
+    fig, axes = plt.subplots(4, 2, figsize=(15, 20))
     window = 1
     config: dict = {}
+    names, summaries = [], []
     for label, run_dir in run_dirs.items():
         train, evals = read_metrics(run_dir)
         config = config or read_run_config(run_dir)
         name = ESTIMATOR_NAMES.get(label, label)
         run_config = read_run_config(run_dir)
+        short = label
         if label in ("rloo", "grpo") and run_config.get("group_size"):
             name = f"{name}, k = {run_config['group_size']}"
+            short = f"{label}, k = {run_config['group_size']}"
+        names.append(short)
+        summaries.append(_read_summary(run_dir))
         steps = [r["step"] for r in train]
         window = max(1, len(train) // 15)
-        axes[0, 0].plot(steps, _smooth([r["reward/sampled"] for r in train], window), label=name)
-        axes[0, 1].plot([r["step"] for r in evals], [r["eval/reward_greedy"] for r in evals], "o-", label=name)
+        eval_steps = [r["step"] for r in evals]
+        axes[0, 0].plot(eval_steps, [r["eval/reward_greedy"] for r in evals], "o-", label=name)
+        elapsed, seconds = {0: 0.0}, 0.0
+        for r in train:
+            seconds += r["perf/step_time_s"]
+            elapsed[r["step"]] = seconds
+        timed = [(elapsed[s], r["eval/reward_greedy"]) for s, r in zip(eval_steps, evals, strict=True) if s in elapsed]
+        if timed:
+            axes[0, 1].plot(*zip(*timed, strict=True), "o-", label=name)
+        axes[1, 0].plot(steps, _smooth([r["reward/sampled"] for r in train], window), label=name)
         var = [(r["step"], r["grad_var"], r["grad_norm"]) for r in train if "grad_var" in r]
         if var:
             s, v, n = zip(*var, strict=True)
-            axes[1, 0].plot(s, _smooth(list(v), window), label=name)
             axes[1, 1].plot(s, _smooth([vi / max(ni**2, 1e-30) for vi, ni in zip(v, n, strict=True)], window),
                             label=name)
+            axes[2, 0].plot(s, _smooth(list(v), window), label=name)
     avg = f" ({window}-step average)" if window > 1 else ""
     panels = (
-        (axes[0, 0], f"Training reward, sampled responses{avg}", _reward_label(config)),
-        (axes[0, 1], "Held-out reward, greedy responses", _reward_label(config)),
-        (axes[1, 0], f"Gradient variance{avg}", "0.5 * ||g_A - g_B||^2  (log scale)"),
+        (axes[0, 0], "Held-out reward, greedy responses", _reward_label(config), "RL step"),
+        (axes[0, 1], "Held-out reward against training time", _reward_label(config),
+         "wall time of the RL steps (s; evaluations excluded)"),
+        (axes[1, 0], f"Training reward, sampled responses{avg}", _reward_label(config), "RL step"),
         (axes[1, 1], f"Gradient variance relative to the gradient{avg}",
-         "0.5 * ||g_A - g_B||^2 / ||g||^2  (log scale)"),
+         "0.5 * ||g_A - g_B||^2 / ||g||^2  (log scale)", "RL step"),
+        (axes[2, 0], f"Gradient variance{avg}", "0.5 * ||g_A - g_B||^2  (log scale)", "RL step"),
     )
-    for ax, title, ylabel in panels:
+    for ax, title, ylabel, xlabel in panels:
         ax.set_title(title)
         ax.set_ylabel(ylabel)
-        ax.set_xlabel("RL step")
+        ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
-    for ax in axes[1]:
+    for ax in (axes[1, 1], axes[2, 0]):
         if ax.lines:
             ax.set_yscale("log")
         else:
             _empty(ax, "not logged (track_grad_var = false)")
+
+    timed = [(n, s["time_per_step_s"]) for n, s in zip(names, summaries, strict=True) if "time_per_step_s" in s]
+    ax = axes[2, 1]
+    if timed:
+        _bars(ax, [n for n, _ in timed],
+              [(part, [t[part] for _, t in timed]) for part in ("rollout", "reward", "train")])
+        ax.legend(fontsize=8)
+    else:
+        _empty(ax, "no summary.json")
+    ax.set_title("Time per RL step (median, first step left out)")
+    ax.set_ylabel("seconds per step")
+    states = [(n, s["model_states_bytes"]) for n, s in zip(names, summaries, strict=True) if "model_states_bytes" in s]
+    ax = axes[3, 0]
+    if states:
+        _bars(ax, [n for n, _ in states], [(f"{part} (every model)", [sum(m[part] for m in st.values()) / 2**20
+                                                                      for _, st in states])
+                                           for part in ("params", "grads", "optimizer")])
+        ax.legend(fontsize=8)
+    else:
+        _empty(ax, "no summary.json")
+    ax.set_title("Memory held in model states (all ranks)")
+    ax.set_ylabel("MiB (parameters + gradients + optimizer state)")
+    peaks = [(n, s["peak_mem_mb"], s.get("peak_mem_kind", "")) for n, s in zip(names, summaries, strict=True)
+             if "peak_mem_mb" in s]
+    ax = axes[3, 1]
+    if peaks:
+        _bars(ax, [n for n, _, _ in peaks], [("peak", [p for _, p, _ in peaks])])
+        ax.set_ylabel(f"MiB ({peaks[0][2] or 'peak memory'})")
+    else:
+        _empty(ax, "no summary.json")
+        ax.set_ylabel("MiB")
+    ax.set_title("Peak memory while training")
+    for ax in (axes[2, 1], axes[3, 0], axes[3, 1]):
+        ax.set_xlabel("estimator")
+        ax.grid(alpha=0.3, axis="y")
+
     budget = (f": {config['steps']} steps x {config['batch_size']} rows from the same warm-started policy"
               if config else "")
     fig.suptitle(f"Advantage estimators on {describe_task(config)}{budget}", fontsize=12)
-    fig.text(0.5, 0.01, "Gradient variance: each step's batch is split into halves A and B with mean gradients g_A "
-             "and g_B (each an unbiased estimate of the batch gradient g);\n0.5 * ||g_A - g_B||^2 estimates the total "
-             "variance (trace of the covariance) of a half-batch gradient without bias. Lower = less noisy updates "
-             "at the same batch size;\nthe right panel divides by ||g||^2, which removes the gradient's scale.",
-             ha="center", va="bottom", fontsize=9, color="0.25")
-    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+    fig.text(0.5, 0.005, "Gradient variance: each step's batch (PPO: its first mini-batch) is split into halves A and "
+             "B with mean gradients g_A and g_B (each an unbiased estimate of the batch gradient g);\n"
+             "0.5 * ||g_A - g_B||^2 estimates the total variance (trace of the covariance) of a half-batch gradient "
+             "without bias. Lower = less noisy updates at the same batch size;\nthe relative panel divides by "
+             "||g||^2, which removes the gradient's scale.", ha="center", va="bottom", fontsize=9, color="0.25")
+    fig.tight_layout(rect=(0, 0.035, 1, 0.98))
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out

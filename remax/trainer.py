@@ -1,14 +1,18 @@
-"""The ReMax training loop.
+"""The ReMax training loop (and its baselines: REINFORCE, RLOO, GRPO, PPO).
 
 One step, top to bottom (``Trainer.train_step``):
 
 1. take this step's prompts (a seeded permutation per epoch, so step k's prompts depend only on (seed, k));
-2. ``generate_pairs``: one sampled and one greedy response per prompt, sharing the prompt's prefill; sampling noise
-   is seeded per (seed, step, rollout chunk), so a run does not depend on how many ranks share the batch;
-3. rewards of both responses; advantages (ReMax: r(sampled) - r(greedy); or REINFORCE / RLOO / GRPO), optionally
-   KL-shaped with the frozen reference's log-probs;
+2. rollout: ReMax's ``generate_pairs``, one sampled and one greedy response per prompt sharing the prompt's prefill;
+   the other estimators need no greedy response and decode the sampled rows alone (``remax.rollout``: the same
+   responses). Sampling noise is seeded per (seed, step, row), so a run does not depend on how many ranks share the
+   batch;
+3. rewards; advantages (ReMax: r(sampled) - r(greedy); or REINFORCE / RLOO / GRPO; PPO: GAE over the value model's
+   values, ``remax.ppo``), optionally KL-shaped with the frozen reference's log-probs;
 4. the policy loss straight from hidden states (``causal_lm_policy_loss``: no ``[tokens, vocab]`` logits), in
-   micro-batches normalized so their gradients add up to the full batch's exactly; one optimizer step.
+   micro-batches normalized so their gradients add up to the full batch's exactly; one optimizer step. PPO instead
+   runs ``ppo_epochs`` passes of mini-batch updates of the policy (the clipped loss against the rollout's
+   log-probs) and of the value model (the clipped value loss).
 
 Every step appends one JSON line to ``RUN_DIR/metrics.jsonl`` (and, with ``report_to: tensorboard``, to TensorBoard
 event files in ``RUN_DIR/tensorboard``); evaluation (greedy and sampled reward on held-out prompts with a fixed seed)
@@ -46,6 +50,7 @@ from remax.distributed import (
     barrier,
     broadcast_object,
     gathered_params,
+    gradient_sync,
     local_tensor,
     wrap_model,
 )
@@ -78,8 +83,10 @@ RESUME_MAY_CHANGE = frozenset({
 _LOSS_METRICS = {
     "pg_loss": "loss/pg_loss", "logprob_mean": "loss/logprob_mean", "kl": "loss/kl", "entropy": "entropy",
     "rollout_abs_diff": "mismatch/logprob_abs_diff", "rollout_is_ratio": "mismatch/is_ratio",
-    "rollout_is_clipped": "mismatch/is_clipped",
+    "rollout_is_clipped": "mismatch/is_clipped", "ppo_kl": "ppo/approx_kl", "clip_frac": "ppo/clip_frac",
+    "clip_frac_lower": "ppo/clip_frac_lower",
 }
+_VALUE_METRICS = {"value_loss": "value/loss", "value_clip_frac": "value/clip_frac", "value_mean": "value/mean"}
 
 logger = get_logger("trainer")
 
@@ -181,7 +188,7 @@ def _short(text: str, limit: int = 80) -> str:
 
 
 class Trainer:
-    """ReMax (or REINFORCE / RLOO / GRPO) on an HF causal LM.
+    """ReMax (or REINFORCE / RLOO / GRPO / PPO) on an HF causal LM.
 
     Args:
         policy: an HF causal LM (``LlamaForCausalLM``, ...) in float32; moved to the configured device. With
@@ -189,6 +196,8 @@ class Trainer:
         tokenizer: its HF tokenizer (a pad token is needed; eos is used when there is none).
         reward_fn: ``fn(prompts, responses) -> float [B]`` (strings; see ``remax.rewards``), or a ``RewardFunction``.
         ref_model: frozen KL reference; default (when ``config.kl_coef > 0``): a copy of ``policy`` as given.
+        value_model: PPO's critic, a ``remax.ppo.ValueModel``; default (``estimator="ppo"``): loaded from
+            ``config.value_model``, else a copy of ``policy``'s backbone with a zero scalar head.
         config: a ``TrainConfig``.
         prompts / eval_prompts: lists of prompt strings; default: read from ``config.prompts`` /
             ``config.eval_prompts`` (JSONL), the held-out set defaulting to the last ``eval_size`` training prompts.
@@ -210,6 +219,7 @@ class Trainer:
         reward_fn,
         *,
         ref_model: torch.nn.Module | None = None,
+        value_model: torch.nn.Module | None = None,
         config: TrainConfig,
         prompts: list[str] | None = None,
         eval_prompts: list[str] | None = None,
@@ -239,7 +249,11 @@ class Trainer:
         self.ref_runner = None
         if config.kl_coef > 0:
             ref_model.requires_grad_(False).eval().to(self.device)
-            self.ref_runner = wrap_model(ref_model, self.info, self.device)
+            self.ref_runner = wrap_model(ref_model, self.info, self.device, bf16=config.bf16)
+        self.value_model = self.value_runner = self.critic_optimizer = self.critic_scheduler = None
+        if config.estimator == "ppo":
+            # Built before LoRA wraps the policy: the value backbone copies the plain policy backbone.
+            self.value_model = self._build_value_model(policy, value_model)
         if hasattr(policy, "peft_config") and config.lora_r:
             self._info("policy: already a LoRA (peft) model; its adapters train, lora_* fields are not applied")
         policy = apply_lora(policy, config) if not hasattr(policy, "peft_config") else policy
@@ -247,15 +261,18 @@ class Trainer:
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(policy)
         self.policy = policy
-        self.runner = wrap_model(policy, self.info, self.device)
+        self.runner = wrap_model(policy, self.info, self.device, bf16=config.bf16)
+        self.optimizer, self.scheduler = self._optimizer(self.runner, "policy", config.lr)
+        if self.value_model is not None:
+            self.value_runner = wrap_model(self.value_model, self.info, self.device, bf16=config.bf16)
+            self.critic_optimizer, self.critic_scheduler = self._optimizer(self.value_runner, "value_model",
+                                                                           config.critic_lr or config.lr)
         if self.info.enabled:
-            self._info(f"FSDP2: policy{' and reference' if self.ref_runner else ''} sharded over "
-                       f"{self.info.world_size} ranks")
-        params = [p for p in self.runner.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("policy: has no trainable parameters (every parameter has requires_grad=False)")
-        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
+            sharded = ["policy"] + ["reference"] * (self.ref_runner is not None) + ["value model"] * (
+                self.value_runner is not None)
+            self._info(f"FSDP2: {', '.join(sharded)} sharded over {self.info.world_size} ranks")
+        self.model_states: dict | None = None  # bytes held in model states, measured at the first step
+        self._grad_bytes: dict[str, int] = {}
         self.step = 0
         self.history: list[dict] = []
         self.run_dir: str | None = None
@@ -263,6 +280,33 @@ class Trainer:
         self._perms: dict[int, torch.Tensor] = {}
 
     # ------------------------------------------------------------------------------------------------------------
+    def _build_value_model(self, policy: torch.nn.Module, given: torch.nn.Module | None) -> torch.nn.Module:
+        from remax.model import attention_implementation
+        from remax.ppo import apply_value_lora, load_value_model, value_model_from_policy
+
+        cfg = self.config
+        if given is not None:
+            value = given
+        elif cfg.value_model is not None:
+            value = load_value_model(cfg.value_model,
+                                     attn_implementation=attention_implementation(cfg.attn_implementation,
+                                                                                  self.device))
+        else:
+            value = value_model_from_policy(policy)
+        value = apply_value_lora(value, cfg) if given is None else value
+        value.to(self.device)
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(value.backbone)
+        return value
+
+    def _optimizer(self, runner: torch.nn.Module, name: str, lr: float):
+        """AdamW over ``runner``'s trainable parameters and its ``LambdaLR`` (the run's schedule)."""
+        params = [p for p in runner.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"{name}: has no trainable parameters (every parameter has requires_grad=False)")
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=self.config.weight_decay)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.config))
+
     def _resolve_prompts(self, prompts, eval_prompts) -> tuple[list[str], list[str]]:
         """Training and held-out prompts; logs their counts and warns when the held-out set is too small to trust."""
         cfg = self.config
@@ -333,19 +377,29 @@ class Trainer:
         return self.info.rank * per_rank, per_rank
 
     # --- rollout ----------------------------------------------------------------------------------------------
-    def _generate(self, jobs: list[tuple[list[str], list[int], int]]) -> list[dict]:
-        """Paired rollouts for each job ``(texts, row_seeds, chunk_size)``, all in ONE runner call.
+    @property
+    def needs_greedy(self) -> bool:
+        """Whether training rollouts decode the greedy response too (ReMax's baseline); evaluation always does."""
+        return self.config.estimator == "remax"
+
+    def _generate(self, jobs: list[tuple[list[str], list[int], int]], *, greedy: bool = True) -> list[dict]:
+        """Rollouts for each job ``(texts, row_seeds, chunk_size)``, all in ONE runner call: paired (sampled and
+        greedy, ``generate_pairs``), or with ``greedy=False`` the sampled responses alone (``generate_samples``,
+        the same responses).
 
         A job's texts are tokenized together (one prompt length P) and generated ``chunk_size`` rows at a time.
         Every row has its own sampling seed, so its response depends on (seed, its prompt) only: not on the
         chunking, the batch or the number of ranks. One runner call per phase keeps the collectives identical on
         every rank whatever its amount of work (see ``remax.distributed``). Returns per job a dict of ``[B, ...]``
         tensors: prompt_ids/prompt_mask ``[B, P]``, ``{sampled,greedy}_ids`` / ``_attention_mask`` ``[B, P+R]``,
-        ``_response_mask`` (bool) / ``_logprobs`` ``[B, R]``, ``_lengths`` ``[B]``, and ``prompt_length`` P.
+        ``_response_mask`` (bool) / ``_logprobs`` ``[B, R]``, ``_lengths`` ``[B]`` (``greedy_*`` only with
+        ``greedy``), and ``prompt_length`` P.
         """
+        from remax.rollout import generate_samples
         from remax_kernels import generate_pairs
 
         cfg = self.config
+        generate = generate_pairs if greedy else generate_samples
         encoded = []
         for texts, row_seeds, _ in jobs:
             formatted = format_prompts(self.tokenizer, texts, chat_template=cfg.chat_template)
@@ -359,7 +413,7 @@ class Trainer:
             with gathered_params(self.runner), torch.no_grad(), self._autocast():
                 for (ids, mask, seeds), (_, _, size) in zip(encoded, jobs, strict=True):
                     outs = [
-                        generate_pairs(
+                        generate(
                             model, ids[i : i + size], mask[i : i + size], max_new_tokens=cfg.response_budget,
                             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p,
                             eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
@@ -367,17 +421,18 @@ class Trainer:
                         )
                         for i in range(0, ids.shape[0], size)
                     ]
-                    results.append(self._merge_rollouts(outs, ids, mask))
+                    results.append(self._merge_rollouts(outs, ids, mask, greedy=greedy))
             return results
 
         return self.runner(run_jobs)
 
-    def _merge_rollouts(self, outs: list, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> dict:
+    def _merge_rollouts(self, outs: list, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *,
+                        greedy: bool) -> dict:
         P = prompt_ids.shape[1]
         R = max(o.sampled_response_mask.shape[1] for o in outs)
         pad = self.tokenizer.pad_token_id
         merged = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "prompt_length": P}
-        for kind in ("sampled", "greedy"):
+        for kind in ("sampled", "greedy") if greedy else ("sampled",):
             merged[f"{kind}_ids"] = torch.cat([_pad_right(getattr(o, f"{kind}_ids"), P + R, pad) for o in outs])
             merged[f"{kind}_attention_mask"] = torch.cat(
                 [_pad_right(getattr(o, f"{kind}_attention_mask"), P + R, 0) for o in outs])
@@ -388,12 +443,13 @@ class Trainer:
             merged[f"{kind}_lengths"] = torch.cat([getattr(o, f"{kind}_lengths") for o in outs])
         return merged
 
-    def _score(self, texts: list[str], rollout: dict) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        """Rewards ``[B]`` (float32, CPU) of the sampled and the greedy responses (one reward call for both), and the
-        decoded responses (``B`` sampled then ``B`` greedy)."""
+    def _score(self, texts: list[str], rollout: dict) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
+        """Rewards ``[B]`` (float32, CPU) of the sampled and the greedy responses (one reward call for both; None for
+        the greedy ones of a sampled-only rollout), and the decoded responses (``B`` sampled then ``B`` greedy)."""
         P = rollout["prompt_length"]
+        kinds = ("sampled", "greedy") if "greedy_ids" in rollout else ("sampled",)
         responses, response_ids = [], []
-        for kind in ("sampled", "greedy"):
+        for kind in kinds:
             ids = rollout[f"{kind}_ids"][:, P:].cpu()
             mask = rollout[f"{kind}_response_mask"].cpu()
             for row in range(ids.shape[0]):
@@ -402,9 +458,10 @@ class Trainer:
                 responses.append(self.tokenizer.decode(toks, skip_special_tokens=True))
         prompt_ids = [row[m.bool()].tolist()
                       for row, m in zip(rollout["prompt_ids"].cpu(), rollout["prompt_mask"].cpu(), strict=True)]
-        rewards = self.reward_fn(list(texts) * 2, responses, prompt_ids=prompt_ids * 2, response_ids=response_ids)
+        rewards = self.reward_fn(list(texts) * len(kinds), responses, prompt_ids=prompt_ids * len(kinds),
+                                 response_ids=response_ids)
         B = len(texts)
-        return rewards[:B], rewards[B:], responses
+        return rewards[:B], (rewards[B:] if len(kinds) == 2 else None), responses
 
     # --- loss -------------------------------------------------------------------------------------------------
     def _advantages(self, r_sampled, r_greedy, response_mask, token_kl) -> torch.Tensor:
@@ -433,30 +490,46 @@ class Trainer:
         out = runner(run)
         return (out[0].float(), out[1].float()) if entropy else (out.float(), None)
 
-    def _loss_weights(self, micro: list[slice], response_mask: torch.Tensor) -> list[float]:
-        """Per-micro-batch loss multipliers so the summed gradients equal the global batch's (see loss_agg_mode).
+    def _loss_weights(self, micro: list[torch.Tensor], response_mask: torch.Tensor, *,
+                      mode: str | None = None) -> list[float]:
+        """Per-micro-batch loss multipliers so the summed gradients equal the global (mini-)batch's (see
+        loss_agg_mode; ``mode`` overrides it: the value loss is always a token mean). ``micro``: row indices.
 
         token-mean: tokens_m / tokens_global; seq-mean-*: rows_m / rows_global; seq-mean-token-sum-norm divides by
         a constant, so its micro-batch losses simply add up. FSDP2 averages gradients over ranks, hence the
         ``world_size`` factor.
         """
-        mode = self.config.loss_agg_mode
+        mode = mode or self.config.loss_agg_mode
         world = self.info.world_size
         if mode == "seq-mean-token-sum-norm":
             return [float(world)] * len(micro)
-        counts = [float(response_mask[s].sum()) if mode == "token-mean" else float(s.stop - s.start) for s in micro]
+        counts = [float(response_mask[idx].sum()) if mode == "token-mean" else float(len(idx)) for idx in micro]
         total = float(all_reduce_sum(torch.tensor([sum(counts)], dtype=torch.float64), self.info)[0])
         return [world * c / max(total, 1.0) for c in counts]
 
-    def _policy_loss(self, model, ids, attention_mask, response_mask, advantages, ref_logprobs, rollout_logprobs):
+    def _policy_loss(self, model, ids, attention_mask, response_mask, advantages, ref_logprobs, rollout_logprobs,
+                     old_logprobs=None):
         """``(loss, metrics)`` of one micro-batch, from hidden states (no ``[tokens, vocab]`` logits), its gradients
-        computed in the forward. The rollout's log-probs give the mismatch metrics (and TIS weights when on)."""
+        computed in the forward. The rollout's log-probs give the mismatch metrics (and TIS weights when on);
+        ``old_logprobs`` (PPO) the importance ratio that ``clip_ratio`` clips."""
         from remax_kernels.hf import causal_lm_policy_loss
 
         with self._autocast():
             return causal_lm_policy_loss(model, ids, attention_mask, response_mask, advantages,
-                                         temperature=self.config.temperature, ref_logprobs=ref_logprobs,
-                                         rollout_logprobs=rollout_logprobs, options=self.loss_options)
+                                         temperature=self.config.temperature, old_logprobs=old_logprobs,
+                                         ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs,
+                                         options=self.loss_options)
+
+    def _values(self, model, ids, attention_mask, response_mask) -> torch.Tensor:
+        """The value model's ``[B, R]`` float32 values of the response window."""
+        with self._autocast():
+            return model(ids, attention_mask, response_width=response_mask.shape[1])
+
+    def _value_loss(self, model, ids, attention_mask, response_mask, old_values, returns):
+        from remax.ppo import clipped_value_loss
+
+        values = self._values(model, ids, attention_mask, response_mask)
+        return clipped_value_loss(values, old_values, returns, response_mask, clip=self.config.value_clip)
 
     def _grad_shards(self) -> list[torch.Tensor | None]:
         return [local_tensor(p.grad).detach().clone() if p.grad is not None else None
@@ -464,7 +537,7 @@ class Trainer:
 
     # --- one step ---------------------------------------------------------------------------------------------
     def train_step(self, step: int) -> dict:
-        """Rollout, rewards, advantages, loss and one optimizer step; returns the step's metrics record."""
+        """Rollout, rewards, advantages, loss and the optimizer step(s); returns the step's metrics record."""
         cfg = self.config
         t_start = time.perf_counter()
         if self.device.type == "cuda":
@@ -473,19 +546,91 @@ class Trainer:
         first, n_local = self._local_rows(len(rows))
         texts = [self.prompts[i] for i in rows[first : first + n_local].tolist()]
         seeds = [derive_seed(cfg.seed, "rollout", step, row) for row in range(first, first + n_local)]
-        rollout = self._generate([(texts, seeds, cfg.rollout_batch_size or n_local)])[0]
+        rollout = self._generate([(texts, seeds, cfg.rollout_batch_size or n_local)], greedy=self.needs_greedy)[0]
         t_rollout = time.perf_counter()
 
         r_sampled, r_greedy, _ = self._score(texts, rollout)
         t_reward = time.perf_counter()
 
+        batch = self._prepare(rollout, r_sampled, r_greedy)
+        resp = batch["resp"]
+        stats = _Stats()
+        self.policy.train()
+        if cfg.estimator == "ppo":
+            grad_norm, grad_var = self._ppo_updates(step, batch, stats)
+        else:
+            grad_norm, grad_var = self._update_policy(batch, torch.arange(n_local), stats,
+                                                      track_var=cfg.track_grad_var)
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        if self.critic_scheduler is not None:
+            self.critic_scheduler.step()
+        t_end = time.perf_counter()
+        if self.model_states is None:
+            self.model_states = self.model_state_bytes()
+
+        tokens = float(resp.sum())
+        stats.add("reward/sampled", float(r_sampled.sum()), n_local)
+        stats.add("_reward_sampled_sq", float(r_sampled.square().sum()), n_local)
+        stats.add("response_length/sampled", float(rollout["sampled_lengths"].sum()), n_local)
+        if r_greedy is not None:
+            stats.add("reward/greedy", float(r_greedy.sum()), n_local)
+            stats.add("response_length/greedy", float(rollout["greedy_lengths"].sum()), n_local)
+        advantages = batch["advantages"]
+        adv = advantages if advantages.dim() == 2 else advantages[:, None].expand_as(resp)
+        adv = torch.where(resp, adv.float(), 0.0)
+        stats.add("adv/mean", float(adv.sum()), tokens)
+        stats.add("_adv_sq", float(adv.square().sum()), tokens)
+        if batch["token_kl"] is not None:
+            stats.add("kl", float(batch["token_kl"].sum()), tokens)
+        if "returns" in batch:
+            returns, old_values = batch["returns"], batch["old_values"]
+            for name, t in (("value/returns_mean", returns), ("_returns_sq", returns.square()),
+                            ("_td", returns - old_values), ("_td_sq", (returns - old_values).square())):
+                stats.add(name, float(torch.where(resp, t, 0.0).sum()), tokens)
+        record = {"split": "train", "step": step + 1}
+        record.update(stats.reduce(self.info))
+        is_ratio_sq = record.pop("_is_ratio_sq")
+        record["mismatch/is_ratio_std"] = math.sqrt(max(is_ratio_sq - record["mismatch/is_ratio"] ** 2, 0.0))
+        record["mismatch/logprob_abs_diff_max"] = float(
+            all_reduce_max(torch.tensor([record.pop("_diff_max")], dtype=torch.float64), self.info)[0])
+        sampled_sq = record.pop("_reward_sampled_sq")
+        record["reward/sampled_std"] = math.sqrt(max(sampled_sq - record["reward/sampled"] ** 2, 0.0))
+        record["adv/std"] = math.sqrt(max(record.pop("_adv_sq") - record["adv/mean"] ** 2, 0.0))
+        if "value/returns_mean" in record:
+            # Explained variance of the returns by the rollout's values: 1 - Var(G - V) / Var(G) (TRL's metric).
+            var_returns = record.pop("_returns_sq") - record["value/returns_mean"] ** 2
+            var_td = record.pop("_td_sq") - record.pop("_td") ** 2
+            record["value/explained_variance"] = 1 - var_td / var_returns if var_returns > 0 else float("nan")
+        record["grad_norm"] = grad_norm
+        if grad_var is not None:
+            record["grad_var"] = grad_var
+        record["lr"] = lr
+        generated = record["response_length/sampled"] + record.get("response_length/greedy", 0.0)
+        record.update({
+            "perf/step_time_s": t_end - t_start,
+            "perf/rollout_s": t_rollout - t_start,
+            "perf/reward_s": t_reward - t_rollout,
+            "perf/train_s": t_end - t_reward,
+            "perf/tokens_per_s": generated * len(rows) / max(t_end - t_start, 1e-9),
+            "perf/peak_mem_mb": _peak_memory_mb(self.device),
+        })
+        return record
+
+    def _prepare(self, rollout: dict, r_sampled: torch.Tensor, r_greedy: torch.Tensor | None) -> dict:
+        """The training batch of a rollout: sequences and masks, log-probs (rollout, reference, PPO's old), the token
+        KL and the advantages (PPO: with the value model's values and the GAE returns)."""
+        from remax.ppo import gae_advantages, token_rewards, whiten_over_ranks
+
+        cfg = self.config
+        ppo = cfg.estimator == "ppo"
         ids, attn = rollout["sampled_ids"], rollout["sampled_attention_mask"]
         resp = rollout["sampled_response_mask"]
         # The rollout's log-probs are of the distribution sampled from, truncated by top-k / top-p / min-p; the KL
-        # compares the full distributions (softmax(logits / T)), so with truncation they are recomputed here.
+        # and PPO's ratio compare full distributions (softmax(logits / T)), so with truncation they are recomputed.
         truncated = cfg.top_k > 0 or cfg.top_p < 1.0 or cfg.min_p > 0.0
         rollout_logprobs = old_logprobs = rollout["sampled_logprobs"]
-        if truncated and self.ref_runner is not None:
+        if truncated and (self.ref_runner is not None or ppo):
             old_logprobs = self._response_logprobs(self.runner, ids, attn, resp)[0]
         ref_logprobs = token_kl = None
         if self.ref_runner is not None:
@@ -493,80 +638,162 @@ class Trainer:
             # k1 from rollout-time log-probs (constants), as the official ReMax code.
             token_kl = torch.where(resp, old_logprobs - ref_logprobs, 0.0)
         shaping_kl = token_kl if cfg.kl_penalty == "reward" else None
-        advantages = self._advantages(r_sampled.to(self.device), r_greedy.to(self.device), resp, shaping_kl)
+        batch = dict(ids=ids, attn=attn, resp=resp, rollout_logprobs=rollout_logprobs, ref_logprobs=ref_logprobs,
+                     token_kl=token_kl, old_logprobs=old_logprobs if ppo else None)
+        if not ppo:
+            r_greedy = r_greedy.to(self.device) if r_greedy is not None else None
+            batch["advantages"] = self._advantages(r_sampled.to(self.device), r_greedy, resp, shaping_kl)
+            return batch
+        with torch.no_grad():
+            old_values = self.value_runner(self._values, ids, attn, resp)
+        score = r_sampled.to(self.device)
+        if cfg.clip_reward is not None:
+            score = score.clamp(-cfg.clip_reward, cfg.clip_reward)
+        rewards = token_rewards(score, resp, token_kl=shaping_kl, kl_coef=cfg.kl_coef)
+        advantages, returns = gae_advantages(rewards, old_values, resp, gamma=cfg.gamma, lam=cfg.gae_lambda)
+        batch.update(advantages=whiten_over_ranks(advantages, resp, self.info), returns=returns,
+                     old_values=old_values)
+        return batch
 
+    def _micro_batches(self, rows: torch.Tensor, n_micro: int) -> list[torch.Tensor]:
+        bounds = np.linspace(0, len(rows), n_micro + 1).round().astype(int)
+        return [rows[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+
+    def _update_policy(self, batch: dict, rows: torch.Tensor, stats: _Stats, *, track_var: bool,
+                       first: bool = True) -> tuple[float, float | None]:
+        """One optimizer step of the policy on ``rows`` (this rank's row indices), in ``grad_accum`` micro-batches;
+        returns the gradient norm before clipping and, with ``track_var``, the half-batch gradient variance.
+
+        The rollout-train mismatch metrics are taken at a step's ``first`` update only: PPO's later updates see a
+        policy that has already moved, which is not the kernels' mismatch."""
+        cfg = self.config
         n_micro = cfg.grad_accum
-        if cfg.track_grad_var and n_micro == 1 and n_local >= 2:
+        if track_var and n_micro == 1 and len(rows) >= 2:
             n_micro = 2
-        bounds = np.linspace(0, n_local, n_micro + 1).round().astype(int)
-        micro = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
-        weights = self._loss_weights(micro, resp)
-        stats = _Stats()
+        micro = self._micro_batches(rows, n_micro)
+        weights = self._loss_weights(micro, batch["resp"])
+        half = len(micro) // 2 - 1 if track_var else None
         half_grads = None
-        diff_max = 0.0
-        self.policy.train()
-        for i, (s, w) in enumerate(zip(micro, weights, strict=True)):
-            ref_m = None if ref_logprobs is None else ref_logprobs[s]
-            loss, m = self.runner(self._policy_loss, ids[s], attn[s], resp[s], advantages[s], ref_m,
-                                  rollout_logprobs[s])
+        for i, (idx, w) in enumerate(zip(micro, weights, strict=True)):
+            # Gradients are reduced over ranks only where they are read: after the last micro-batch (and the
+            # middle one, whose partial sum the variance estimate needs).
+            gradient_sync(self.runner, i in (half, len(micro) - 1))
+            part = {k: None if batch[k] is None else batch[k][idx] for k in (
+                "ids", "attn", "resp", "advantages", "ref_logprobs", "rollout_logprobs", "old_logprobs")}
+            loss, m = self.runner(self._policy_loss, part["ids"], part["attn"], part["resp"], part["advantages"],
+                                  part["ref_logprobs"], part["rollout_logprobs"], part["old_logprobs"])
             (loss * w).backward()
-            tokens = float(resp[s].sum())
+            tokens = float(batch["resp"][idx].sum())
             for key, name in _LOSS_METRICS.items():
-                if key in m:
+                if key in m and (first or not name.startswith("mismatch/")):
                     stats.add(name, float(m[key]) * tokens, tokens)
-            ratio_mean, ratio_std = float(m["rollout_is_ratio"]), float(m["rollout_is_ratio_std"])
-            stats.add("_is_ratio_sq", (ratio_std**2 + ratio_mean**2) * tokens, tokens)
-            diff_max = max(diff_max, float(m["rollout_abs_diff_max"]))
-            if cfg.track_grad_var and i == len(micro) // 2 - 1:
+            if first:
+                ratio_mean, ratio_std = float(m["rollout_is_ratio"]), float(m["rollout_is_ratio_std"])
+                stats.add("_is_ratio_sq", (ratio_std**2 + ratio_mean**2) * tokens, tokens)
+                stats.add_max("_diff_max", float(m["rollout_abs_diff_max"]))
+            if i == half:
                 half_grads = self._grad_shards()
         grad_var = self._grad_var(half_grads, micro, weights) if half_grads is not None else None
+        return self._optimizer_step("policy", self.optimizer), grad_var
 
-        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], max_norm)
+    def _update_value(self, batch: dict, rows: torch.Tensor, stats: _Stats) -> float:
+        """One optimizer step of the value model on ``rows`` (clipped value loss, token mean over the mini-batch of
+        every rank), in ``grad_accum`` micro-batches; returns the gradient norm before clipping."""
+        micro = self._micro_batches(rows, self.config.grad_accum)
+        weights = self._loss_weights(micro, batch["resp"], mode="token-mean")
+        for i, (idx, w) in enumerate(zip(micro, weights, strict=True)):
+            gradient_sync(self.value_runner, i == len(micro) - 1)
+            loss, m = self.value_runner(self._value_loss, batch["ids"][idx], batch["attn"][idx], batch["resp"][idx],
+                                        batch["old_values"][idx], batch["returns"][idx])
+            (loss * w).backward()
+            tokens = float(batch["resp"][idx].sum())
+            for key, name in _VALUE_METRICS.items():
+                stats.add(name, float(m[key]) * tokens, tokens)
+        return self._optimizer_step("value", self.critic_optimizer)
+
+    def _optimizer_step(self, name: str, optimizer: torch.optim.Optimizer) -> float:
+        """Clip (``max_grad_norm``), step and zero the gradients of ``optimizer``; returns the norm before clipping.
+        The first time, the gradient bytes held are recorded for ``model_state_bytes``."""
+        params = optimizer.param_groups[0]["params"]
+        if name not in self._grad_bytes:
+            self._grad_bytes[name] = _tensor_bytes(p.grad for p in params if p.grad is not None)
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        t_end = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm
 
-        tokens = float(resp.sum())
-        stats.add("reward/sampled", float(r_sampled.sum()), n_local)
-        stats.add("reward/greedy", float(r_greedy.sum()), n_local)
-        stats.add("_reward_sampled_sq", float(r_sampled.square().sum()), n_local)
-        stats.add("response_length/sampled", float(rollout["sampled_lengths"].sum()), n_local)
-        stats.add("response_length/greedy", float(rollout["greedy_lengths"].sum()), n_local)
-        adv = advantages if advantages.dim() == 2 else advantages[:, None].expand_as(resp)
-        adv = torch.where(resp, adv.float(), 0.0)
-        stats.add("adv/mean", float(adv.sum()), tokens)
-        stats.add("_adv_sq", float(adv.square().sum()), tokens)
-        if token_kl is not None:
-            stats.add("kl", float(token_kl.sum()), tokens)
-        record = {"split": "train", "step": step + 1}
-        record.update(stats.reduce(self.info))
-        is_ratio_sq = record.pop("_is_ratio_sq")
-        record["mismatch/is_ratio_std"] = math.sqrt(max(is_ratio_sq - record["mismatch/is_ratio"] ** 2, 0.0))
-        record["mismatch/logprob_abs_diff_max"] = float(
-            all_reduce_max(torch.tensor([diff_max], dtype=torch.float64), self.info)[0])
-        sampled_sq = record.pop("_reward_sampled_sq")
-        record["reward/sampled_std"] = math.sqrt(max(sampled_sq - record["reward/sampled"] ** 2, 0.0))
-        record["adv/std"] = math.sqrt(max(record.pop("_adv_sq") - record["adv/mean"] ** 2, 0.0))
-        record["grad_norm"] = grad_norm
-        if grad_var is not None:
-            record["grad_var"] = grad_var
-        record["lr"] = lr
-        generated = (record["response_length/sampled"] + record["response_length/greedy"]) * len(rows)
-        record.update({
-            "perf/step_time_s": t_end - t_start,
-            "perf/rollout_s": t_rollout - t_start,
-            "perf/reward_s": t_reward - t_rollout,
-            "perf/train_s": t_end - t_reward,
-            "perf/tokens_per_s": generated / max(t_end - t_start, 1e-9),
-            "perf/peak_mem_mb": _peak_memory_mb(self.device),
-        })
-        return record
+    def _ppo_updates(self, step: int, batch: dict, stats: _Stats) -> tuple[float, float | None]:
+        """``ppo_epochs`` passes over the rollout; each pass deals the rows into mini-batches at random (when there
+        are several) and makes one policy and one value-model step per mini-batch. Returns the mean policy gradient
+        norm and, with ``track_grad_var``, the variance of the first policy step's gradient."""
+        cfg = self.config
+        n_local = batch["ids"].shape[0]
+        first_row = self.info.rank * n_local
+        n_mini = cfg.batch_size // cfg.mini_batch_rows
+        norms, value_norms, grad_var = [], [], None
+        for epoch in range(cfg.ppo_epochs):
+            mini_batches = [torch.arange(n_local)]
+            if n_mini > 1:
+                # Each run of n_mini consecutive rows (of the global batch) sends one row to every mini-batch, in a
+                # random order drawn from (seed, step, pass): every rank holds whole runs, so each gives each
+                # mini-batch its share, and a row's mini-batch does not depend on the number of ranks.
+                gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "minibatch", step, epoch))
+                label = torch.rand(cfg.batch_size // n_mini, n_mini, generator=gen).argsort(1).reshape(-1)
+                local = label[first_row : first_row + n_local]
+                mini_batches = [(local == j).nonzero().squeeze(1) for j in range(n_mini)]
+            for j, rows in enumerate(mini_batches):
+                first = epoch == 0 and j == 0
+                norm, var = self._update_policy(batch, rows, stats, track_var=cfg.track_grad_var and first,
+                                                first=first)
+                norms.append(norm)
+                grad_var = var if first else grad_var
+                value_norms.append(self._update_value(batch, rows, stats))
+        # Norms are global (the same on every rank): summed over ranks with their counts, the mean is unchanged.
+        stats.add("value/grad_norm", sum(value_norms), len(value_norms))
+        return sum(norms) / len(norms), grad_var
 
-    def _grad_var(self, half_grads: list, micro: list[slice], weights: list[float]) -> float:
+    def model_state_bytes(self) -> dict[str, dict[str, int]]:
+        """Bytes held in model states over all ranks, per model (policy, reference, value, reward model): the
+        parameters (trainable and frozen; shared storage counted once), the gradients (as held at the model's
+        first optimizer step) and the optimizer state (AdamW's two moments and step counts), each summed from the
+        tensors themselves. Summing the models gives the usual accounting of model states; PPO's two models hold
+        their gradients one after the other here (each optimizer step frees its own), so its momentary peak is
+        lower by the smaller model's gradients."""
+        models = {"policy": (self.runner, self.optimizer), "reference": (self.ref_runner, None),
+                  "value": (self.value_runner, self.critic_optimizer),
+                  "reward": (self._reward_model(), None)}
+        out = {}
+        for name, (module, optimizer) in models.items():
+            if not isinstance(module, torch.nn.Module):
+                continue
+            optim_bytes = 0 if optimizer is None else _tensor_bytes(
+                t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor))
+            local = [_tensor_bytes(module.parameters()), self._grad_bytes.get(name, 0), optim_bytes]
+            total = all_reduce_sum(torch.tensor(local, dtype=torch.float64), self.info).tolist()
+            out[name] = dict(zip(("params", "grads", "optimizer"), map(int, total), strict=True))
+        return out
+
+    def _reward_model(self) -> torch.nn.Module | None:
+        """The reward model when the reward is one (``remax.rewards``' sequence-classifier reward), else None."""
+        model = getattr(getattr(self.reward_fn, "fn", None), "model", None)
+        return model if isinstance(model, torch.nn.Module) else None
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters held by every model (policy, reference, value, reward): ``trainable`` and ``frozen``."""
+        counts = {"trainable": 0, "frozen": 0}
+        seen: set[int] = set()
+        for module in (self.runner, self.ref_runner, self.value_runner, self._reward_model()):
+            if not isinstance(module, torch.nn.Module):
+                continue
+            for p in module.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    counts["trainable" if p.requires_grad else "frozen"] += p.numel()  # DTensor: global numel
+        return counts
+
+    def _grad_var(self, half_grads: list, micro: list[torch.Tensor], weights: list[float]) -> float:
         """``0.5 * ||g_a - g_b||^2`` of the two half-batch mean gradients (each an unbiased full-batch estimate)."""
         k = len(micro) // 2
         w_a = sum(weights[:k]) / self.info.world_size
@@ -672,11 +899,16 @@ class Trainer:
             self._info(line)
         self._append_metrics(record)
 
+    def _checkpoint_parts(self) -> dict:
+        if self.value_model is None:
+            return {}
+        return {"value": (self.value_model, self.critic_optimizer, self.critic_scheduler)}
+
     def save(self) -> str:
         return save_checkpoint(
             self.run_dir, self.step, model=self.policy, optimizer=self.optimizer, scheduler=self.scheduler,
             trainer_state={"history": self.history, "config": self.config.to_dict()}, info=self.info,
-            keep=self.config.keep_checkpoints,
+            keep=self.config.keep_checkpoints, extra=self._checkpoint_parts(),
         )
 
     def resume(self, run_dir: str) -> bool:
@@ -691,8 +923,13 @@ class Trainer:
         step = int(saved["step"])
         changes = check_resume(saved["config"], step, self.config, run_dir, finished=run_finished(run_dir, step))
         state = load_checkpoint(path, model=self.policy, optimizer=self.optimizer, scheduler=self.scheduler,
-                                info=self.info)
+                                info=self.info, extra=self._checkpoint_parts())
         self.step = int(state["step"])
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.info.world_size:
+            self._info(f"the checkpoint was written by {saved_world} rank(s), this run has {self.info.world_size}: "
+                       "its model and optimizer states were resharded on loading (rollouts are seeded per row, so the "
+                       "run continues as it would have)")
         self.history = list(state["history"])
         horizon = self.scheduler.lr_lambdas[0].horizon  # restored from the checkpoint
         self.config = self.config.replace(lr_decay_steps=horizon)
@@ -763,18 +1000,20 @@ class Trainer:
                     record = self.train_step(self.step)
                     self.step += 1
                     self._append_metrics(record)
-                    logger.debug(f"step {self.step}: reward sampled {record['reward/sampled']:.4f}, greedy "
-                                 f"{record['reward/greedy']:.4f}, lr {record['lr']:.3g}, grad norm "
-                                 f"{record['grad_norm']:.3g}, {record['perf/step_time_s']:.3f} s")
-                    postfix = {"r_sampled": f"{record['reward/sampled']:.3f}",
-                               "r_greedy": f"{record['reward/greedy']:.3f}"}
+                    greedy = f", greedy {record['reward/greedy']:.4f}" if "reward/greedy" in record else ""
+                    logger.debug(f"step {self.step}: reward sampled {record['reward/sampled']:.4f}{greedy}, lr "
+                                 f"{record['lr']:.3g}, grad norm {record['grad_norm']:.3g}, "
+                                 f"{record['perf/step_time_s']:.3f} s")
+                    postfix = {"r_sampled": f"{record['reward/sampled']:.3f}"}
+                    if "reward/greedy" in record:
+                        postfix["r_greedy"] = f"{record['reward/greedy']:.3f}"
                     if "loss/kl" in record:
                         postfix["kl"] = f"{record['loss/kl']:.4f}"
                     bar.set_postfix(postfix)
                     bar.update(1)
                     if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                         self._evaluate_and_record()
-                    if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                    if cfg.save_every > 0 and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                         self.save()
                         last_saved = self.step
                 if not any(r["split"] == "eval" and r["step"] == self.step for r in self.history):
@@ -789,7 +1028,7 @@ class Trainer:
                 bar.close()
             if self._writer is not None:
                 self._writer.close()
-        if last_saved != self.step:
+        if last_saved != self.step and cfg.save_every >= 0:
             self.save()  # the final checkpoint includes the final evaluation
         if cfg.save_final_model:
             self.save_final_model(os.path.join(self.run_dir, "final"))
@@ -817,7 +1056,12 @@ class Trainer:
 
     def summary(self, wall_s: float, *, start: int = 0, resumed: bool = False) -> dict:
         """Held-out rewards of the run's first (step 0) and last evaluations; speed of the steps run since
-        ``start`` (this invocation: ``steps_run``), ``resumed_from`` the step a resume continued from."""
+        ``start`` (this invocation: ``steps_run``), ``resumed_from`` the step a resume continued from.
+
+        Also, for the steps of this invocation: ``time_per_step_s`` (median seconds in rollout, reward, training
+        and in all, the first step left out as warm-up when there are more), ``peak_mem_mb`` (``peak_mem_kind``: CUDA's
+        ``max_memory_allocated`` or the process's peak resident memory), ``model_states_bytes`` (see
+        ``model_state_bytes``) and ``parameters`` (trainable and frozen, every model)."""
         evals = self.history_eval()
         train = [r for r in self.history if r["split"] == "train" and r["step"] > start]
         before, after = evals[0], evals[-1]
@@ -841,6 +1085,15 @@ class Trainer:
             out["mean_step_time_s"] = float(np.mean([r["perf/step_time_s"] for r in train]))
             out["mean_tokens_per_s"] = float(np.mean([r["perf/tokens_per_s"] for r in train]))
             out["peak_mem_mb"] = float(max(r["perf/peak_mem_mb"] for r in train))
+            out["peak_mem_kind"] = ("cuda max_memory_allocated" if self.device.type == "cuda"
+                                    else "peak resident memory of the process")
+            # Medians: a step slowed by another job on a shared machine does not move them.
+            timed = train[1:] if len(train) > 1 else train
+            out["time_per_step_s"] = {name: float(np.median([r[f"perf/{key}"] for r in timed])) for name, key in (
+                ("rollout", "rollout_s"), ("reward", "reward_s"), ("train", "train_s"), ("total", "step_time_s"))}
+        if self.model_states is not None:
+            out["model_states_bytes"] = self.model_states
+        out["parameters"] = self.parameter_counts()
         return out
 
     def save_final_model(self, path: str) -> None:
@@ -872,12 +1125,29 @@ def _tensorboard_writer_class():
     return SummaryWriter
 
 
+def _tensor_bytes(tensors) -> int:
+    """Bytes of this rank's part of ``tensors`` (a DTensor's local shard), each storage counted once (tied weights)."""
+    seen: set[int] = set()
+    total = 0
+    for t in tensors:
+        t = local_tensor(t)
+        if t.numel() and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
 class _Stats:
-    """Named (sum, count) pairs, summed over ranks in one all-reduce; ``reduce`` returns sum/count per name."""
+    """Named (sum, count) pairs, summed over ranks in one all-reduce; ``reduce`` returns sum/count per name, and the
+    local maxima of ``add_max`` (the caller reduces those with ``all_reduce_max``)."""
 
     def __init__(self):
         self.names: list[str] = []
         self.values: list[float] = []
+        self.maxima: dict[str, float] = {}
+
+    def add_max(self, name: str, value: float) -> None:
+        self.maxima[name] = max(self.maxima.get(name, -math.inf), value)
 
     def add(self, name: str, total: float, count: float) -> None:
         if name in self.names:
@@ -890,7 +1160,7 @@ class _Stats:
 
     def reduce(self, info: DistInfo) -> dict[str, float]:
         summed = all_reduce_sum(torch.tensor(self.values, dtype=torch.float64), info).tolist()
-        return {n: summed[2 * i] / max(summed[2 * i + 1], 1e-12) for i, n in enumerate(self.names)}
+        return {**{n: summed[2 * i] / max(summed[2 * i + 1], 1e-12) for i, n in enumerate(self.names)}, **self.maxima}
 
 
 def format_summary(summary: dict) -> str:
@@ -916,6 +1186,13 @@ def format_summary(summary: dict) -> str:
     if "mean_step_time_s" in summary:
         lines.append(f"mean step {summary['mean_step_time_s']:.3f} s, {summary['mean_tokens_per_s']:.0f} generated "
                      f"tokens/s, peak memory {summary['peak_mem_mb']:.0f} MB")
+    if "model_states_bytes" in summary:
+        states = summary["model_states_bytes"]
+        parts = ", ".join(f"{name} {sum(v.values()) / 2**20:.1f}" for name, v in states.items())
+        params = summary["parameters"]
+        lines.append(f"model states {sum(sum(v.values()) for v in states.values()) / 2**20:.1f} MB ({parts}; "
+                     f"parameters, gradients, optimizer), {params['trainable'] / 1e6:.3g}M trainable and "
+                     f"{params['frozen'] / 1e6:.3g}M frozen parameters")
     if "rollout_mismatch" in summary:
         mm = summary["rollout_mismatch"]
         lines.append(f"rollout vs training log-probs of the sampled tokens: mean |diff| "

@@ -11,6 +11,8 @@
 #   bash scripts/gpu_check.sh bench-run [RUN ARGS]      # only `python -m benchmarks.run` (e.g. `--only logprobs`)
 #   bash scripts/gpu_check.sh bench-pytest [PYTEST ARGS] # only `pytest benchmarks/ --benchmark-only` (e.g. `-k eager`)
 #   bash scripts/gpu_check.sh train [KEY VALUE]    # only the trainer's embedded experiment on CUDA (not in `all`)
+#   bash scripts/gpu_check.sh compare [KEY VALUE]  # only `remax compare` remax,ppo,grpo,rloo on a 0.5B-shaped model
+#                                                  # (examples/compare_0.5b.yaml; not in `all`): table, JSON, plot
 #   bash scripts/gpu_check.sh cuda [PYTEST ARGS]   # only the CUDA kernels of csrc/: build, their tests, and
 #                                                  # compute-sanitizer memcheck/racecheck/synccheck (sanitizers in `all`)
 #   bash scripts/gpu_check.sh --dry-run ...        # print the commands it would run and exit (works without CUDA)
@@ -22,7 +24,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-usage="usage: bash scripts/gpu_check.sh [--dry-run] [all|tests|bench|bench-run|bench-pytest|train|cuda] [extra args]"
+usage="usage: bash scripts/gpu_check.sh [--dry-run] [all|tests|bench|bench-run|bench-pytest|train|compare|cuda] [extra args]"
 dry_run=0
 if [ "${1:-}" = "--dry-run" ]; then
   dry_run=1
@@ -32,7 +34,7 @@ what="${1:-all}"
 [ $# -gt 0 ] && shift
 case "$what" in
   all) [ $# -eq 0 ] || { echo "gpu_check: extra args need a step first (tests, bench, ...)" >&2; exit 2; } ;;
-  tests|bench|bench-run|bench-pytest|train|cuda) ;;
+  tests|bench|bench-run|bench-pytest|train|compare|cuda) ;;
   *) echo "$usage" >&2; exit 2 ;;
 esac
 
@@ -146,6 +148,15 @@ if [ "$what" = train ]; then
   train_rc=$?
   [ "$dry_run" -eq 1 ] || rm -rf "$log_dir/default-run/checkpoints" "$log_dir/default-run/initial_policy"
 fi
+compare_rc=0
+if [ "$what" = compare ]; then
+  # ReMax against PPO, GRPO and RLOO at equal batch on the GPU: compare.md (the README's table), compare.json, plot.
+  step compare.log python -m remax compare --config examples/compare_0.5b.yaml --estimators remax,ppo,grpo,rloo \
+    --device cuda --progress false --run_dir "$log_dir/compare" "$@"
+  compare_rc=$?
+  [ "$dry_run" -eq 1 ] || rm -rf "$log_dir"/compare/*/checkpoints "$log_dir"/compare/*/initial_policy \
+    "$log_dir/compare/initial_policy"
+fi
 
 # The CUDA kernels of csrc/ (extension remax_kernels._C; the install above builds it where nvcc and a CUDA torch
 # exist): build it loudly if it is missing, run their tests (`cuda` only: `all` ran them with the suite), then
@@ -190,5 +201,6 @@ fi
 
 # A plot failure is reported but does not fail the check: the measurements are in the JSON files.
 echo "gpu_check: tests rc=$test_rc, benchmarks rc=$bench_rc, pytest-benchmark rc=$pybench_rc, train rc=$train_rc," \
-  "cuda rc=$cuda_rc, plots $([ "$plot_rc" -eq 0 ] && echo ok || echo FAILED)"
-[ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$pybench_rc" -eq 0 ] && [ "$train_rc" -eq 0 ] && [ "$cuda_rc" -eq 0 ]
+  "compare rc=$compare_rc, cuda rc=$cuda_rc, plots $([ "$plot_rc" -eq 0 ] && echo ok || echo FAILED)"
+[ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$pybench_rc" -eq 0 ] && [ "$train_rc" -eq 0 ] && \
+  [ "$compare_rc" -eq 0 ] && [ "$cuda_rc" -eq 0 ]

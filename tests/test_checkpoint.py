@@ -123,3 +123,29 @@ def test_write_atomic_replaces_whole_file(tmp_path):
     ckpt.write_atomic(str(path), "one")
     ckpt.write_atomic(str(path), "two")
     assert path.read_text() == "two" and os.listdir(tmp_path) == ["f.txt"]
+
+
+def test_extra_parts_round_trip(tmp_path):
+    """A second trained model (PPO's value model) with its optimizer and schedule is saved and restored exactly."""
+    model, opt, sched = _setup()
+    value, value_opt, value_sched = _setup(seed=1)
+    _train(model, opt, sched, 2)
+    _train(value, value_opt, value_sched, 3)
+    path = ckpt.save_checkpoint(str(tmp_path), 2, model=model, optimizer=opt, scheduler=sched,
+                                trainer_state={"history": []}, info=DistInfo(),
+                                extra={"value": (value, value_opt, value_sched)})
+    assert os.path.isfile(os.path.join(path, "scheduler_value.pt"))
+    _train(value, value_opt, value_sched, 1)
+    expected = {k: v.clone() for k, v in value.state_dict().items()}
+
+    model2, opt2, sched2 = _setup(seed=5)
+    value2, value_opt2, value_sched2 = _setup(seed=6)
+    ckpt.load_checkpoint(path, model=model2, optimizer=opt2, scheduler=sched2, info=DistInfo(),
+                         extra={"value": (value2, value_opt2, value_sched2)})
+    assert value_sched2.last_epoch == 3 and sched2.last_epoch == 2
+    _train(value2, value_opt2, value_sched2, 1)  # same random inputs: the draws were restored too
+    for k, v in value2.state_dict().items():
+        assert torch.equal(v, expected[k]), k
+    with pytest.raises(ValueError, match="extra"):
+        ckpt.save_checkpoint(str(tmp_path), 3, model=model, optimizer=opt, scheduler=sched, trainer_state={},
+                             info=DistInfo(), extra={"model": (value, value_opt, value_sched)})

@@ -77,12 +77,12 @@ def _one_line_error(capsys, needle):
         (["train", "--bogus", "1"], "--bogus: unknown option"),
         (["train", "--task_digits", "2"], "did you mean --task.digits?"),
         (["train", "--steps", "ten"], "--steps: expected int, got 'ten'"),
-        (["train", "--estimator", "ppo"], "--estimator: invalid choice: 'ppo'"),
+        (["train", "--estimator", "a2c"], "--estimator: invalid choice: 'a2c'"),
         (["train", "--model", "/nonexistent/model"], "model: '/nonexistent/model' is not a local directory"),
         (["train", "--resume", "/nonexistent/run"], "resume: '/nonexistent/run' has no config.yaml"),
         (["train", "--config", "/nonexistent.yaml"], "--config"),
         (["train", "--init_from", "/nonexistent/run"], "init_from: '/nonexistent/run' holds no saved warm-start"),
-        (["compare", "--estimators", "remax,ppo"], "--estimators"),
+        (["compare", "--estimators", "remax,a2c"], "--estimators"),
         (["eval"], "model: give a run directory"),
         (["plot", "/nonexistent/run"], "run_dir: '/nonexistent/run' has no metrics.jsonl"),  # bug 7
     ],
@@ -112,7 +112,7 @@ def test_help_lists_every_field_and_its_allowed_values(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert all(f"--{name} " in out for name in config_fields())
-    assert "--estimator {remax,reinforce,rloo,grpo}" in out and "--report_to {none,tensorboard}" in out
+    assert "--estimator {remax,reinforce,rloo,grpo,ppo}" in out and "--report_to {none,tensorboard}" in out
     assert "the embedded experiment" in out and "--task.sft_steps INT" in out
 
 
@@ -302,17 +302,27 @@ def test_compare_writes_plot_and_table(tmp_path, capsys):
     # A reward that varies whatever a barely warmed-up policy samples: every estimator gets a nonzero gradient.
     (tmp_path / "varied.py").write_text("def reward(prompts, responses):\n"
                                         "    return [r.count('1') + 0.25 * len(r) for r in responses]\n")
-    argv = ["compare", *TINY, "--estimators", "remax,reinforce,rloo", "--group_size", "2", "--steps", "2",
-            "--save_every", "0", "--run_dir", root, "--reward", f"{tmp_path / 'varied.py'}:reward"]
+    argv = ["compare", *TINY, "--estimators", "remax,ppo", "--steps", "3", "--save_every", "0", "--run_dir", root,
+            "--reward", f"{tmp_path / 'varied.py'}:reward"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     with open(os.path.join(root, "compare.json")) as fh:
         result = json.load(fh)
-    assert set(result["runs"]) == {"remax", "reinforce", "rloo"}
+    assert set(result["runs"]) == {"remax", "ppo"} and result["isolated"]
     for name, summary in result["runs"].items():
         assert summary["mean_grad_var"] > 0 and name in out
-        # Same task, same budget: every estimator starts from the same warm-started policy.
+        # Same task, same budget: every estimator starts from the same warm-started policy (saved once in ROOT).
         assert summary["before"] == result["runs"]["remax"]["before"]
+        assert summary["steps_run"] == 3 and set(summary["time_per_step_s"]) == {"rollout", "reward", "train", "total"}
+        assert summary["peak_mem_mb"] > 0 and summary["peak_mem_kind"] == "peak resident memory of the process"
+    remax, ppo = result["runs"]["remax"], result["runs"]["ppo"]
+    assert set(remax["model_states_bytes"]) == {"policy"} and set(ppo["model_states_bytes"]) == {"policy", "value"}
+    assert ppo["parameters"]["trainable"] > 1.9 * remax["parameters"]["trainable"]
+    targets = {t["name"]: t for t in result["targets"]}
+    assert set(targets) == {"model_states", "time_per_step", "reward_after"} and targets["model_states"]["met"]
+    with open(os.path.join(root, "compare.md")) as fh:
+        table = fh.read()
+    assert "| estimator | greedy before |" in table and "| ppo |" in table and "ReMax / PPO memory" in table
     assert os.path.getsize(os.path.join(root, "compare.png")) > 10_000
 
 

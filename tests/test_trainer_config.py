@@ -44,7 +44,7 @@ def test_parse_overrides_types():
         (["--steps"], "--steps: expected one argument"),
         (["steps", "3"], "unexpected argument 'steps'"),
         (["--steps", "none"], "--steps: expected int"),
-        (["--estimator", "ppo"], "--estimator: invalid choice: 'ppo'"),
+        (["--estimator", "a2c"], "--estimator: invalid choice: 'a2c'"),
     ],
 )
 def test_parse_overrides_errors(argv, needle):
@@ -99,8 +99,17 @@ def test_yaml_errors(tmp_path, text, exc, needle):
 @pytest.mark.parametrize(
     ("changes", "needle"),
     [
-        ({"estimator": "ppo"}, "estimator"),
+        ({"estimator": "a2c"}, "estimator"),
         ({"batch_size": 0}, "batch_size"),
+        ({"estimator": "ppo", "clip_ratio": 1.5}, "clip_ratio"),
+        ({"estimator": "ppo", "clip_ratio_c": 0.5}, "clip_ratio_c"),
+        ({"value_clip": 0.0}, "value_clip"),
+        ({"gae_lambda": 1.5}, "gae_lambda"),
+        ({"critic_lr": 0.0}, "critic_lr"),
+        ({"ppo_epochs": 0}, "ppo_epochs"),
+        ({"estimator": "ppo", "batch_size": 8, "ppo_mini_batch_size": 3}, "ppo_mini_batch_size"),
+        ({"estimator": "ppo", "whiten": True}, "whiten"),
+        ({"task": {"heads": 4, "kv_heads": 3}}, "task.kv_heads"),
         ({"top_p": 0.0}, "top_p"),
         ({"temperature": 0.0}, "temperature"),
         ({"gamma": 1.5}, "gamma"),
@@ -132,6 +141,10 @@ def test_world_checks():
         TrainConfig(batch_size=8, grad_accum=3).check_world(2)
     with pytest.raises(ValueError, match="whiten"):
         TrainConfig(batch_size=8, whiten=True).check_world(2)
+    # PPO mini-batches split over ranks and into grad_accum micro-batches too.
+    TrainConfig(batch_size=16, estimator="ppo", ppo_mini_batch_size=8, grad_accum=2).check_world(2)
+    with pytest.raises(ValueError, match="ppo_mini_batch_size"):
+        TrainConfig(batch_size=16, estimator="ppo", ppo_mini_batch_size=4, grad_accum=4).check_world(2)
 
 
 def test_path_checks(tmp_path):

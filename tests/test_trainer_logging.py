@@ -144,13 +144,21 @@ def test_plots_name_what_they_show(tmp_path):
     title = run_fig._suptitle.get_text()
     assert "ReMax (greedy baseline) on the embedded addition task (2-digit sums" in title
     assert "2 steps x 8 prompts, lr 0.01 (cosine), KL coef 0.1" in title
-    for ax in run_fig.axes + compare_fig.axes:
+    for ax in run_fig.axes:
         assert ax.get_ylabel() and ax.get_title() and ax.get_xlabel() == "RL step"
+    for ax in compare_fig.axes:  # curves against the step or the training time; bars per estimator
+        assert ax.get_ylabel() and ax.get_title() and ax.get_xlabel() in (
+            "RL step", "wall time of the RL steps (s; evaluations excluded)", "estimator")
+    bars = {ax.get_title(): ax for ax in compare_fig.axes if ax.get_xlabel() == "estimator"}
+    assert set(bars) == {"Time per RL step (median, first step left out)", "Memory held in model states (all ranks)",
+                         "Peak memory while training"}
+    assert all(len(ax.patches) >= 1 for ax in bars.values())  # read from the run's summary.json
     kl = next(ax for ax in run_fig.axes if ax.get_title().startswith("KL"))
     assert kl.get_ylabel() == "KL per response token (nats)" and len(kl.lines) == 2  # its own axis, not shared
     length = next(ax for ax in run_fig.axes if ax.get_title().startswith("Response length"))
     assert length.get_ylim()[0] == 0 and length.get_ylim()[1] <= 1.08 * 4 + 1e-9  # up to max_new_tokens
-    assert any("Gradient variance: each step's batch is split into halves" in t.get_text() for t in compare_fig.texts)
+    caption = "Gradient variance: each step's batch (PPO: its first mini-batch) is split into halves"
+    assert any(caption in t.get_text() for t in compare_fig.texts)
     for fig in figures:
         real_close(fig)
     assert os.path.getsize(os.path.join(config.run_dir, "reward_curves.png")) > 10_000
