@@ -4,9 +4,9 @@ One step, top to bottom (``Trainer.train_step``):
 
 1. take this step's prompts (a seeded permutation per epoch, so step k's prompts depend only on (seed, k));
 2. rollout: ReMax's ``generate_pairs``, one sampled and one greedy response per prompt sharing the prompt's prefill;
-   the other estimators need no greedy response and decode the sampled rows alone (``remax.rollout``: the same
-   responses). Sampling noise is seeded per (seed, step, row), so a run does not depend on how many ranks share the
-   batch;
+   the other estimators need no greedy response and decode the sampled rows alone
+   (``remax_kernels.generate_samples``: the same responses). Sampling noise is seeded per (seed, step, row), so a
+   run does not depend on how many ranks share the batch;
 3. rewards; advantages (ReMax: r(sampled) - r(greedy); or REINFORCE / RLOO / GRPO; PPO: GAE over the value model's
    values, ``remax.ppo``), optionally KL-shaped with the frozen reference's log-probs;
 4. the policy loss straight from hidden states (``causal_lm_policy_loss``: no ``[tokens, vocab]`` logits), in
@@ -395,8 +395,7 @@ class Trainer:
         ``_response_mask`` (bool) / ``_logprobs`` ``[B, R]``, ``_lengths`` ``[B]`` (``greedy_*`` only with
         ``greedy``), and ``prompt_length`` P.
         """
-        from remax.rollout import generate_samples
-        from remax_kernels import generate_pairs
+        from remax_kernels import generate_pairs, generate_samples
 
         cfg = self.config
         generate = generate_pairs if greedy else generate_samples

@@ -88,6 +88,24 @@ class PairedRollout:
         return self.greedy_ids[:, self.prompt_length:]
 
 
+@dataclass
+class SampledRollout:
+    """The output of ``generate_samples``: the ``sampled_*`` fields of ``PairedRollout``, with the same shapes and
+    meanings (``[B, P + R]`` ids and attention mask, ``[B, R]`` response mask and log-probs, ``[B]`` lengths)."""
+
+    sampled_ids: torch.Tensor
+    sampled_attention_mask: torch.Tensor
+    sampled_response_mask: torch.Tensor
+    sampled_logprobs: torch.Tensor
+    sampled_lengths: torch.Tensor
+    prompt_length: int
+
+    @property
+    def sampled_response_ids(self) -> torch.Tensor:
+        """``[B, R]`` the sampled responses alone."""
+        return self.sampled_ids[:, self.prompt_length:]
+
+
 @dataclass(frozen=True)
 class _ForwardKwargs:
     """How this model's ``forward`` takes its cache, positions and logits slicing (differs across versions)."""
@@ -161,25 +179,26 @@ def _check_prompts(input_ids, attention_mask) -> None:
         raise ValueError("attention_mask: prompts must be left-padded (a 0 follows a 1 in some row)")
 
 
-def _seeds(seed, batch: int, device: torch.device):
-    """int seed as is; a per-prompt ``[B]`` seed tensor repeated for the greedy half."""
+def _seeds(seed, batch: int, device: torch.device, *, copies: int):
+    """int seed as is; a per-prompt ``[B]`` seed tensor repeated for the greedy half (``copies=2``)."""
     if isinstance(seed, torch.Tensor):
         if seed.dtype != torch.int64 or tuple(seed.shape) != (batch,):
             raise ValueError(f"seed: a tensor seed must be int64 of shape [B] = ({batch},), got {seed.dtype} "
                              f"{tuple(seed.shape)}")
-        return seed.to(device).repeat(2)
+        return seed.to(device).repeat(copies)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise TypeError(f"seed: expected an int or an int64 tensor [B], got {type(seed).__name__}")
     return seed
 
 
-def _static_cache_from(model, prefill_cache, batch: int, prompt_length: int, max_cache_len: int, *, reuse: bool):
-    """A StaticCache for ``2B`` rows whose first ``P`` slots hold the prefill's keys/values, twice along the batch."""
+def _static_cache_from(model, prefill_cache, rows: int, prompt_length: int, max_cache_len: int, *, reuse: bool):
+    """A StaticCache for ``rows`` rows (``B`` or ``2B``) whose first ``P`` slots hold the prefill's keys/values,
+    repeated along the batch."""
     from transformers import StaticCache
 
     cache = None
     if reuse:
-        key = (2 * batch, max_cache_len)
+        key = (rows, max_cache_len)
         held = _GRAPH_CACHES.get(model)
         if held is not None and held[0] == key:
             cache = held[1]
@@ -187,7 +206,7 @@ def _static_cache_from(model, prefill_cache, batch: int, prompt_length: int, max
     if cache is None:
         cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
         if reuse:
-            _GRAPH_CACHES[model] = ((2 * batch, max_cache_len), cache)
+            _GRAPH_CACHES[model] = ((rows, max_cache_len), cache)
     for layer_idx, layer in enumerate(prefill_cache.layers):
         # A sliding-window layer keeps only its last window - 1 tokens; copying those would misplace them.
         if layer.keys.shape[-2] != prompt_length:
@@ -196,7 +215,8 @@ def _static_cache_from(model, prefill_cache, batch: int, prompt_length: int, max
                 f"{layer_idx} keeps {layer.keys.shape[-2]} of {prompt_length} prompt tokens); use 'dynamic'"
             )
         slots = {"cache_position": torch.arange(prompt_length, device=layer.keys.device)}  # read by transformers < 5
-        cache.update(layer.keys.repeat(2, 1, 1, 1), layer.values.repeat(2, 1, 1, 1), layer_idx, slots)
+        copies = rows // layer.keys.shape[0]
+        cache.update(layer.keys.repeat(copies, 1, 1, 1), layer.values.repeat(copies, 1, 1, 1), layer_idx, slots)
     return cache
 
 
@@ -273,6 +293,87 @@ def generate_pairs(
         >>> out.sampled_ids.shape == out.greedy_ids.shape == (2, 5 + out.sampled_response_mask.shape[1])
         True
     """
+    tokens, logprobs, alive = _rollout(
+        model, input_ids, attention_mask, paired=True, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_k=top_k, top_p=top_p, min_p=min_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed,
+        cache_implementation=cache_implementation, use_cuda_graph=use_cuda_graph, check_every=check_every,
+    )
+    batch, prompt_length = input_ids.shape
+    response_mask = alive.to(attention_mask.dtype)
+    ids = torch.cat([input_ids.long().repeat(2, 1), tokens], dim=1)
+    full_mask = torch.cat([attention_mask.repeat(2, 1), response_mask], dim=1)
+    lengths = alive.sum(-1)
+    s, g = slice(0, batch), slice(batch, 2 * batch)
+    return PairedRollout(
+        sampled_ids=ids[s], greedy_ids=ids[g],
+        sampled_attention_mask=full_mask[s], greedy_attention_mask=full_mask[g],
+        sampled_response_mask=response_mask[s], greedy_response_mask=response_mask[g],
+        sampled_logprobs=logprobs[s], greedy_logprobs=logprobs[g],
+        sampled_lengths=lengths[s], greedy_lengths=lengths[g],
+        prompt_length=prompt_length,
+    )
+
+
+def generate_samples(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    seed: int | torch.Tensor = 0,
+    cache_implementation: str | None = None,
+    use_cuda_graph: bool | None = None,
+    check_every: int = 4,
+) -> SampledRollout:
+    """One sampled response per prompt, without a greedy one: exactly the sampled half of ``generate_pairs`` with
+    the same arguments (the same random numbers per row), at half the decode rows. For the estimators that need no
+    greedy baseline (REINFORCE, RLOO, GRPO, PPO).
+
+    Args:
+        as ``generate_pairs``.
+
+    Returns:
+        a ``SampledRollout``: the ``sampled_*`` fields of ``PairedRollout``.
+
+    Example::
+
+        >>> import torch, transformers, remax_kernels as rk
+        >>> config = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+        ...     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+        >>> model = transformers.LlamaForCausalLM(config)
+        >>> ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
+        >>> mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+        >>> out = rk.generate_samples(model, ids, mask, max_new_tokens=8, temperature=0.7, eos_token_id=2, seed=1)
+        >>> pairs = rk.generate_pairs(model, ids, mask, max_new_tokens=8, temperature=0.7, eos_token_id=2, seed=1)
+        >>> bool((out.sampled_ids == pairs.sampled_ids[:, : out.sampled_ids.shape[1]]).all())
+        True
+    """
+    tokens, logprobs, alive = _rollout(
+        model, input_ids, attention_mask, paired=False, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_k=top_k, top_p=top_p, min_p=min_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed,
+        cache_implementation=cache_implementation, use_cuda_graph=use_cuda_graph, check_every=check_every,
+    )
+    response_mask = alive.to(attention_mask.dtype)
+    return SampledRollout(
+        sampled_ids=torch.cat([input_ids.long(), tokens], dim=1),
+        sampled_attention_mask=torch.cat([attention_mask, response_mask], dim=1),
+        sampled_response_mask=response_mask,
+        sampled_logprobs=logprobs,
+        sampled_lengths=alive.sum(-1),
+        prompt_length=input_ids.shape[1],
+    )
+
+
+def _rollout(model, input_ids, attention_mask, *, paired, max_new_tokens, temperature, top_k, top_p, min_p,
+             eos_token_id, pad_token_id, seed, cache_implementation, use_cuda_graph, check_every):
+    """Checks the arguments of ``generate_pairs`` / ``generate_samples`` and decodes: ``[rows, R]`` tokens, log-probs
+    and the alive mask."""
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
         raise TypeError(f"model: expected a Hugging Face causal LM (an nn.Module with a config), got {type(model)}")
     _check_prompts(input_ids, attention_mask)
@@ -302,7 +403,7 @@ def generate_pairs(
 
     batch, prompt_length = input_ids.shape
     device = input_ids.device
-    seeds = _seeds(seed, batch, device)
+    seeds = _seeds(seed, batch, device, copies=2 if paired else 1)
     was_training = model.training
     model.eval()
     try:
@@ -311,30 +412,17 @@ def generate_pairs(
                 model, input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
                 top_k=top_k, top_p=top_p, min_p=min_p, eos_ids=eos_ids, pad=pad, seeds=seeds,
                 static=cache_implementation == "static", step_compiler=_graph_step if use_cuda_graph else None,
-                check_every=check_every,
+                check_every=check_every, paired=paired,
             )
     finally:
         model.train(was_training)
-
-    response_mask = alive.to(attention_mask.dtype)
-    ids = torch.cat([input_ids.long().repeat(2, 1), tokens], dim=1)
-    full_mask = torch.cat([attention_mask.repeat(2, 1), response_mask], dim=1)
-    lengths = alive.sum(-1)
-    s, g = slice(0, batch), slice(batch, 2 * batch)
-    return PairedRollout(
-        sampled_ids=ids[s], greedy_ids=ids[g],
-        sampled_attention_mask=full_mask[s], greedy_attention_mask=full_mask[g],
-        sampled_response_mask=response_mask[s], greedy_response_mask=response_mask[g],
-        sampled_logprobs=logprobs[s], greedy_logprobs=logprobs[g],
-        sampled_lengths=lengths[s], greedy_lengths=lengths[g],
-        prompt_length=prompt_length,
-    )
+    return tokens, logprobs, alive
 
 
 @dataclass(frozen=True)
 class _Sampler:
     """``sample_and_greedy``'s options parsed ONCE per rollout into per-row device tensors (rows ``[0, B)`` sample,
-    ``[B, 2B)`` are greedy); calling it runs the op on a step's logits with the step as a device tensor, so a
+    ``[B, 2B)``, if any, are greedy); calling it runs the op on a step's logits with the step as a device tensor, so a
     compiled or graph-captured decode step is the same graph at every step."""
 
     greedy_mask: torch.Tensor
@@ -347,8 +435,10 @@ class _Sampler:
     truncate: bool
 
     @classmethod
-    def parse(cls, rows: int, vocab: int, device, *, temperature, top_k, top_p, min_p, seeds) -> _Sampler:
-        greedy_mask = torch.arange(rows, device=device) >= rows // 2
+    def parse(cls, rows: int, vocab: int, device, *, greedy_from: int, temperature, top_k, top_p, min_p,
+              seeds) -> _Sampler:
+        """Rows ``[greedy_from, rows)`` are greedy (none when ``greedy_from == rows``)."""
+        greedy_mask = torch.arange(rows, device=device) >= greedy_from
         parsed = parse_options(rows, vocab, device, greedy_mask, temperature, top_k, top_p, min_p, seeds, "processed")
         temp, k, p, log_min_p, seed_rows, greedy_mask, key_row, truncate = parsed
         return cls(greedy_mask, temp, k, p, log_min_p, seed_rows, key_row, truncate)
@@ -399,9 +489,10 @@ def _bucketed(input_ids, attention_mask, pad: int):
 
 def _decode(
     model, input_ids, attention_mask, *, max_new_tokens, temperature, top_k, top_p, min_p, eos_ids, pad, seeds,
-    static, step_compiler, check_every,
+    static, step_compiler, check_every, paired: bool = True,
 ):
-    """The prefill + paired decode loop. Returns ``[2B, R]`` tokens, float32 log-probs and the bool alive mask.
+    """The prefill + decode loop: ``paired`` decodes ``2B`` rows (sampled, then greedy), else the ``B`` sampled rows
+    alone. Returns ``[rows, R]`` tokens, float32 log-probs and the bool alive mask.
 
     ``step_compiler`` (None = eager) wraps ``_decode_step``; the host reads ``finished`` every ``check_every``
     steps only (one device sync each), so up to ``check_every - 1`` steps run after the last row has finished:
@@ -412,7 +503,8 @@ def _decode(
     if step_compiler is not None:
         input_ids, attention_mask = _bucketed(input_ids, attention_mask, pad)
     batch, prompt_length = input_ids.shape
-    rows, device = 2 * batch, input_ids.device
+    copies = 2 if paired else 1
+    rows, device = copies * batch, input_ids.device
     fwd = _forward_kwargs(model)
     mask = attention_mask.long()
     position_ids = position_ids_from_attention_mask(mask)
@@ -423,22 +515,23 @@ def _decode(
     logits = _last_logits(
         model, fwd, cache, input_ids, mask, position_ids, torch.arange(prompt_length, device=device)
     )
-    logits = logits.repeat(2, 1)
+    logits = logits.repeat(copies, 1)
     if static:
         cache = _static_cache_from(
-            model, cache, batch, prompt_length, prompt_length + max_new_tokens, reuse=step_compiler is not None
+            model, cache, rows, prompt_length, prompt_length + max_new_tokens, reuse=step_compiler is not None
         )
         # Fixed-shape mask over every cache slot; slots not yet written are hidden by the causal mask.
-        step_mask = torch.cat([mask.repeat(2, 1), mask.new_ones(rows, max_new_tokens)], dim=1)
+        step_mask = torch.cat([mask.repeat(copies, 1), mask.new_ones(rows, max_new_tokens)], dim=1)
     else:
-        cache.reorder_cache(torch.arange(rows, device=device) % batch)
-        step_mask = mask.repeat(2, 1)
+        if copies > 1:
+            cache.reorder_cache(torch.arange(rows, device=device) % batch)
+        step_mask = mask.repeat(copies, 1)
     step_fn = step_compiler(_decode_step) if step_compiler is not None else _decode_step
-    sampler = _Sampler.parse(rows, logits.shape[-1], device, temperature=temperature, top_k=top_k, top_p=top_p,
-                             min_p=min_p, seeds=seeds)
+    sampler = _Sampler.parse(rows, logits.shape[-1], device, greedy_from=batch if paired else rows,
+                             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seeds=seeds)
 
     eos = torch.tensor(eos_ids, dtype=torch.int64, device=device)
-    position = position_ids[:, -1:].repeat(2, 1) + 1
+    position = position_ids[:, -1:].repeat(copies, 1) + 1
     slot = torch.full((1,), prompt_length, dtype=torch.int64, device=device)
     step = torch.zeros(1, dtype=torch.int64, device=device)
     tokens = torch.full((rows, max_new_tokens), pad, dtype=torch.int64, device=device)

@@ -1,6 +1,7 @@
 """PPO in the trainer: GAE, whitening and the clipped value loss against float64 references, the sampled-only
-rollout against generate_pairs, one PPO step's policy and value gradients against a float64 recomputation from the
-formulas, mini-batch epochs, value models from a directory, model-state accounting and resume."""
+rollout (remax_kernels.generate_samples) against generate_pairs, one PPO step's policy and value gradients against
+a float64 recomputation from the formulas, mini-batch epochs, value models from a directory, model-state accounting
+and resume."""
 
 from __future__ import annotations
 
@@ -111,8 +112,8 @@ def test_clipped_value_loss_and_gradient(clip):
 
 
 def test_sampled_rollout_is_the_sampled_half_of_generate_pairs():
+    """The trainer's sampled-only rollouts (remax_kernels.generate_samples) are generate_pairs' sampled half."""
     import remax_kernels as rk
-    from remax.rollout import generate_samples
 
     tok = build_char_tokenizer()
     model = build_tiny_llama(tok, TaskConfig(hidden_size=32, layers=2, heads=2), seed=3)
@@ -122,7 +123,7 @@ def test_sampled_rollout_is_the_sampled_half_of_generate_pairs():
         kw = dict(max_new_tokens=8, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, seed=seeds,
                   **options)
         pairs = rk.generate_pairs(model, enc.input_ids, enc.attention_mask, **kw)
-        alone = generate_samples(model, enc.input_ids, enc.attention_mask, **kw)
+        alone = rk.generate_samples(model, enc.input_ids, enc.attention_mask, **kw)
         width = alone.sampled_ids.shape[1]
         R = width - alone.prompt_length
         assert alone.sampled_response_mask.any(1).all() and R >= 2
