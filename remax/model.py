@@ -161,17 +161,24 @@ def _no_peft_deprecation_warning():
         yield
 
 
+def lora_config(config: TrainConfig, **extra):
+    """The peft ``LoraConfig`` of the run's ``lora_*`` fields (``extra``: e.g. ``task_type``)."""
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        raise ValueError("lora_r: LoRA needs peft (`pip install peft`), which is not installed") from None
+    targets = [t.strip() for t in config.lora_target_modules.split(",") if t.strip()]
+    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=targets, **extra)
+
+
 def apply_lora(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
     """Wrap ``model`` with LoRA adapters (peft) when ``config.lora_r > 0``; only the adapters train."""
     if config.lora_r == 0:
         return model
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        raise ValueError("lora_r: LoRA needs peft (`pip install peft`), which is not installed") from None
-    targets = [t.strip() for t in config.lora_target_modules.split(",") if t.strip()]
-    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=targets, task_type="CAUSAL_LM")
+    lora = lora_config(config, task_type="CAUSAL_LM")
+    from peft import get_peft_model
+
     with _no_peft_deprecation_warning():
         return get_peft_model(model, lora)
 

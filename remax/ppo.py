@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from remax.distributed import DistInfo, all_reduce_sum
+from remax.model import lora_config
 
 # verl's masked_whiten adds this inside the rsqrt.
 _WHITEN_EPS = 1e-8
@@ -125,13 +126,9 @@ def apply_value_lora(value: ValueModel, config) -> ValueModel:
     adapters and the head train."""
     if not config.lora_r:
         return value
-    try:
-        from peft import LoraConfig, inject_adapter_in_model
-    except ImportError:
-        raise ValueError("lora_r: LoRA needs peft (`pip install peft`), which is not installed") from None
-    targets = [t.strip() for t in config.lora_target_modules.split(",") if t.strip()]
-    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=targets)
+    lora = lora_config(config)
+    from peft import inject_adapter_in_model
+
     value.backbone = inject_adapter_in_model(lora, value.backbone)
     for name, p in value.backbone.named_parameters():
         p.requires_grad_("lora_" in name)

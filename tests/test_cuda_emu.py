@@ -28,7 +28,14 @@ from remax_kernels.ops.sampling import parse_options
 from tests.helpers import assert_rel_close
 from tests.helpers import cuda_emu as emu
 from tests.helpers.ref_logprobs import ref_token_logprobs
-from tests.helpers.ref_sampling import assert_tokens_match, ref_logprobs, ref_processed, ref_tokens
+from tests.helpers.ref_sampling import (
+    SAMPLING_CASES,
+    assert_tokens_match,
+    ref_logprobs,
+    ref_processed,
+    ref_tokens,
+    sampling_options,
+)
 
 pytestmark = [
     pytest.mark.skipif(emu.compiler() is None, reason="no host C++ compiler to build the CUDA emulation"),
@@ -212,29 +219,11 @@ def _check(logits, greedy, tokens, logprobs, opts, *, seed, step, mode="processe
                      name=f"logprobs ({mode})")
 
 
-OPTIONS = {
-    "plain": dict(),
-    "temperature": dict(temperature=0.6),
-    "top_k": dict(top_k=7),
-    "top_p": dict(top_p=0.75),
-    "min_p": dict(min_p=0.08),
-    "combined": dict(temperature=1.3, top_k=20, top_p=0.9, min_p=0.02),
-    "per_row": None,
-}
+OPTIONS = SAMPLING_CASES
 
 
 def _options(name, batch, vocab, greedy):
-    if name != "per_row":
-        return dict(OPTIONS[name])
-    g = torch.Generator().manual_seed(batch + vocab)
-    temperature = torch.rand(batch, generator=g) * 1.5 + 0.3
-    temperature[greedy] = 0.0
-    top_k = torch.randint(0, vocab + 3, (batch,), generator=g)
-    top_k[0] = 0
-    top_p = torch.rand(batch, generator=g) * 0.9 + 0.05
-    top_p[1] = 1.0
-    min_p = torch.rand(batch, generator=g) * 0.2
-    return dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    return sampling_options(name, batch, vocab, greedy, "cpu")
 
 
 @pytest.mark.parametrize("config", [1, 2])

@@ -26,42 +26,25 @@ from remax_kernels import fused_linear_sample_and_greedy, sample_and_greedy
 from remax_kernels.ops.sampling import _gumbel_noise_torch, _philox4x32_torch
 from tests.helpers import assert_rel_close
 from tests.helpers.ref_sampling import (
+    SAMPLING_CASES,
     assert_tokens_match,
     ref_gumbel,
     ref_logprobs,
     ref_philox4x32_10,
     ref_processed,
     ref_tokens,
+    sampling_options,
 )
 
 BACKENDS = ["triton", "torch"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 CHI2_REJECT_P = 1e-3
 
-CONFIGS = {
-    "plain": dict(),
-    "temperature": dict(temperature=0.6),
-    "top_k": dict(top_k=7),
-    "top_p": dict(top_p=0.75),
-    "min_p": dict(min_p=0.08),
-    "combined": dict(temperature=1.3, top_k=20, top_p=0.9, min_p=0.02),
-    "per_row": None,  # per-row tensors, built in _options
-}
+CONFIGS = SAMPLING_CASES
 
 
 def _options(config: str, batch: int, vocab: int, greedy: torch.Tensor, device) -> dict:
-    if config != "per_row":
-        return dict(CONFIGS[config])
-    g = torch.Generator().manual_seed(batch * 1000 + vocab)
-    temperature = torch.rand(batch, generator=g) * 1.5 + 0.3
-    temperature[greedy.cpu()] = 0.0  # greedy rows may have T = 0
-    top_k = torch.randint(0, vocab + 3, (batch,), generator=g)
-    top_k[0] = 0
-    top_p = torch.rand(batch, generator=g) * 0.9 + 0.05
-    top_p[1] = 1.0
-    min_p = torch.rand(batch, generator=g) * 0.2
-    min_p[2] = 0.0
-    return {k: v.to(device) for k, v in dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p).items()}
+    return sampling_options(config, batch, vocab, greedy, device)
 
 
 def _logits(batch, vocab, dtype, device, scale=2.0, seed=0):

@@ -135,3 +135,33 @@ def assert_tokens_match(tokens, expected, scores, *, rtol: float = 1e-5, name: s
             f"{name}: row {b}: got {int(tokens[b])} (score {s_tok!r}), expected {int(expected[b])} (score {s_exp!r})"
         )
     return len(diff)
+
+
+# Sampling-option cases shared by the Triton/torch and the CUDA-emulation tests: scalar options, and "per_row" for
+# per-row tensors (built by ``sampling_options``).
+SAMPLING_CASES = {
+    "plain": dict(),
+    "temperature": dict(temperature=0.6),
+    "top_k": dict(top_k=7),
+    "top_p": dict(top_p=0.75),
+    "min_p": dict(min_p=0.08),
+    "combined": dict(temperature=1.3, top_k=20, top_p=0.9, min_p=0.02),
+    "per_row": None,
+}
+
+
+def sampling_options(name: str, batch: int, vocab: int, greedy: torch.Tensor, device) -> dict:
+    """The options of case ``name``; for "per_row", seeded per-row tensors on ``device`` with each option off in
+    some row (top_k 0 in row 0, top_p 1 in row 1, min_p 0 in row 2) and T = 0 at the greedy rows."""
+    if name != "per_row":
+        return dict(SAMPLING_CASES[name])
+    g = torch.Generator().manual_seed(batch * 1000 + vocab)
+    temperature = torch.rand(batch, generator=g) * 1.5 + 0.3
+    temperature[greedy.cpu()] = 0.0  # greedy rows may have T = 0
+    top_k = torch.randint(0, vocab + 3, (batch,), generator=g)
+    top_k[0] = 0
+    top_p = torch.rand(batch, generator=g) * 0.9 + 0.05
+    top_p[1] = 1.0
+    min_p = torch.rand(batch, generator=g) * 0.2
+    min_p[2] = 0.0
+    return {k: v.to(device) for k, v in dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p).items()}
