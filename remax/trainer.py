@@ -494,14 +494,12 @@ class Trainer:
         """Per-micro-batch loss multipliers so the summed gradients equal the global (mini-)batch's (see
         loss_agg_mode; ``mode`` overrides it: the value loss is always a token mean). ``micro``: row indices.
 
-        token-mean: tokens_m / tokens_global; seq-mean-*: rows_m / rows_global; seq-mean-token-sum-norm divides by
-        a constant, so its micro-batch losses simply add up. FSDP2 averages gradients over ranks, hence the
-        ``world_size`` factor.
+        token-mean: tokens_m / tokens_global; every seq-mean-* mode (seq-mean-token-sum-norm too: a mean over rows
+        of token sums / norm): rows_m / rows_global. FSDP2 averages gradients over ranks, hence the ``world_size``
+        factor.
         """
         mode = mode or self.config.loss_agg_mode
         world = self.info.world_size
-        if mode == "seq-mean-token-sum-norm":
-            return [float(world)] * len(micro)
         counts = [float(response_mask[idx].sum()) if mode == "token-mean" else float(len(idx)) for idx in micro]
         total = float(all_reduce_sum(torch.tensor([sum(counts)], dtype=torch.float64), self.info)[0])
         return [world * c / max(total, 1.0) for c in counts]
