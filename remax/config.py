@@ -28,12 +28,12 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from remax_kernels.advantages import KL_MODES
 from remax_kernels.losses import KL_ESTIMATORS, LOSS_AGG_MODES, LossOptions
 
 ESTIMATORS = ("remax", "reinforce", "rloo", "grpo", "ppo")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 KL_PENALTIES = ("reward", "loss")
-KL_MODES = ("sum", "one-step")
 ROLLOUT_CORRECTIONS = ("none", "tis")
 DEVICES = ("auto", "cpu", "cuda")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
@@ -79,13 +79,11 @@ class TaskConfig:
         for name in ("digits", "train_size", "sft_batch_size", "hidden_size", "layers", "heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"task.{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("kv_heads", "intermediate_size", "vocab_size"):
+        for name in ("sft_steps", "kv_heads", "intermediate_size", "vocab_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"task.{name}: must be >= 0, got {getattr(self, name)}")
         if self.kv_heads and self.heads % self.kv_heads:
             raise ValueError(f"task.kv_heads: {self.kv_heads} does not divide task.heads {self.heads}")
-        if self.sft_steps < 0:
-            raise ValueError(f"task.sft_steps: must be >= 0, got {self.sft_steps}")
         if not self.sft_lr > 0:
             raise ValueError(f"task.sft_lr: must be > 0, got {self.sft_lr}")
         if not 0 <= self.demo_error_rate <= 1:
@@ -263,13 +261,13 @@ class TrainConfig:
         _check_choices(self)
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
-        for name in ("steps", "batch_size", "grad_accum", "max_prompt_length", "eval_size", "eval_batch_size",
-                     "keep_checkpoints"):
+        for name in ("steps", "batch_size", "grad_accum", "ppo_epochs", "max_prompt_length", "eval_size",
+                     "eval_batch_size", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.save_every < -1:
             raise ValueError(f"save_every: must be >= -1, got {self.save_every}")
-        for name in ("cpu_threads", "rollout_batch_size", "warmup_steps", "lr_decay_steps",
+        for name in ("cpu_threads", "rollout_batch_size", "ppo_mini_batch_size", "warmup_steps", "lr_decay_steps",
                      "eval_every", "top_k", "lora_r", "log_samples"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
@@ -285,20 +283,13 @@ class TrainConfig:
             raise ValueError(f"gamma: must be in (0, 1], got {self.gamma}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
-        if self.clip_reward is not None and not self.clip_reward > 0:
-            raise ValueError(f"clip_reward: must be > 0 or unset, got {self.clip_reward}")
+        for name in ("clip_reward", "critic_lr", "value_clip"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ValueError(f"{name}: must be > 0 or unset, got {getattr(self, name)}")
         if not 0 < self.tis_cap < float("inf"):
             raise ValueError(f"tis_cap: must be a finite number > 0, got {self.tis_cap}")
-        if self.critic_lr is not None and not self.critic_lr > 0:
-            raise ValueError(f"critic_lr: must be > 0 or unset, got {self.critic_lr}")
-        if self.value_clip is not None and not self.value_clip > 0:
-            raise ValueError(f"value_clip: must be > 0 or unset, got {self.value_clip}")
         if not 0 <= self.gae_lambda <= 1:
             raise ValueError(f"gae_lambda: must be in [0, 1], got {self.gae_lambda}")
-        if self.ppo_epochs < 1:
-            raise ValueError(f"ppo_epochs: must be >= 1, got {self.ppo_epochs}")
-        if self.ppo_mini_batch_size < 0:
-            raise ValueError(f"ppo_mini_batch_size: must be >= 0, got {self.ppo_mini_batch_size}")
         if self.estimator == "ppo":
             if self.batch_size % self.mini_batch_rows:
                 raise ValueError(f"ppo_mini_batch_size: {self.ppo_mini_batch_size} does not divide batch_size "
