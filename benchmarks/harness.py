@@ -28,7 +28,6 @@ import platform
 import re
 import statistics
 import time
-import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -252,17 +251,6 @@ class FamilySkipped(Exception):
     """Raised by a family that cannot run here (e.g. transformers missing); the message is the reason."""
 
 
-PLACEHOLDER_REASON = "op not implemented yet (placeholder raises NotImplementedError)"
-
-
-def is_placeholder_error(exc: BaseException) -> bool:
-    """True for the ``NotImplementedError`` of an op that has not landed yet (raised inside remax_kernels)."""
-    if not isinstance(exc, NotImplementedError):
-        return False
-    frames = traceback.extract_tb(exc.__traceback__)
-    return bool(frames) and "remax_kernels" in frames[-1].filename
-
-
 def _error_record(exc: BaseException, s: Settings) -> dict:
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         free_memory(s)
@@ -382,9 +370,9 @@ def compare(record: dict, ceilings: dict, *, bytes_moved: int | None, flops: int
 def run_case(s: Settings, ceilings: dict, spec: CaseSpec) -> dict:
     """Build the case, measure every provider in turn; return the case record (a JSON-ready dict).
 
-    A placeholder op (``NotImplementedError`` raised in remax_kernels by ours) propagates, so the runner skips the
-    family; so does :class:`FamilySkipped` from the build. Any other failure, ours or a baseline's (out of memory
-    included), is recorded in the case as ``{"error": ...}``; a provider that cannot run here as ``{"skipped": ...}``.
+    :class:`FamilySkipped` from the build propagates, so the runner skips the family. A failure of a call, ours or a
+    baseline's (out of memory included), is recorded in the case as ``{"error": ...}``; a provider that cannot run
+    here as ``{"skipped": ...}``.
     """
     free_memory(s)
     case = build_case(spec, s)
@@ -398,8 +386,6 @@ def run_case(s: Settings, ceilings: dict, spec: CaseSpec) -> dict:
             try:
                 entries[label] = measure(call, s, **case.time_kw)
             except Exception as exc:
-                if label == "ours" and is_placeholder_error(exc):
-                    raise
                 entries[label] = _error_record(exc, s)
             if case.provider_extra is not None and "ms" in entries[label]:
                 for key, value in case.provider_extra(label, entries[label]).items():

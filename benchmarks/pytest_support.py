@@ -220,12 +220,7 @@ class BenchSession:
             self.ceilings = hz.measure_ceilings(s)
         benchmark.group = spec.name
         hz.free_memory(s)
-        try:
-            reps = hz.warm_up(call, s, **case.time_kw)
-        except Exception as exc:
-            if hz.is_placeholder_error(exc):
-                pytest.skip(hz.PLACEHOLDER_REASON)
-            raise
+        reps = hz.warm_up(call, s, **case.time_kw)
         if benchmark.disabled:  # --benchmark-disable: pytest-benchmark calls the target once, untimed
             benchmark.pedantic(call)
             return

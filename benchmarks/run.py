@@ -62,11 +62,8 @@ def run_benchmarks(
         except hz.FamilySkipped as exc:
             entry.update(status="skipped", reason=str(exc), cases=[])
         except Exception as exc:
-            if hz.is_placeholder_error(exc):
-                entry.update(status="skipped", reason=hz.PLACEHOLDER_REASON, cases=[])
-            else:
-                entry.update(status="error", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
-                log(entry["traceback"])
+            entry.update(status="error", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+            log(entry["traceback"])
         entry["seconds"] = time.perf_counter() - start
         if entry["status"] != "ok":
             log(f"  {entry['status'].upper()}: {entry.get('reason') or entry.get('error')}")
