@@ -220,14 +220,17 @@ def _contiguous_layout(layout: tuple[int, int, int], vocab_size: int) -> tuple[i
     return t1, t1 * vocab_size, vocab_size
 
 
+def _needs_copy(logits: torch.Tensor) -> bool:
+    """Host-side metadata only: True when the kernels cannot address the rows of ``logits`` in place."""
+    return _row_layout(logits) is None or (logits.stride(-1) != 1 and logits.shape[-1] > 1)
+
+
 def _readable_rows(logits: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """``logits`` itself and its row layout, or (only when no two-stride layout exists or the last dimension is
     not contiguous) a contiguous copy and its layout."""
-    layout = _row_layout(logits)
-    if (logits.stride(-1) != 1 and logits.shape[-1] > 1) or layout is None:
+    if _needs_copy(logits):
         logits = logits.contiguous()
-        layout = _row_layout(logits)
-    return logits, layout
+    return logits, _row_layout(logits)
 
 
 def row_launch_config(vocab_size: int) -> tuple[int, int]:
@@ -273,18 +276,19 @@ def row_backward(
     """d(sum grad_logp * logp + grad_entropy * entropy) / d logits, in the logits' dtype, from the forward's
     ``row_max``/``log_norm``/``entropy``. ``inplace=True`` writes it over ``logits`` itself (each block is read
     before it is overwritten) and returns ``logits``; else a new tensor shaped like ``logits``, contiguous."""
+    if inplace:
+        grad, grad_layout = logits, layout
+    else:
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        grad_layout = _contiguous_layout(layout, logits.shape[-1])
     if impl == "cuda":
-        if inplace:
-            out, out_layout = logits, layout
-        else:
-            out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-            out_layout = _contiguous_layout(layout, logits.shape[-1])
         return _cuda.row_logprobs_backward(logits, targets, row_max, log_norm, entropy, grad_logp, grad_entropy,
-                                           1.0 / temperature, ignore_index, out, layout=layout,
-                                           out_layout=out_layout)
+                                           1.0 / temperature, ignore_index, grad, layout=layout,
+                                           out_layout=grad_layout)
     backward = _triton_backward if impl == "triton" else _torch_backward
-    return backward(logits, layout, targets, row_max, log_norm, entropy, grad_logp, grad_entropy, temperature,
-                    ignore_index, inplace)
+    backward(logits, layout, targets, row_max, log_norm, entropy, grad_logp, grad_entropy, temperature, ignore_index,
+             grad, grad_layout)
+    return grad
 
 
 def _triton_forward(logits, layout, targets, temperature, ignore_index, need_entropy):
@@ -304,15 +308,10 @@ def _triton_forward(logits, layout, targets, temperature, ignore_index, need_ent
 
 
 def _triton_backward(logits, layout, targets, row_max, log_norm, entropy, grad_logp, grad_entropy, temperature,
-                     ignore_index, inplace):
+                     ignore_index, grad, grad_layout):
     n, vocab_size = targets.numel(), logits.shape[-1]
-    if inplace:
-        grad, grad_layout = logits, layout
-    else:
-        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        grad_layout = _contiguous_layout(layout, vocab_size)
     if n == 0:
-        return grad
+        return
     block_v, num_warps = row_launch_config(vocab_size)
     t1, s0, s1 = layout
     g_t1, g_s0, g_s1 = grad_layout
@@ -324,7 +323,6 @@ def _triton_backward(logits, layout, targets, row_max, log_norm, entropy, grad_l
         BLOCK_V=block_v, HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENTROPY=grad_entropy is not None,
         num_warps=num_warps,
     )
-    return grad
 
 
 def _row_chunks(logits: torch.Tensor, layout: tuple[int, int, int], chunk_rows: int):
@@ -371,12 +369,7 @@ def _torch_forward(logits, layout, targets, temperature, ignore_index, need_entr
 
 
 def _torch_backward(logits, layout, targets, row_max, log_norm, entropy, grad_logp, grad_entropy, temperature,
-                    ignore_index, inplace):
-    if inplace:
-        grad, grad_layout = logits, layout
-    else:
-        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        grad_layout = _contiguous_layout(layout, logits.shape[-1])
+                    ignore_index, grad, grad_layout):
     chunk_rows = _torch_chunk_rows(logits.shape[-1])
     # Both generators walk the rows in the same order and chunk sizes, so the chunk pairs line up; in the in-place
     # case each chunk is read (and upcast to fp32) before the same rows are overwritten.
@@ -391,17 +384,11 @@ def _torch_backward(logits, layout, targets, row_max, log_norm, entropy, grad_lo
             temperature, ignore_index,
         )
         grad_view.copy_(g.view(grad_view.shape))
-    return grad
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # torch.library ops: one forward op, two backward ops (new buffer / in place), autograd wiring
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _needs_copy(logits: torch.Tensor) -> bool:
-    """Host-side metadata only: True when the kernels cannot address the rows of ``logits`` in place."""
-    return _row_layout(logits) is None or (logits.stride(-1) != 1 and logits.shape[-1] > 1)
 
 
 def _forward_impl(logits, targets, temperature, ignore_index, need_entropy, backend):
