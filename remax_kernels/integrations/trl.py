@@ -774,18 +774,17 @@ class ReMaxTrainer(GRPOTrainer):
             self._metrics[mode]["kl"].append(_global_token_mean(self, local_kl, n_tokens))
         per_token = token_kl is not None or self.args.gamma != 1.0
         zero = torch.zeros_like(sampled_reward)
+        scored = torch.where(scorable, sampled_reward, zero), torch.where(scorable, greedy_reward, zero)
         advantages = remax_advantages(
-            torch.where(scorable, sampled_reward, zero), torch.where(scorable, greedy_reward, zero),
-            response_mask=mask if per_token else None, token_kl=token_kl,
+            *scored, response_mask=mask if per_token else None, token_kl=token_kl,
             kl_coef=self.beta if token_kl is not None else 0.0, gamma=self.args.gamma,
             clip_reward=self.args.clip_reward, kl_mode=self.args.kl_mode, whiten=self.args.whiten_advantages,
         )
         # A pair with an unscorable completion (every reward function returned None) carries no signal.
         output["advantages"] = advantages * (scorable if advantages.dim() == 1 else scorable[:, None])
 
-        score = torch.where(scorable, sampled_reward - greedy_reward, zero)
-        if self.args.clip_reward is not None:
-            score = score.clamp(-self.args.clip_reward, self.args.clip_reward)
+        # The logged advantage: the per-sequence score, clip(r(sampled) - r(greedy)), before any shaping.
+        score = remax_advantages(*scored, clip_reward=self.args.clip_reward)
         all_score = self.accelerator.gather(score)
         all_scorable = self.accelerator.gather(scorable)
         self._metrics[mode]["remax/reward_sampled"].append(self.accelerator.gather(sampled_reward).nanmean().item())
