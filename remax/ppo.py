@@ -27,9 +27,7 @@ from torch import nn
 
 from remax.distributed import DistInfo, all_reduce_sum
 from remax.model import lora_config
-
-# verl's masked_whiten adds this inside the rsqrt.
-_WHITEN_EPS = 1e-8
+from remax_kernels.advantages import _WHITEN_EPS  # verl's masked_whiten epsilon, as the library's whiten uses
 
 
 class ValueModel(nn.Module):
@@ -66,14 +64,14 @@ class ValueModel(nn.Module):
 
 
 def _backbone_of(policy: nn.Module) -> nn.Module:
-    get = getattr(policy, "get_decoder", None)
-    body = get() if callable(get) else None
-    if not isinstance(body, nn.Module) or body is policy:
-        body = getattr(policy, "base_model", None)
-    if not isinstance(body, nn.Module) or body is policy:
+    """The policy's transformer body, found as the fused log-probs find it (``remax_kernels.hf``)."""
+    from remax_kernels.hf import _backbone
+
+    try:
+        return _backbone(policy)
+    except (TypeError, ValueError):
         raise ValueError(f"policy: cannot find the backbone of {type(policy).__name__} to copy as the value model; "
-                         "give value_model: DIR")
-    return body
+                         "give value_model: DIR") from None
 
 
 def _zero_head(hidden_size: int) -> nn.Linear:
