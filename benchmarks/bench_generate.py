@@ -40,6 +40,12 @@ def case_name(batch: int, new_tokens: int) -> str:
     return f"generate_pairs B={batch} new_tokens={new_tokens}"
 
 
+def rollout_shape(shapes: dict) -> dict:
+    """A rollout case's recorded shape (this family's and the trainer's): batch, prompt lengths, new tokens, model."""
+    return {"B": shapes["B"], "prompt_len": list(shapes["prompt"]), "new_tokens": shapes["new_tokens"],
+            "model": "Qwen2 from config", **shapes["model"]}
+
+
 def build_model(config_kwargs: dict, s: hz.Settings):
     """A randomly initialised Qwen2 causal LM on the benchmark device, in the benchmark dtype, eval mode."""
     transformers = bl.optional_import("transformers")
@@ -100,9 +106,8 @@ def specs(size: str) -> list[hz.CaseSpec]:
     shapes = SHAPES[size]
     return [hz.CaseSpec(
         family=FAMILY, size=size, name=case_name(shapes["B"], shapes["new_tokens"]), op="generate_pairs",
-        mode="rollout", shape={"B": shapes["B"], "prompt_len": list(shapes["prompt"]),
-                               "new_tokens": shapes["new_tokens"], "model": "Qwen2 from config", **shapes["model"]},
-        providers=tuple(PROVIDERS), build=functools.partial(_build, shapes=shapes),
+        mode="rollout", shape=rollout_shape(shapes), providers=tuple(PROVIDERS),
+        build=functools.partial(_build, shapes=shapes),
     )]
 
 

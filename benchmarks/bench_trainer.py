@@ -31,10 +31,7 @@ from remax.trainer import Trainer
 from remax_kernels.hf import position_ids_from_attention_mask
 
 FAMILY = "trainer"
-SHAPES = {
-    "full": {"model": bench_generate.FULL["model"], "B": 32, "prompt": (64, 128), "new_tokens": 256},
-    "smoke": {"model": bench_generate.SMOKE["model"], "B": 2, "prompt": (3, 5), "new_tokens": 3},
-}
+SHAPES = bench_generate.SHAPES  # the generate family's rollout, inside a whole step
 # Token ids 0-2 are special; the rest are "t<id>", so a response decodes to text and back without loss.
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 N_PROMPTS = 256
@@ -166,9 +163,8 @@ def specs(size: str) -> list[hz.CaseSpec]:
     shapes = SHAPES[size]
     return [hz.CaseSpec(
         family=FAMILY, size=size, name=case_name(shapes["B"], shapes["new_tokens"]), op="remax.Trainer.train_step",
-        mode="rl_step", shape={"B": shapes["B"], "prompt_len": list(shapes["prompt"]),
-                               "new_tokens": shapes["new_tokens"], "model": "Qwen2 from config", **shapes["model"]},
-        providers=tuple(PROVIDERS), build=functools.partial(_build, shapes=shapes),
+        mode="rl_step", shape=bench_generate.rollout_shape(shapes), providers=tuple(PROVIDERS),
+        build=functools.partial(_build, shapes=shapes),
     )]
 
 
