@@ -2,8 +2,9 @@
 
 Each is the plain eager torch composition an RLHF trainer uses today (materialized logits upcast to fp32,
 ``log_softmax`` + ``gather``; ``softmax`` + sort-based top-p + ``multinomial``; two ``model.generate`` calls).
-The second baseline is ``torch.compile`` of the same function (:func:`compiled`). Liger-Kernel and
-cut-cross-entropy are measured when importable (:func:`optional_import`), and skipped with a reason otherwise.
+The second baseline is ``torch.compile`` of the same function (:func:`compiled`). The cuBLAS GEMMs of an lm-head op
+are its floor (:func:`lm_head_gemms`). Liger-Kernel and cut-cross-entropy are measured when importable
+(:func:`optional_import`), and skipped with a reason otherwise.
 
 These are NOT the test references (those are float64 and live in ``tests/helpers``): they are the fast paths users
 would otherwise run, in the precision they would run them.
@@ -107,6 +108,50 @@ def hf_generate_twice(
     sampled = model.generate(**common, do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
     greedy = model.generate(**common, do_sample=False)
     return sampled, greedy
+
+
+def lm_head_gemms(hidden: torch.Tensor, weight: torch.Tensor, *, logits_gemms: int) -> Callable[[], tuple]:
+    """The cuBLAS floor of an lm-head op with gradients, as a zero-argument call: ``logits_gemms`` GEMMs of the
+    ``[N, V]`` logits (1, or 2 when a backward recomputes them), then grad_hidden and grad_weight from a random
+    ``[N, V]`` gradient; hidden ``[N, H]``, weight ``[V, H]``, in the weight's dtype.
+
+    The ``[N, V]`` buffers are allocated at the first (warm-up) call, after every other entry of the case has been
+    measured, so they never count in another entry's peak memory.
+    """
+    h, w = hidden.detach(), weight.detach()
+    buffers: dict[str, torch.Tensor] = {}
+
+    def gemms():
+        if not buffers:
+            buffers["logits"] = torch.empty(h.shape[0], w.shape[0], device=w.device, dtype=w.dtype)
+            buffers["grad_logits"] = torch.randn(h.shape[0], w.shape[0], device=w.device, dtype=w.dtype)
+        for _ in range(logits_gemms):
+            torch.mm(h, w.T, out=buffers["logits"])
+        return buffers["grad_logits"] @ w, buffers["grad_logits"].T @ h
+
+    return gemms
+
+
+def liger_fused_linear_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          wrt: tuple[torch.Tensor, ...]) -> Callable[[], tuple] | str:
+    """Liger-Kernel's fused linear cross-entropy (chunked, gradients in its forward) on hidden ``[N, H]``, weight
+    ``[V, H]`` and targets ``[N]`` (-100 ignored), summed, with the gradients of ``wrt``; the skip reason when Liger
+    is not importable."""
+    liger = optional_import("liger_kernel.transformers")
+    if isinstance(liger, str):
+        return liger
+    loss = liger.LigerFusedLinearCrossEntropyLoss(reduction="sum", ignore_index=-100)
+    return lambda: torch.autograd.grad(loss(weight, hidden, targets), wrt)
+
+
+def cut_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                      wrt: tuple[torch.Tensor, ...]) -> Callable[[], tuple] | str:
+    """Apple's cut-cross-entropy (tiles with ``tl.dot``, gradient filtering) on the same inputs as
+    :func:`liger_fused_linear_ce`; the skip reason when it is not importable."""
+    cce = optional_import("cut_cross_entropy")
+    if isinstance(cce, str):
+        return cce
+    return lambda: torch.autograd.grad(cce.linear_cross_entropy(hidden, weight, targets, reduction="sum"), wrt)
 
 
 def compiled(fn: Callable, backend: str) -> Callable:

@@ -83,7 +83,7 @@ def _token_liger(s: hz.Settings, x: TokenInputs):
 def _token_cuda_rows(s: hz.Settings, x: TokenInputs):
     """The CUDA row kernel of csrc/ alone (remax_kernels._cuda launchers, no autograd): forward, or forward then
     backward into a new gradient buffer."""
-    if reason := hz.cuda_only(s) or (None if _cuda.available() else f"remax_kernels._C not built ({_cuda.BUILD_HINT})"):
+    if reason := hz.cuda_extension_only(s):
         return reason
     logits = x.logits.detach()
     if not x.backward:
@@ -110,46 +110,21 @@ TOKEN_PROVIDERS: dict[str, hz.ProviderFactory] = {
 }
 
 
-def _linear_liger(s: hz.Settings, x: LinearInputs):
-    liger = bl.optional_import("liger_kernel.transformers")
-    if isinstance(liger, str):
-        return liger
-    if not x.backward:
-        return "fused cross-entropy losses are compared in fwd+bwd"
-    loss = liger.LigerFusedLinearCrossEntropyLoss(reduction="sum")
-    return lambda: torch.autograd.grad(loss(x.weight, x.hidden, x.targets), (x.hidden, x.weight))
+def _fwd_bwd_only(peer):
+    """A fused cross-entropy peer (gradients in its forward): compared in fwd+bwd only."""
+    def factory(s: hz.Settings, x: LinearInputs):
+        if not x.backward:
+            return "fused cross-entropy losses are compared in fwd+bwd"
+        return peer(x.hidden, x.weight, x.targets, (x.hidden, x.weight))
 
-
-def _linear_cce(s: hz.Settings, x: LinearInputs):
-    cce = bl.optional_import("cut_cross_entropy")
-    if isinstance(cce, str):
-        return cce
-    if not x.backward:
-        return "fused cross-entropy losses are compared in fwd+bwd"
-    return lambda: torch.autograd.grad(cce.linear_cross_entropy(x.hidden, x.weight, x.targets, reduction="sum"),
-                                       (x.hidden, x.weight))
+    return factory
 
 
 def _four_matmuls(s: hz.Settings, x: LinearInputs):
-    """cuBLAS lower bound of a recomputing fused backward: logits twice, grad_hidden, grad_weight.
-
-    Its ``[N, V]`` buffers are allocated at its first (warm-up) call, after every other entry of the case has been
-    measured, so they never count in another entry's peak memory.
-    """
+    """cuBLAS lower bound of a recomputing fused backward: logits twice, grad_hidden, grad_weight."""
     if not x.backward:
         return "the four-matmul bound is for fwd+bwd"
-    buffers: dict[str, torch.Tensor] = {}
-    h, w = x.hidden.detach(), x.weight.detach()
-
-    def four_matmuls():
-        if not buffers:
-            buffers["logits"] = torch.empty(h.shape[0], w.shape[0], device=s.device, dtype=s.dtype)
-            buffers["grad_logits"] = torch.randn(h.shape[0], w.shape[0], device=s.device, dtype=s.dtype)
-        torch.mm(h, w.T, out=buffers["logits"])
-        torch.mm(h, w.T, out=buffers["logits"])
-        return buffers["grad_logits"] @ w, buffers["grad_logits"].T @ h
-
-    return four_matmuls
+    return bl.lm_head_gemms(x.hidden, x.weight, logits_gemms=2)
 
 
 # The columns of the fused_linear_logprobs cases, "ours" first, in measuring order (see hz.ProviderFactory).
@@ -157,8 +132,8 @@ LINEAR_PROVIDERS: dict[str, hz.ProviderFactory] = {
     "ours": lambda s, x: x.runner(lambda h, w, t: rk.fused_linear_logprobs(h, w, t, backend=s.backend)),
     "eager": lambda s, x: x.runner(bl.eager_fused_linear_logprobs),
     "compile": lambda s, x: x.runner(bl.compiled(bl.eager_fused_linear_logprobs, s.compile_backend)),
-    "liger": _linear_liger,
-    "cce": _linear_cce,
+    "liger": _fwd_bwd_only(bl.liger_fused_linear_ce),
+    "cut_cross_entropy": _fwd_bwd_only(bl.cut_cross_entropy),
     "cublas_4mm": _four_matmuls,
 }
 

@@ -61,47 +61,20 @@ def _logprobs_only(s: hz.Settings, x: Inputs):
     return logprobs_only
 
 
-def _flat_ce_inputs(x: Inputs):
-    """The peers' cross-entropy inputs: flattened rows, the non-response tokens ignored (-100), as ours skips them."""
-    return (x.hidden.view(-1, x.hidden.shape[-1]), x.targets.masked_fill(~x.response_mask, -100).reshape(-1))
+def _flat_ce_peer(peer):
+    """A fused cross-entropy peer (Liger, cut-cross-entropy: the same GEMM work as our loss) on the flattened rows,
+    the non-response tokens ignored (-100), as ours skips them."""
+    def factory(s: hz.Settings, x: Inputs):
+        targets = x.targets.masked_fill(~x.response_mask, -100).reshape(-1)
+        return peer(x.hidden.view(-1, x.hidden.shape[-1]), x.weight, targets, (x.hidden, x.weight))
 
-
-def _liger(s: hz.Settings, x: Inputs):
-    """Liger's fused linear cross-entropy (chunked, gradients in the forward): the same GEMM work as our loss."""
-    liger = bl.optional_import("liger_kernel.transformers")
-    if isinstance(liger, str):
-        return liger
-    loss = liger.LigerFusedLinearCrossEntropyLoss(reduction="sum", ignore_index=-100)
-    hidden, targets = _flat_ce_inputs(x)
-    return lambda: torch.autograd.grad(loss(x.weight, hidden, targets), (x.hidden, x.weight))
-
-
-def _cce(s: hz.Settings, x: Inputs):
-    """Apple's cut-cross-entropy (tiles with tl.dot, gradient filtering) on the same rows."""
-    cce = bl.optional_import("cut_cross_entropy")
-    if isinstance(cce, str):
-        return cce
-    hidden, targets = _flat_ce_inputs(x)
-    return lambda: torch.autograd.grad(cce.linear_cross_entropy(hidden, x.weight, targets, reduction="sum"),
-                                       (x.hidden, x.weight))
+    return factory
 
 
 def _three_matmuls(s: hz.Settings, x: Inputs):
     """The floor: the three ``N*H*V`` cuBLAS GEMMs any loss with gradients needs (logits, grad_hidden, grad_weight),
-    over ALL rows with materialized ``[N, V]`` buffers (allocated at the first call, after the other entries ran)."""
-    if hz.cuda_only(s):
-        return hz.cuda_only(s)
-    buffers: dict[str, torch.Tensor] = {}
-    h, w = x.hidden.detach().view(-1, x.hidden.shape[-1]), x.weight.detach()
-
-    def three_matmuls():
-        if not buffers:
-            buffers["logits"] = torch.empty(h.shape[0], w.shape[0], device=s.device, dtype=s.dtype)
-            buffers["grad_logits"] = torch.randn(h.shape[0], w.shape[0], device=s.device, dtype=s.dtype)
-        torch.mm(h, w.T, out=buffers["logits"])
-        return buffers["grad_logits"] @ w, buffers["grad_logits"].T @ h
-
-    return three_matmuls
+    over ALL rows."""
+    return hz.cuda_only(s) or bl.lm_head_gemms(x.hidden.view(-1, x.hidden.shape[-1]), x.weight, logits_gemms=1)
 
 
 # The columns of every case, "ours" first, in measuring order (see hz.ProviderFactory).
@@ -110,8 +83,8 @@ PROVIDERS: dict[str, hz.ProviderFactory] = {
     "eager": lambda s, x: x.loss_runner(bl.eager_remax_loss),
     "compile": lambda s, x: x.loss_runner(bl.compiled(bl.eager_remax_loss, s.compile_backend)),
     "fused_linear_logprobs": _logprobs_only,
-    "liger": _liger,
-    "cut_cross_entropy": _cce,
+    "liger": _flat_ce_peer(bl.liger_fused_linear_ce),
+    "cut_cross_entropy": _flat_ce_peer(bl.cut_cross_entropy),
     "cublas_3mm": _three_matmuls,
 }
 

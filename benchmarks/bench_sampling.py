@@ -18,7 +18,6 @@ import torch
 import remax_kernels as rk
 from benchmarks import baselines as bl
 from benchmarks import harness as hz
-from remax_kernels import _cuda
 
 FAMILY = "sampling"
 SHAPES = {
@@ -47,7 +46,7 @@ def _compiled(s: hz.Settings, x: Inputs):
 
 def _ours_cuda(s: hz.Settings, x: Inputs):
     """The CUDA kernel of csrc/ (backend="cuda"), when the extension is built."""
-    if reason := hz.cuda_only(s) or (None if _cuda.available() else f"remax_kernels._C not built ({_cuda.BUILD_HINT})"):
+    if reason := hz.cuda_extension_only(s):
         return reason
     return lambda: rk.sample_and_greedy(x.logits, x.greedy_mask, temperature=1.0, top_p=x.top_p, seed=0, step=0,
                                         backend="cuda")

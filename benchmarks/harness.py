@@ -329,6 +329,13 @@ def cuda_only(s: Settings) -> str | None:
     return None if s.cuda else "CUDA only"
 
 
+def cuda_extension_only(s: Settings) -> str | None:
+    """The skip reason of a provider that runs the CUDA kernels of csrc/ (a CUDA device and the built extension)."""
+    from remax_kernels import _cuda
+
+    return cuda_only(s) or (None if _cuda.available() else f"remax_kernels._C not built ({_cuda.BUILD_HINT})")
+
+
 def build_case(spec: CaseSpec, s: Settings) -> Case:
     """``spec.build(s)``, checked: the built calls carry exactly the spec's provider labels, in its order."""
     case = spec.build(s)

@@ -33,9 +33,9 @@ from benchmarks import results as rs
 PLOTS_DIR = Path(__file__).resolve().parent / "results" / "plots"
 GiB = 2**30
 # One color per provider across all figures; our own options in lighter shades of ours.
-COLORS = {"ours": "#1f4e9c", "eager": "#7f7f7f", "compile": "#ff7f0e", "liger": "#2ca02c", "cce": "#9467bd",
-          "cublas_4mm": "#222222", "hf_generate_x2": "#7f7f7f", "eager_logits_loss": "#7f7f7f",
-          "fused_linear_logprobs": "#17becf"}
+COLORS = {"ours": "#1f4e9c", "eager": "#7f7f7f", "compile": "#ff7f0e", "liger": "#2ca02c",
+          "cut_cross_entropy": "#9467bd", "cublas_4mm": "#222222", "cublas_3mm": "#222222",
+          "hf_generate_x2": "#7f7f7f", "eager_logits_loss": "#7f7f7f", "fused_linear_logprobs": "#17becf"}
 OUR_OPTION_COLORS = ["#6a9fe0", "#a9c8f0", "#3b76c4"]
 OTHER_COLORS = ["#d62728", "#8c564b", "#e377c2", "#bcbd22", "#17becf"]
 LOG_SPAN = 20.0  # a panel switches to a log scale when its largest bar is this many times its smallest
