@@ -1,5 +1,6 @@
-// Shared device helpers of remax-kernels' CUDA kernels: element conversions, the 16-byte-vector row walk, warp
-// reductions, Philox4x32-10 and the Gumbel transform of the package's random stream.
+// Shared helpers of remax-kernels' CUDA kernels: element conversions, the 16-byte-vector row walk, warp reductions,
+// Philox4x32-10 and the Gumbel transform of the package's random stream; on the host, the DType -> element type map
+// and the kernel launch.
 //
 // Includes only CUDA's own headers. Built with -DREMAX_KERNELS_EMU, the same source compiles with a host C++20
 // compiler against csrc/emu/cuda_emu.h and runs on the CPU (see csrc/README.md).
@@ -16,6 +17,8 @@
 #endif
 
 #include <cstdint>
+
+#include "launch.h"
 
 #define RK_DEVICE __device__ __forceinline__
 
@@ -66,6 +69,34 @@ RK_DEVICE __half from_float<__half>(float x) {
 template <>
 RK_DEVICE __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
+}
+
+// Calls f(ElementType<T>{}) with T the element type `dtype` names (float, __half, __nv_bfloat16) and returns its
+// cudaError_t; cudaErrorInvalidValue for an unknown dtype.
+template <typename T>
+struct ElementType {
+  using type = T;
+};
+template <typename F>
+cudaError_t with_element_type(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return f(ElementType<float>{});
+    case DType::kFloat16:
+      return f(ElementType<__half>{});
+    case DType::kBFloat16:
+      return f(ElementType<__nv_bfloat16>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+// kernel<<<n_blocks, threads, 0, stream>>>(p) and its launch error; nothing is launched for an empty grid (no rows).
+template <typename Params>
+cudaError_t launch_kernel(void (*kernel)(Params), int64_t n_blocks, int threads, const Params& p,
+                          cudaStream_t stream) {
+  if (n_blocks == 0) return cudaSuccess;
+  RK_LAUNCH(kernel, dim3(unsigned(n_blocks)), dim3(threads), stream, p);
+  return cudaGetLastError();
 }
 
 // N elements of T in one 16-byte load/store.

@@ -200,41 +200,27 @@ __global__ void __launch_bounds__(BLOCK) backward_kernel(const RowLogprobsBwdPar
   }
 }
 
-// Launch with an explicit configuration (the emulation tests drive small ones; csrc/row_logprobs.cu picks).
+// Launch with an explicit configuration (the emulation tests drive small ones; `run` below picks for the GPU).
 template <typename T, int BLOCK, int ROW_THREADS>
-cudaError_t launch_forward(const RowLogprobsFwdParams& p, cudaStream_t stream) {
-  if (p.n_rows == 0) return cudaSuccess;
+cudaError_t launch(const RowLogprobsFwdParams& p, cudaStream_t stream) {
   constexpr int ROWS = BLOCK / ROW_THREADS;
-  const dim3 grid(unsigned((p.n_rows + ROWS - 1) / ROWS));
-  auto kernel = forward_kernel<T, BLOCK, ROW_THREADS>;
-  RK_LAUNCH(kernel, grid, dim3(BLOCK), stream, p);
-  return cudaGetLastError();
+  return launch_kernel(forward_kernel<T, BLOCK, ROW_THREADS>, (p.n_rows + ROWS - 1) / ROWS, BLOCK, p, stream);
 }
 
 template <typename T, int BLOCK, int ROW_THREADS>
-cudaError_t launch_backward(const RowLogprobsBwdParams& p, cudaStream_t stream) {
-  if (p.n_rows == 0) return cudaSuccess;
+cudaError_t launch(const RowLogprobsBwdParams& p, cudaStream_t stream) {
   constexpr int ROWS = BLOCK / ROW_THREADS;
-  const dim3 grid(unsigned((p.n_rows + ROWS - 1) / ROWS));
-  auto kernel = backward_kernel<T, BLOCK, ROW_THREADS>;
-  RK_LAUNCH(kernel, grid, dim3(BLOCK), stream, p);
-  return cudaGetLastError();
+  return launch_kernel(backward_kernel<T, BLOCK, ROW_THREADS>, (p.n_rows + ROWS - 1) / ROWS, BLOCK, p, stream);
 }
 
-// The configuration for a vocabulary: a warp per row up to 1024 entries (8 rows per 256-thread block), a 256-thread
-// block per row up to 16384, else 512 threads (for V = 128k bf16: 32 16-byte loads per thread per row).
-template <typename T>
-cudaError_t forward(const RowLogprobsFwdParams& p, cudaStream_t stream) {
-  if (p.vocab <= 1024) return launch_forward<T, 256, 32>(p, stream);
-  if (p.vocab <= 16384) return launch_forward<T, 256, 256>(p, stream);
-  return launch_forward<T, 512, 512>(p, stream);
-}
-
-template <typename T>
-cudaError_t backward(const RowLogprobsBwdParams& p, cudaStream_t stream) {
-  if (p.vocab <= 1024) return launch_backward<T, 256, 32>(p, stream);
-  if (p.vocab <= 16384) return launch_backward<T, 256, 256>(p, stream);
-  return launch_backward<T, 512, 512>(p, stream);
+// The configuration for a vocabulary, forward and backward alike: a warp per row up to 1024 entries (8 rows per
+// 256-thread block), a 256-thread block per row up to 16384, else 512 threads (for V = 128k bf16: 32 16-byte loads
+// per thread per row).
+template <typename T, typename Params>
+cudaError_t run(const Params& p, cudaStream_t stream) {
+  if (p.vocab <= 1024) return launch<T, 256, 32>(p, stream);
+  if (p.vocab <= 16384) return launch<T, 256, 256>(p, stream);
+  return launch<T, 512, 512>(p, stream);
 }
 
 }  // namespace row_logprobs

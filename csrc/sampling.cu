@@ -4,15 +4,7 @@
 namespace remax {
 
 cudaError_t sample_and_greedy(DType dtype, const SampleParams& p, cudaStream_t stream) {
-  switch (dtype) {
-    case DType::kFloat32:
-      return sampling::run<float>(p, stream);
-    case DType::kFloat16:
-      return sampling::run<__half>(p, stream);
-    case DType::kBFloat16:
-      return sampling::run<__nv_bfloat16>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_element_type(dtype, [&](auto t) { return sampling::run<typename decltype(t)::type>(p, stream); });
 }
 
 }  // namespace remax

@@ -615,10 +615,7 @@ __global__ void __launch_bounds__(BLOCK, 1) sample_kernel(const SampleParams p) 
 
 template <typename T, int BLOCK, int NB, int CAP>
 cudaError_t launch(const SampleParams& p, cudaStream_t stream) {
-  if (p.batch == 0) return cudaSuccess;
-  auto kernel = sample_kernel<T, BLOCK, NB, CAP>;
-  RK_LAUNCH(kernel, dim3(unsigned(p.batch)), dim3(BLOCK), stream, p);
-  return cudaGetLastError();
+  return launch_kernel(sample_kernel<T, BLOCK, NB, CAP>, p.batch, BLOCK, p, stream);
 }
 
 // 512 threads per row, NB = 1024 value bins, CAP = 4096 list entries (12 KiB + 32 KiB of shared memory). At small
