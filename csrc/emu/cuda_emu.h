@@ -2,8 +2,8 @@
 // (csrc/*.cuh) compiles with g++ (-std=c++20 -DREMAX_KERNELS_EMU) and runs on a machine without a GPU.
 //
 // Execution model: a launch runs its blocks one after another; the threads of a block are std::threads that run
-// concurrently (created once per launch and reused for every block). __syncthreads() is a real barrier over the block's threads; warp shuffles/ballots exchange values
-// through a per-warp buffer between two barriers over the warp's 32 threads (so every lane must reach them, as the
+// concurrently (created once per launch and reused for every block). __syncthreads() is a real barrier over the
+// block's threads; warp shuffles/ballots exchange values through a per-warp buffer between two barriers over the warp's 32 threads (so every lane must reach them, as the
 // *_sync intrinsics require with a full mask); shared-memory atomics are real atomics. `__shared__` variables
 // become function-local statics: one instance per kernel instantiation, shared by the threads of the (single)
 // running block, as in CUDA.
@@ -14,13 +14,11 @@
 // libm functions used here. Pointers are host pointers: there is no device/host distinction.
 #pragma once
 
-#include <algorithm>
 #include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <functional>
 #include <memory>
 #include <stdexcept>
 #include <thread>
@@ -32,7 +30,6 @@
 // ---------------------------------------------------------------------------------------------------------------------
 #define __global__
 #define __device__
-#define __host__
 #define __forceinline__ inline
 #define __noinline__ __attribute__((noinline))
 #define __restrict__ __restrict
@@ -43,20 +40,12 @@ struct dim3 {
   unsigned x = 1, y = 1, z = 1;
   constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
-struct uint4 {
-  unsigned x, y, z, w;
-};
 
 using cudaStream_t = void*;
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidConfiguration = 9 };
-inline const char* cudaGetErrorString(cudaError_t e) {
-  return e == cudaSuccess ? "no error" : (e == cudaErrorInvalidValue ? "invalid value" : "invalid configuration");
-}
 
 inline thread_local dim3 threadIdx;
 inline thread_local dim3 blockIdx;
-inline thread_local dim3 blockDim;
-inline thread_local dim3 gridDim;
 
 namespace emu {
 
@@ -105,8 +94,6 @@ cudaError_t launch(Kernel kernel, dim3 grid, dim3 block, Args... args) {
   for (unsigned t = 0; t < block.x; ++t) {
     threads.emplace_back([&, t] {
       threadIdx = dim3(t);
-      blockDim = block;
-      gridDim = grid;
       tls_block = &blk;
       for (unsigned b = 0; b < grid.x; ++b) {
         blockIdx = dim3(b);
@@ -141,10 +128,6 @@ inline unsigned src_xor(unsigned l, int mask, int width) {
   return (s >= base + unsigned(width)) ? l : (s & 31u);
 }
 inline unsigned src_idx(unsigned l, int src, int width) { return (l & ~unsigned(width - 1)) + (unsigned(src) % width); }
-inline unsigned src_down(unsigned l, int delta, int width) {
-  const unsigned base = l & ~unsigned(width - 1);
-  return (l - base + unsigned(delta) < unsigned(width)) ? l + unsigned(delta) : l;
-}
 inline unsigned src_up(unsigned l, int delta, int width) {
   const unsigned base = l & ~unsigned(width - 1);
   return (l - base >= unsigned(delta)) ? l - unsigned(delta) : l;
@@ -161,7 +144,6 @@ inline cudaError_t cudaGetLastError() {
   emu::last_error = cudaSuccess;
   return e;
 }
-inline cudaError_t cudaPeekAtLastError() { return emu::last_error; }
 
 // Kernel launch: RK_LAUNCH(kernel, grid, block, stream, args...) is `kernel<<<grid, block, 0, stream>>>(args...)`.
 #define RK_LAUNCH(kernel, grid, block, stream, ...) ::emu::launch(kernel, grid, block, __VA_ARGS__)
@@ -170,11 +152,6 @@ inline cudaError_t cudaPeekAtLastError() { return emu::last_error; }
 // Synchronization, warp intrinsics, atomics
 // ---------------------------------------------------------------------------------------------------------------------
 inline void __syncthreads() { emu::tls_block->bar.arrive_and_wait(); }
-inline void __syncwarp(unsigned mask = 0xffffffffu) {
-  emu::require_full_mask(mask);
-  emu::warp().bar.arrive_and_wait();
-}
-inline void __threadfence_block() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 
 template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
@@ -185,11 +162,6 @@ template <typename T>
 inline T __shfl_sync(unsigned mask, T v, int src_lane, int width = 32) {
   emu::require_full_mask(mask);
   return emu::exchange(v, emu::src_idx, src_lane, width);
-}
-template <typename T>
-inline T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
-  emu::require_full_mask(mask);
-  return emu::exchange(v, emu::src_down, int(delta), width);
 }
 template <typename T>
 inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
@@ -206,11 +178,7 @@ inline unsigned __ballot_sync(unsigned mask, int pred) {
   for (unsigned l = 0; l < 32; ++l) bits |= unsigned(slot[l] != 0) << l;
   return bits;
 }
-inline int __all_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) == 0xffffffffu; }
-inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) != 0u; }
 
-inline int __popc(unsigned x) { return __builtin_popcount(x); }
-inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
 inline int __ffs(int x) { return __builtin_ffs(x); }
 inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(unsigned(x)); }
 
@@ -219,28 +187,11 @@ inline T atomicAdd(T* address, T val) {
   static_assert(std::is_integral_v<T>, "emu: only integer atomics are emulated");
   return __atomic_fetch_add(address, val, __ATOMIC_RELAXED);
 }
-template <typename T>
-inline T atomicMax(T* address, T val) {
-  T old = __atomic_load_n(address, __ATOMIC_RELAXED);
-  while (old < val && !__atomic_compare_exchange_n(address, &old, val, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
-  }
-  return old;
-}
-template <typename T>
-inline T atomicMin(T* address, T val) {
-  T old = __atomic_load_n(address, __ATOMIC_RELAXED);
-  while (old > val && !__atomic_compare_exchange_n(address, &old, val, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
-  }
-  return old;
-}
 
 // ---------------------------------------------------------------------------------------------------------------------
 // Math and bit intrinsics (libm stands in for the GPU's approximate versions; see the header comment)
 // ---------------------------------------------------------------------------------------------------------------------
 inline float __expf(float x) { return std::exp(x); }
-inline float __logf(float x) { return std::log(x); }
-inline float __fdividef(float a, float b) { return a / b; }
-inline float __fdiv_rn(float a, float b) { return a / b; }
 inline unsigned __umulhi(unsigned a, unsigned b) { return unsigned((uint64_t(a) * uint64_t(b)) >> 32); }
 inline int __float_as_int(float f) {
   int i;
@@ -254,7 +205,6 @@ inline float __int_as_float(int i) {
 }
 inline unsigned __float_as_uint(float f) { return unsigned(__float_as_int(f)); }
 inline float __uint_as_float(unsigned u) { return __int_as_float(int(u)); }
-inline float __uint2float_rn(unsigned u) { return float(u); }
 // expf, logf, fmaxf, fminf: the global libm functions from <cmath>.
 
 // ---------------------------------------------------------------------------------------------------------------------

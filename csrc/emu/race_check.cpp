@@ -8,6 +8,7 @@
 // the sampler without truncation, with every candidate in the shared list, with the threshold bins only, on the
 // key-histogram fallback, with min-p alone, raw log-probs; the row pass forward and backward (in place) on rows off
 // 16-byte boundaries, a block per row and a warp per row.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <random>
