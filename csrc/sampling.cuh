@@ -10,9 +10,11 @@
 // atomics and no inter-block communication; results do not depend on scheduling (see "Determinism").
 //
 // Passes over the row (each a read of V * E bytes; after the first, mostly from L2 for the rows in flight):
-//  * pass 1, always: greedy argmax, max and sum-exp of z (and of x for raw log-probs at T != 1), and, for sampled
-//    rows without truncation, the Gumbel race itself: ONE pass for such rows.
-//  * truncated sampled rows (top-k and/or top-p active; min-p alone is a closed form and needs only the final pass):
+//  * pass 1, always: greedy argmax, max and sum-exp of z (and of x for raw log-probs at T != 1), and, when no row of
+//    the batch truncates (SampleParams::truncate false), the Gumbel race itself: ONE pass for sampled rows.
+//  * sampled rows of a truncating batch without top-k and top-p (min-p alone is a closed form, or no option in this
+//    row): the final pass, the race with the kept-set predicate: 2 passes.
+//  * truncated sampled rows (top-k and/or top-p active):
 //    L1, a histogram of the finite z over NB equal-width value bins below the max (bin 0 holds the max; the range is
 //    capped at kValueRange nats, lower values share the last bin) with counts and masses exp(z - m). The top-k bin
 //    follows from the counts; the top-p bin from the masses, for the unknown top-k survivor mass Z_k bracketed by
@@ -25,11 +27,12 @@
 //    order-preserving int32 keys (NB bins per pass, <= ceil(32 / log2(NB)) passes each), then the final pass.
 //    No sort of the row, ever.
 //  * per element of a sampled row: ~30 integer/FP32 instructions (a quarter Philox4x32-10, the race screen) and
-//    2 MUFU ops (the exp of the sum, one exp of the screen); the two accurate logs of g run only for the few
-//    elements that pass the screen (those that can beat the thread's current winner). A greedy row costs ~8
-//    instructions and 1 MUFU per element. On H100 (132 SMs x 128 lanes x ~1.9 GHz) that is ~1e12 sampled elements/s
-//    against ~1.6e12 bf16 elements/s of bandwidth, so sampled bf16 rows are compute-bound at ~1.6x one read of the
-//    logits, greedy rows and fp32 rows bandwidth-bound (to be measured: benchmarks/, family "sampling").
+//    3 MUFU ops (the exp of the sum, the screen's two nested exps; at T != 1 the IEEE division x / T adds a
+//    reciprocal); the two accurate logs of g run only for the few elements that pass the screen (those that can
+//    beat the thread's current winner). A greedy row costs ~8 instructions and 1 MUFU per element. On H100 (132 SMs
+//    x 128 lanes x ~1.9 GHz; 16 MUFU ops per SM per clock) either limit gives ~1e12 sampled elements/s against
+//    ~1.6e12 bf16 elements/s of bandwidth, so sampled bf16 rows are compute-bound at ~1.6x one read of the logits,
+//    greedy rows and fp32 rows bandwidth-bound (to be measured: benchmarks/, family "sampling").
 //
 // Determinism: masses are summed as 64-bit fixed-point integers (exp(z - m) * 2^S, S = 62 - bitlength(V)), so
 // histogram atomics add exactly in any order; the shared-memory list is sorted by (key, index) before anything is
