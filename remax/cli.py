@@ -220,21 +220,6 @@ def _train_config(args) -> TrainConfig:
     return TrainConfig.from_dict(values, source=args.config or "config").with_task_defaults()
 
 
-def _check_run_dir(config: TrainConfig, run_dir: str) -> None:
-    """Before any heavy work: a fresh run must not overwrite checkpoints; a resume must be able to continue."""
-    from remax.checkpoint import latest_checkpoint, read_trainer_state
-    from remax.trainer import check_resume, run_finished
-
-    path = latest_checkpoint(run_dir)
-    if config.resume is None and path is not None:
-        raise ValueError(f"run_dir: {run_dir} already holds checkpoints; continue it with --resume {run_dir} "
-                         "or choose another run_dir")
-    if config.resume is not None and path is not None:
-        state = read_trainer_state(path)
-        check_resume(state["config"], int(state["step"]), config, run_dir,
-                     finished=run_finished(run_dir, int(state["step"])))
-
-
 def _interrupted_message(run_dir: str) -> str:
     from remax.checkpoint import latest_checkpoint, read_trainer_state
 
@@ -252,7 +237,7 @@ def cmd_train(args) -> dict:
     from remax.distributed import init_distributed, shutdown
     from remax.model import pick_device
     from remax.rewards import RewardError
-    from remax.trainer import Trainer
+    from remax.trainer import Trainer, check_run_dir
 
     config = _setup_errors(lambda: _train_config(args))
     info = init_distributed(_setup_errors(lambda: pick_device(config.device)).type)
@@ -263,7 +248,7 @@ def cmd_train(args) -> dict:
         t0 = time.perf_counter()
 
         def setup():
-            _check_run_dir(config, run_dir)
+            check_run_dir(config, run_dir)
             parts = build_experiment(config, info, run_dir=run_dir)
             warmstart_s = parts.pop("warmstart_s")
             trainer = Trainer(parts.pop("policy"), parts.pop("tokenizer"), parts.pop("reward_fn"), config=config,

@@ -159,6 +159,20 @@ def check_resume(saved: dict, step: int, config: TrainConfig, run_dir: str, *, f
     return [f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items() if k not in ("run_dir", "resume")]
 
 
+def check_run_dir(config: TrainConfig, run_dir: str) -> None:
+    """Before any heavy work: a fresh run must not overwrite checkpoints; a resume must be able to continue
+    (``check_resume``)."""
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        return
+    if config.resume is None:
+        raise ValueError(f"run_dir: {run_dir} already holds checkpoints; continue it with --resume {run_dir} "
+                         "or choose another run_dir")
+    state = read_trainer_state(path)
+    check_resume(state["config"], int(state["step"]), config, run_dir,
+                 finished=run_finished(run_dir, int(state["step"])))
+
+
 def run_finished(run_dir: str, step: int) -> bool:
     """Whether the run in ``run_dir`` completed ``step`` to the end (``summary.json`` is written last)."""
     path = os.path.join(run_dir, "summary.json")
@@ -956,10 +970,9 @@ class Trainer:
 
         self.run_dir = self._setup_run_dir()
         t0 = time.perf_counter()
+        if self.config.resume is None:
+            check_run_dir(self.config, self.run_dir)
         resumed = self.config.resume is not None and self.resume(self.run_dir)
-        if not resumed and latest_checkpoint(self.run_dir) is not None:
-            raise ValueError(f"run_dir: {self.run_dir} already holds checkpoints; continue it with --resume "
-                             f"{self.run_dir} or choose another run_dir")
         if self.config.resume is not None and not resumed:
             self._info(f"{self.run_dir} has no complete checkpoint yet: starting it at step 0")
         start = self.step
