@@ -45,9 +45,7 @@ def triton_available() -> bool:
 
 
 def _requested_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: must be one of {BACKENDS}, got {backend!r}")
-    if backend != "auto":
+    if check_backend(backend) != "auto":
         return backend
     env = os.environ.get(BACKEND_ENV_VAR, "auto").strip().lower() or "auto"
     if env not in BACKENDS:

@@ -66,9 +66,11 @@ def value_checks_enabled(device: torch.device) -> bool:
     return os.environ.get(CHECKS_ENV_VAR, "0").strip().lower() in ("1", "true", "yes", "on")
 
 
-def check_targets(name: str, targets: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+def check_targets(name: str, targets: torch.Tensor, vocab_size: int, ignore_index: int, *,
+                  where: str | None = None) -> None:
     """Every target is in [0, vocab_size) or equals ignore_index. Reads the values: one device sync on CUDA, so
-    callers guard it with ``value_checks_enabled``."""
+    callers guard it with ``value_checks_enabled``. ``where`` names the checked targets in the messages (default:
+    those other than ``ignore_index``)."""
     if targets.numel() == 0:
         return
     valid = targets != ignore_index
@@ -77,10 +79,12 @@ def check_targets(name: str, targets: torch.Tensor, vocab_size: int, ignore_inde
     n_high, n_low = int(bad_high.sum()), int(bad_low.sum())
     if n_high:
         top = int(targets[bad_high].max())
-        raise ValueError(f"{name}: {n_high} values >= vocab size {vocab_size} (max {top})")
+        at = "" if where is None else f" {where}"
+        raise ValueError(f"{name}: {n_high} values >= vocab size {vocab_size}{at} (max {top})")
     if n_low:
         low = int(targets[bad_low].min())
-        raise ValueError(f"{name}: {n_low} negative values other than ignore_index={ignore_index} (min {low})")
+        at = f"other than ignore_index={ignore_index}" if where is None else where
+        raise ValueError(f"{name}: {n_low} negative values {at} (min {low})")
 
 
 def check_attention_mask(attention_mask, input_ids: torch.Tensor) -> None:

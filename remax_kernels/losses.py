@@ -55,6 +55,7 @@ from remax_kernels._validate import (
     check_float,
     check_index,
     check_same_device,
+    check_targets,
     check_temperature,
     check_tensor,
     value_checks_enabled,
@@ -460,14 +461,7 @@ def _fused_loss_op(
     ``[N]`` or ``[0]``, grad_hidden, grad_weight, grad_bias for a unit upstream gradient, ``[0]`` when not needed).
     """
     if value_checks_enabled(hidden.device):
-        vocab = weight.shape[0]
-        on_response = targets != _IGNORE_INDEX
-        n_bad = int(((targets < 0) & on_response).sum())
-        if n_bad:
-            raise ValueError(f"targets: {n_bad} negative values at response tokens")
-        n_high = int(((targets >= vocab) & on_response).sum())
-        if n_high:
-            raise ValueError(f"targets: {n_high} values >= vocab size {vocab} at response tokens")
+        check_targets("targets", targets, weight.shape[0], _IGNORE_INDEX, where="at response tokens")
     options = LossOptions(clip_ratio=None if clip_low is None else (clip_low, clip_high), clip_ratio_c=clip_ratio_c,
                           kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
                           rollout_is_cap=rollout_is_cap)
