@@ -28,7 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # the real compiler, never the interpreter
@@ -45,8 +45,8 @@ from triton.compiler import ASTSource  # noqa: E402
 from remax_kernels.ops import sampling, token_logprobs  # noqa: E402
 
 ARCHS = {"sm_90a": 90, "sm_80": 80}
-DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
-_TORCH = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# Triton's pointer element type names and the torch dtypes they stand for.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # The vocabularies and batch sizes of the benchmarks (benchmarks/README.md), plus a small vocabulary.
 VOCABS = (1000, 32000, 128256, 151936)
 DECODE_BATCHES = (1, 32, 256)
@@ -54,7 +54,7 @@ DECODE_BATCHES = (1, 32, 256)
 
 @dataclass
 class Spec:
-    """One kernel at one launch configuration: the compile inputs and how to label the result."""
+    """One kernel at one launch configuration: the compile inputs, and the dtype its results are labelled with."""
 
     family: str
     kernel: object
@@ -64,7 +64,6 @@ class Spec:
     num_stages: int = 3
     uses_dot: bool = False
     dtype: str = ""
-    label: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -86,17 +85,17 @@ def _signature(kernel, types: dict[str, str]) -> dict[str, str]:
 def token_logprobs_specs() -> list[Spec]:
     specs = []
     configs = sorted({token_logprobs.row_launch_config(v) for v in VOCABS})
-    for (block_v, warps), (dt, ty) in ((c, d) for c in configs for d in DTYPES.items()):
+    for (block_v, warps), dt in itertools.product(configs, DTYPES):
         fwd = _signature(token_logprobs._token_logprobs_fwd_kernel, {
-            "logits_ptr": f"*{ty}", "targets_ptr": "*i64", "logp_ptr": "*fp32", "row_max_ptr": "*fp32",
+            "logits_ptr": f"*{dt}", "targets_ptr": "*i64", "logp_ptr": "*fp32", "row_max_ptr": "*fp32",
             "log_norm_ptr": "*fp32", "entropy_ptr": "*fp32", "V": "i32", "T1": "i32", "stride_0": "i32",
             "stride_1": "i32", "temperature": "fp32", "ignore_index": "i32"})
         for entropy in (False, True):
             specs.append(Spec("token_logprobs", token_logprobs._token_logprobs_fwd_kernel, fwd,
                               {"BLOCK_V": block_v, "COMPUTE_ENTROPY": entropy}, warps, dtype=dt))
         bwd = _signature(token_logprobs._token_logprobs_bwd_kernel, {
-            "logits_ptr": f"*{ty}", "targets_ptr": "*i64", "row_max_ptr": "*fp32", "log_norm_ptr": "*fp32",
-            "entropy_ptr": "*fp32", "grad_logp_ptr": "*fp32", "grad_entropy_ptr": "*fp32", "grad_ptr": f"*{ty}",
+            "logits_ptr": f"*{dt}", "targets_ptr": "*i64", "row_max_ptr": "*fp32", "log_norm_ptr": "*fp32",
+            "entropy_ptr": "*fp32", "grad_logp_ptr": "*fp32", "grad_entropy_ptr": "*fp32", "grad_ptr": f"*{dt}",
             "V": "i32", "T1": "i32", "stride_0": "i32", "stride_1": "i32", "grad_T1": "i32", "grad_stride_0": "i32",
             "grad_stride_1": "i32", "temperature": "fp32", "ignore_index": "i32"})
         for g_logp, g_entropy in ((True, False), (True, True), (False, True)):
@@ -108,28 +107,28 @@ def token_logprobs_specs() -> list[Spec]:
 
 def sampling_specs() -> list[Spec]:
     specs = []
-    for truncate, raw, (dt, ty) in itertools.product((False, True), (False, True), DTYPES.items()):
+    for truncate, raw, dt in itertools.product((False, True), (False, True), DTYPES):
         sig = _signature(sampling._sample_kernel, {
-            "logits_ptr": f"*{ty}", "stride_row": "i32", "greedy_ptr": "*u8", "temp_ptr": "*fp32",
+            "logits_ptr": f"*{dt}", "stride_row": "i32", "greedy_ptr": "*u8", "temp_ptr": "*fp32",
             "top_k_ptr": "*i32", "top_p_ptr": "*fp32", "log_min_p_ptr": "*fp32", "seed_ptr": "*i64",
             "tokens_ptr": "*i64", "logprobs_ptr": "*fp32", "V": "i32", "step_ptr": "*i64"})
         for block_v, search_block_v, warps in sorted({sampling.sample_launch_config("cuda", v) for v in VOCABS}):
             specs.append(Spec("sampling", sampling._sample_kernel, sig, {
                 "KEY_ROW": False, "TRUNCATE": truncate, "RAW": raw, "BLOCK_V": block_v,
                 "SEARCH_BLOCK_V": search_block_v, "NUM_PIVOTS": sampling._NUM_PIVOTS}, warps, dtype=dt))
-    for dt, ty in DTYPES.items():
+    for dt, torch_dtype in DTYPES.items():
         fused_configs = {}
         for batch in DECODE_BATCHES:
-            cfg = sampling.fused_sample_launch_config("cuda", 2 * batch, 151936, 132, getattr(torch, _TORCH[dt]))
+            cfg = sampling.fused_sample_launch_config("cuda", 2 * batch, 151936, 132, torch_dtype)
             fused_configs[tuple(v for k, v in cfg.items() if k not in ("v_per_split", "n_splits"))] = cfg
         for cfg in fused_configs.values():
-            specs.append(_fused_sample_spec(cfg, dt, ty))
+            specs.append(_fused_sample_spec(cfg, dt))
     return specs
 
 
-def _fused_sample_spec(cfg: dict, dt: str, ty: str) -> Spec:
+def _fused_sample_spec(cfg: dict, dt: str) -> Spec:
     sig = _signature(sampling._fused_sample_kernel, {
-        "hidden_ptr": f"*{ty}", "weight_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "temp_ptr": "*fp32",
+        "hidden_ptr": f"*{dt}", "weight_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "temp_ptr": "*fp32",
         "seed_ptr": "*i64", "part_f_ptr": "*fp32", "part_i_ptr": "*i32", "B": "i32", "V": "i32", "H": "i32",
         "stride_hb": "i32", "stride_wv": "i32", "step_ptr": "*i64", "v_per_split": "i32", "n_splits": "i32"})
     return Spec("sampling", sampling._fused_sample_kernel, sig, {
@@ -186,8 +185,7 @@ def compile_one(family: str, index: int, arch: str) -> dict:
     """Compile spec ``index`` of ``family`` for ``arch`` (by name: kernels do not pickle into worker processes)."""
     spec = _specs(family)[index]
     row = {"family": spec.family, "kernel": spec.name, "arch": arch, "dtype": spec.dtype,
-           "config": {**{k: v for k, v in spec.constexprs.items()}, "num_warps": spec.num_warps,
-                      "num_stages": spec.num_stages}}
+           "config": {**spec.constexprs, "num_warps": spec.num_warps, "num_stages": spec.num_stages}}
     pointers = [i for i, ty in enumerate(spec.signature.values()) if ty.startswith("*")]
     src = ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs,
                     attrs={(i,): [["tt.divisibility", 16]] for i in pointers})
