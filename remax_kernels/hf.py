@@ -175,7 +175,7 @@ def causal_lm_logprobs(
         position_ids: optional ``[B, L]``; default ``cumsum(attention_mask) - 1`` (left padding skipped).
         temperature: > 0; log-probs under ``softmax(logits / temperature)``, the distribution sampled from.
         return_entropy: also return the per-token entropy of that distribution.
-        backend: ``"auto"``, ``"triton"`` or ``"torch"`` for the lm-head step (see ``remax_kernels._dispatch``).
+        backend: for the row kernels, as in ``remax_kernels.fused_linear_logprobs``.
 
     Returns:
         float32 log-probs ``[B, L - 1]`` (or ``[B, R]`` with a response mask): entry ``t`` is the log-prob of the

@@ -389,7 +389,8 @@ def policy_loss(
             train-rollout mismatch metrics, and the TIS weights with ``rollout_is_cap``.
         options: a ``LossOptions`` (default: its defaults, the paper's loss).
         **option_overrides: any ``LossOptions`` field by keyword (``clip_ratio``, ``clip_ratio_c``, ``kl_coef``,
-            ``kl_estimator``, ``entropy_coef``, ``loss_agg_mode``, ``loss_agg_norm``), applied over ``options``.
+            ``kl_estimator``, ``entropy_coef``, ``loss_agg_mode``, ``loss_agg_norm``, ``rollout_is_cap``), applied
+            over ``options``.
 
     Returns:
         ``(loss, metrics)``: loss is a float32 0-d tensor (float64 for float64 logprobs); metrics maps names to
@@ -580,7 +581,8 @@ def fused_linear_policy_loss(
             the distribution the tokens were sampled from.
         old_logprobs, ref_logprobs, rollout_logprobs: ``[B, T]``, as in ``policy_loss``.
         options, **option_overrides: the loss options, as in ``policy_loss``.
-        backend: ``"auto"``, ``"triton"`` or ``"torch"`` for the row kernels (see ``remax_kernels._dispatch``).
+        backend: ``"auto"``, ``"triton"``, ``"cuda"`` (the CUDA C++ row kernel) or ``"torch"`` for the row kernels
+            (see ``remax_kernels._dispatch``).
 
     Returns:
         ``(loss, metrics)`` as ``policy_loss``: float32 0-d loss, differentiable w.r.t. ``hidden``, ``weight``
@@ -651,7 +653,7 @@ class ReMaxLoss(nn.Module):
     Args:
         options: a ``LossOptions``; or its fields as keywords (``**option_overrides``).
         temperature: the sampling temperature (> 0).
-        backend: ``"auto"``, ``"triton"`` or ``"torch"`` for the row kernels.
+        backend: for the row kernels, as in ``fused_linear_policy_loss``.
 
     Defaults are the paper's ReMax loss: REINFORCE (no ratio, no clipping), token mean, no KL term, no entropy.
 

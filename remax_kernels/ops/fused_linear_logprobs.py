@@ -27,14 +27,15 @@ Cost model (N valid rows, hidden size H, vocabulary V, compute dtype of s bytes;
 op                                 GEMM-equivalents       memory traffic besides the GEMMs' operands
 =================================  =====================  ==========================================================
 fused_linear_logprobs fwd          1                      write + read of the logits: 2 N V s
-fused_linear_logprobs fwd + bwd    4 (the floor is 3:     fwd + recompute write, read + write in place: 5 N V s,
-                                   logits are recomputed) fp32 grad_W read-modify-write per chunk: 8 V H (chunks-1)
+fused_linear_logprobs fwd + bwd    4 (3 if the logits     fwd + recompute write, read + write in place: 5 N V s;
+                                   were kept; they are    fp32 grad_W zeroed, read + written by each chunk's GEMM,
+                                   recomputed)            cast to the weight's dtype: (8 chunks + 10) V H
 fused_linear_policy_loss fwd+bwd   3 (the floor)          write, read, read + write: 4 N V s; grad_W as above
 =================================  =====================  ==========================================================
 
 At N = 8192, H = 4096, V = 128256, bf16 on an H200 (~790 TFLOP/s bf16 GEMM, ~4.3 TB/s): one GEMM-equivalent is
 8.6 TFLOP = 10.9 ms; the logits are 2.1 GB (0.49 ms per pass). Policy loss: 32.7 ms of GEMMs + ~2 ms of row passes
-+ ~1 ms of grad_W accumulation (2 chunks at the default budget) = ~1.1x the 3-GEMM floor. ``python -m
++ ~3 ms of grad_W traffic (2 chunks at the default budget: 26 V H = 13.7 GB) = ~1.15x the 3-GEMM floor. ``python -m
 benchmarks.model`` prints this table for every benchmark shape.
 
 Peak extra memory (besides inputs and returned gradients): one chunk of logits, ``chunk * V * s`` bytes (1 GiB

@@ -745,7 +745,7 @@ def sample_and_greedy(
     top_p: float | torch.Tensor = 1.0,
     min_p: float | torch.Tensor = 0.0,
     seed: int | torch.Tensor = 0,
-    step: int = 0,
+    step: int | torch.Tensor = 0,
     logprobs: str = "processed",
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -779,8 +779,9 @@ def sample_and_greedy(
 
     Cost (Triton): one program per row. No truncation: ONE pass over the vocabulary. With top-k / top-p: pass 1,
     up to 11 exact multi-pivot search passes per threshold (usually far fewer; no sort), one sampling pass.
-    min-p alone: two passes. Per-row tensor options are range-checked with one device sync per call. The torch
-    path (CPU) sorts each row to find the same thresholds. CUDA (``csrc/sampling.cuh``, one block per row): no
+    min-p alone: two passes. Per-row tensor options are range-checked on CPU tensors, on CUDA only with
+    ``REMAX_KERNELS_CHECKS=1`` (the check reads device memory); no device sync otherwise. The torch path (CPU)
+    sorts each row to find the same thresholds. CUDA (``csrc/sampling.cuh``, one block per row): no
     truncation, one pass; top-k / top-p, a value histogram then one gather of the threshold bins into shared memory
     (3 passes when every candidate fits there, else 4), no sort of the row.
 
@@ -892,7 +893,7 @@ def fused_linear_sample_and_greedy(
     bias: torch.Tensor | None = None,
     temperature: float | torch.Tensor = 1.0,
     seed: int | torch.Tensor = 0,
-    step: int = 0,
+    step: int | torch.Tensor = 0,
     logprobs: str = "processed",
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
