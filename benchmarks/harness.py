@@ -188,7 +188,7 @@ def measure_ceilings(s: Settings) -> dict:
         "copy_ms": copy_t["ms"],
         "copy_gbps": 2 * copy_bytes / copy_t["ms"] / 1e6,
         "matmul_shape": [size, size, size],
-        "matmul_dtype": _dtype_name(mm_dtype),
+        "matmul_dtype": dtype_name(mm_dtype),
         "matmul_ms": mm_t["ms"],
         "matmul_tflops": 2 * size**3 / mm_t["ms"] / 1e9,
     }
@@ -219,7 +219,7 @@ def environment(s: Settings) -> dict:
         "platform": platform.platform(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "smoke": s.smoke,
-        "dtype": _dtype_name(s.dtype),
+        "dtype": dtype_name(s.dtype),
         "backend": s.backend,
         "compile_backend": s.compile_backend,
     }
@@ -243,7 +243,8 @@ def device_slug(env: dict) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
+    """The dtype as result files write it: torch.bfloat16 -> "bfloat16"."""
     return str(dtype).replace("torch.", "")
 
 
@@ -401,7 +402,7 @@ def run_case(s: Settings, ceilings: dict, spec: CaseSpec) -> dict:
         if case.close is not None:
             case.close()
     record: dict[str, Any] = {"name": spec.name, "op": spec.op, "mode": spec.mode,
-                              "shape": {**spec.shape, **case.shape}, "dtype": _dtype_name(s.dtype),
+                              "shape": {**spec.shape, **case.shape}, "dtype": dtype_name(s.dtype),
                               "ours": entries.pop("ours"), "baselines": entries}
     compare(record, ceilings, bytes_moved=case.bytes_moved, flops=case.flops)
     record["inputs_grads_bytes"] = case.inputs_grads_bytes

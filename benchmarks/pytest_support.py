@@ -238,7 +238,7 @@ class BenchSession:
         memory = hz.peak_memory(call, s)
         info = {
             **_describe(spec), "provider": provider, "shape": {**spec.shape, **case.shape},
-            "dtype": str(s.dtype).replace("torch.", ""), "timing": timing, "memory": memory,
+            "dtype": hz.dtype_name(s.dtype), "timing": timing, "memory": memory,
             "work": hz.work_metrics(timing["ms"], self.ceilings, bytes_moved=case.bytes_moved, flops=case.flops),
             "inputs_grads_bytes": case.inputs_grads_bytes, "extra": case.extra,
             "provider_extra": case.provider_extra(provider, timing) if case.provider_extra else {},

@@ -40,13 +40,6 @@ BACKENDS = ["triton", "torch"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 CHI2_REJECT_P = 1e-3
 
-CONFIGS = SAMPLING_CASES
-
-
-def _options(config: str, batch: int, vocab: int, greedy: torch.Tensor, device) -> dict:
-    return sampling_options(config, batch, vocab, greedy, device)
-
-
 def _logits(batch, vocab, dtype, device, scale=2.0, seed=0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(batch, vocab, generator=g) * scale).to(dtype).to(device)
@@ -149,7 +142,7 @@ def test_stream_uses_all_four_philox_words():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("config", list(SAMPLING_CASES))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_matches_reference_stream(backend, config, dtype, device):
     # bf16 logits at this scale carry many exact ties: the value-based tie rules of top-k / top-p get exercised.
@@ -157,7 +150,7 @@ def test_matches_reference_stream(backend, config, dtype, device):
     batch = 8
     logits = _logits(batch, vocab, dtype, device, seed=vocab)
     greedy = torch.tensor([True, False, False, True, False, False, True, False], device=device)
-    opts = _options(config, batch, vocab, greedy, device)
+    opts = sampling_options(config, batch, vocab, greedy, device)
     seed = torch.arange(batch, device=device) * 1_000_003 - 5 if config in ("top_p", "per_row") else 77
     tokens, logprobs = sample_and_greedy(logits, greedy, seed=seed, step=9, backend=backend, **opts)
     _check_against_reference(logits, greedy, tokens, logprobs, opts, seed=seed, step=9)
@@ -509,7 +502,7 @@ def test_large_vocab_cuda(dtype, device):
     batch, vocab = 16, 151936
     logits = _logits(batch, vocab, dtype, device, scale=3.0, seed=3)
     greedy = torch.arange(batch, device=device) % 4 == 0
-    opts = _options("per_row", batch, vocab, greedy, device)
+    opts = sampling_options("per_row", batch, vocab, greedy, device)
     tokens, logprobs = sample_and_greedy(logits, greedy, seed=21, step=100, **opts)
     _check_against_reference(logits, greedy, tokens, logprobs, opts, seed=21, step=100)
 
