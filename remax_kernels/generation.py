@@ -16,8 +16,9 @@ Positions follow Hugging Face ``generate``: ``position_ids = cumsum(attention_ma
 then one more per new token. With ``cache_implementation="static"`` the decode step reads a preallocated
 ``StaticCache`` (fixed shapes, no per-step reallocation) and with ``use_cuda_graph=True`` the whole step is
 compiled with ``torch.compile(mode="reduce-overhead", fullgraph=True)`` (CUDA graphs), gpt-fast style. The
-compiled step's shapes are ``(2B, P_bucket + max_new_tokens)``, with prompts left-padded to a multiple of
-``PROMPT_BUCKET`` tokens: batches whose longest prompts fall in the same bucket reuse its graphs.
+compiled step's shapes are ``(2B, P_bucket + max_new_tokens)`` (``B`` rows for ``generate_samples``), with
+prompts left-padded to a multiple of ``PROMPT_BUCKET`` tokens: batches whose longest prompts fall in the same
+bucket reuse its graphs.
 
 Needs transformers >= 4.56 (the ``Cache.layers`` API); tested with 4.57, 5.17 and 5.24. What changed between
 them is picked from the model's ``forward`` signature: the cache keyword (``cache`` since 5.24, ``past_key_values``
@@ -511,7 +512,7 @@ def _decode(
 
     cache = DynamicCache(config=model.config)
     if not hasattr(cache, "layers"):
-        raise RuntimeError("generate_pairs needs transformers >= 4.56 (Cache.layers)")
+        raise RuntimeError("generate_pairs / generate_samples need transformers >= 4.56 (Cache.layers)")
     logits = _last_logits(
         model, fwd, cache, input_ids, mask, position_ids, torch.arange(prompt_length, device=device)
     )
