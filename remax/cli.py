@@ -61,13 +61,6 @@ def _setup_errors(fn):
         raise UsageError(str(err)) from err
 
 
-def _default_run_dir(info, prefix: str = "") -> str:
-    from remax.distributed import broadcast_object
-
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return broadcast_object(os.path.join("runs", f"{prefix}{stamp}"), info)
-
-
 # --- the embedded experiment's warm-start ---------------------------------------------------------------------------
 
 
@@ -105,6 +98,16 @@ def _adopt_warmstart(values: dict) -> dict:
     return merge(values, {"task": identity["task"], "seed": identity["seed"], "eval_size": identity["eval_size"]})
 
 
+def _addition_task(config: TrainConfig) -> dict:
+    """The embedded experiment's data and reward (``remax.data.addition_task``) for ``config``'s task, seed and
+    eval_size: the same prompts at training and at evaluation."""
+    from remax.data import addition_task
+
+    task = config.task
+    return addition_task(digits=task.digits, train_size=task.train_size, eval_size=config.eval_size,
+                         error_rate=task.demo_error_rate, seed=config.seed)
+
+
 def build_experiment(config: TrainConfig, info, *, run_dir: str, adapter_base: str | None = None) -> dict:
     """Policy, tokenizer, reward, prompts (and reference) for ``config``, failing fast on bad inputs; plus
     ``warmstart_s``, the seconds the embedded experiment's warm-start took (0 when reused).
@@ -114,7 +117,7 @@ def build_experiment(config: TrainConfig, info, *, run_dir: str, adapter_base: s
     ``--resume``, so a resumed run's KL reference is the same model; ``--init_from RUN`` starts from another run's.
     ``adapter_base``: the base model of a LoRA adapter given as ``config.model``.
     """
-    from remax.data import addition_task, build_char_tokenizer, load_jsonl_prompts
+    from remax.data import build_char_tokenizer, load_jsonl_prompts
     from remax.distributed import barrier, broadcast_module
     from remax.model import (
         attention_implementation,
@@ -150,8 +153,7 @@ def build_experiment(config: TrainConfig, info, *, run_dir: str, adapter_base: s
 
     task_config = config.task
     tokenizer = build_char_tokenizer()
-    task = addition_task(digits=task_config.digits, train_size=task_config.train_size, eval_size=config.eval_size,
-                         error_rate=task_config.demo_error_rate, seed=config.seed)
+    task = _addition_task(config)
     reward = load_reward(config.reward, device=device, default=task["reward_fn"])
     reward.probe(task["train_prompts"], tokenizer)
     init_dir = os.path.join(run_dir, "initial_policy")
@@ -237,13 +239,13 @@ def cmd_train(args) -> dict:
     from remax.distributed import init_distributed, shutdown
     from remax.model import pick_device
     from remax.rewards import RewardError
-    from remax.trainer import Trainer, check_run_dir
+    from remax.trainer import Trainer, check_run_dir, default_run_dir
 
     config = _setup_errors(lambda: _train_config(args))
     info = init_distributed(_setup_errors(lambda: pick_device(config.device)).type)
     setup_logging(config.log_level, is_main=info.is_main)
     try:
-        run_dir = config.run_dir or _default_run_dir(info)
+        run_dir = config.run_dir or default_run_dir(info)
         config = config.replace(run_dir=run_dir)
         t0 = time.perf_counter()
 
@@ -316,13 +318,10 @@ def cmd_eval(args) -> dict:
         def setup():
             if embedded:
                 # The embedded task's prompts and reward, with the trained policy of the run directory.
-                from remax.data import addition_task
                 from remax.model import attention_implementation, load_causal_lm, load_tokenizer
                 from remax.rewards import load_reward
 
-                task = addition_task(digits=config.task.digits, train_size=config.task.train_size,
-                                     eval_size=config.eval_size, error_rate=config.task.demo_error_rate,
-                                     seed=config.seed)
+                task = _addition_task(config)
                 device = pick_device(config.device)
                 attn = attention_implementation(config.attn_implementation, device)
                 parts = dict(policy=load_causal_lm(config.model, attn_implementation=attn, base=adapter_base),
@@ -393,7 +392,7 @@ def cmd_compare(args) -> dict:
     from remax.distributed import init_distributed, shutdown
     from remax.model import pick_device
     from remax.plotting import plot_compare
-    from remax.trainer import Trainer
+    from remax.trainer import Trainer, default_run_dir
 
     estimators = [e.strip() for e in args.estimators.split(",") if e.strip()]
     bad = [e for e in estimators if e not in ESTIMATORS]
@@ -416,7 +415,7 @@ def cmd_compare(args) -> dict:
     # processes, and the estimators run one after the other in them.
     isolate = not info.enabled
     try:
-        root = os.path.abspath(config.run_dir or _default_run_dir(info, prefix="compare-"))
+        root = os.path.abspath(config.run_dir or default_run_dir(info, prefix="compare-"))
         try:
             parts = _setup_errors(lambda: build_experiment(config, info, run_dir=root))
             parts.pop("warmstart_s")
@@ -524,8 +523,6 @@ def format_compare(summaries: dict) -> str:
 
 def compare_markdown(summaries: dict, config: TrainConfig, *, isolated: bool) -> str:
     """``compare.md``: what ran, the table, the ReMax / PPO targets and what the columns mean."""
-    import datetime
-
     import torch
     import transformers
 

@@ -173,6 +173,12 @@ def check_run_dir(config: TrainConfig, run_dir: str) -> None:
                  finished=run_finished(run_dir, int(state["step"])))
 
 
+def default_run_dir(info: DistInfo, prefix: str = "") -> str:
+    """``runs/<prefix><YYYYmmdd-HHMMSS>`` (relative to the current folder), rank 0's name on every rank."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return broadcast_object(os.path.join("runs", f"{prefix}{stamp}"), info)
+
+
 def run_finished(run_dir: str, step: int) -> bool:
     """Whether the run in ``run_dir`` completed ``step`` to the end (``summary.json`` is written last)."""
     path = os.path.join(run_dir, "summary.json")
@@ -868,11 +874,7 @@ class Trainer:
 
     # --- the loop ---------------------------------------------------------------------------------------------
     def _setup_run_dir(self) -> str:
-        cfg = self.config
-        run_dir = cfg.resume or cfg.run_dir
-        if run_dir is None and self.info.is_main:
-            run_dir = os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-        run_dir = broadcast_object(run_dir, self.info)
+        run_dir = self.config.resume or self.config.run_dir or default_run_dir(self.info)
         if self.info.is_main:
             os.makedirs(run_dir, exist_ok=True)
         barrier(self.info)
