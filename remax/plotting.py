@@ -233,9 +233,9 @@ def plot_compare(run_dirs: dict[str, str], out: str) -> str:
     names, summaries = [], []
     for label, run_dir in run_dirs.items():
         train, evals = read_metrics(run_dir)
-        config = config or read_run_config(run_dir)
-        name = ESTIMATOR_NAMES.get(label, label)
         run_config = read_run_config(run_dir)
+        config = config or run_config
+        name = ESTIMATOR_NAMES.get(label, label)
         short = label
         if label in ("rloo", "grpo") and run_config.get("group_size"):
             name = f"{name}, k = {run_config['group_size']}"
