@@ -31,7 +31,8 @@ from tests.helpers.ref_logprobs import ref_token_logprobs
 from tests.helpers.ref_sampling import (
     SAMPLING_CASES,
     assert_tokens_match,
-    ref_logprobs,
+    check_against_reference,
+    chi_square_pvalue,
     ref_processed,
     ref_tokens,
     sampling_options,
@@ -206,28 +207,8 @@ def _cuda_sample(logits, greedy, *, config, seed=0, step=0, logprobs="processed"
                                  logprobs == "raw", config=config)
 
 
-def _check(logits, greedy, tokens, logprobs, opts, *, seed, step, mode="processed"):
-    """Every token against the float64 reference stream (near-ties allowed, at most one) and its log-prob."""
-    vocab = logits.shape[1]
-    assert tokens.dtype == torch.int64 and ((tokens >= 0) & (tokens < vocab)).all(), tokens.tolist()
-    z, kept = ref_processed(logits, greedy, **opts)
-    expected, scores = ref_tokens(logits, greedy, z, kept, seed=seed, step=step)
-    assert torch.equal(tokens[greedy], expected[greedy]), "greedy rows: the first argmax"
-    assert assert_tokens_match(tokens[~greedy], expected[~greedy], scores[~greedy]) <= 1
-    assert kept.gather(1, tokens[:, None]).all(), "a token outside the kept set"
-    assert_rel_close(logprobs, ref_logprobs(logits, tokens, greedy, z, kept, mode=mode), torch.float32,
-                     name=f"logprobs ({mode})")
-
-
-OPTIONS = SAMPLING_CASES
-
-
-def _options(name, batch, vocab, greedy):
-    return sampling_options(name, batch, vocab, greedy, "cpu")
-
-
 @pytest.mark.parametrize("config", [1, 2])
-@pytest.mark.parametrize("name", list(OPTIONS))
+@pytest.mark.parametrize("name", list(SAMPLING_CASES))
 def test_sampler_matches_reference_stream(name, config):
     # config 1 (64 bins, 256 candidates) in fp32; config 2 (32 bins, 32 candidates: boundary and fallback searches
     # at this size) in bf16, whose many exact ties exercise the tie rules of top-k / top-p.
@@ -235,10 +216,10 @@ def test_sampler_matches_reference_stream(name, config):
     batch = 8
     logits = _logits((batch, vocab), dtype, scale=2.0, seed=vocab)
     greedy = torch.tensor([True, False, False, True, False, False, True, False])
-    opts = _options(name, batch, vocab, greedy)
+    opts = sampling_options(name, batch, vocab, greedy, "cpu")
     seed = torch.arange(batch) * 1_000_003 - 5 if name in ("top_p", "per_row") else 77
     tokens, logprobs = _cuda_sample(logits, greedy, config=config, seed=seed, step=9, **opts)
-    _check(logits, greedy, tokens, logprobs, opts, seed=seed, step=9)
+    check_against_reference(logits, greedy, tokens, logprobs, opts, seed=seed, step=9)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -247,9 +228,9 @@ def test_sampler_production_config(dtype):
     batch, vocab = 4, 1500
     logits = _logits((batch, vocab), dtype, scale=2.0, seed=11)
     greedy = torch.tensor([False, True, False, False])
-    opts = _options("per_row", batch, vocab, greedy)
+    opts = sampling_options("per_row", batch, vocab, greedy, "cpu")
     tokens, logprobs = _cuda_sample(logits, greedy, config=0, seed=torch.arange(batch) + 3, step=2, **opts)
-    _check(logits, greedy, tokens, logprobs, opts, seed=torch.arange(batch) + 3, step=2)
+    check_against_reference(logits, greedy, tokens, logprobs, opts, seed=torch.arange(batch) + 3, step=2)
 
 
 def test_sampler_raw_logprobs_same_tokens():
@@ -260,7 +241,7 @@ def test_sampler_raw_logprobs_same_tokens():
     tok_p, _ = _cuda_sample(logits, greedy, config=1, seed=5, step=2, **opts)
     tok_r, lp_r = _cuda_sample(logits, greedy, config=1, seed=5, step=2, logprobs="raw", **opts)
     assert torch.equal(tok_p, tok_r), "the log-prob mode must not change the tokens"
-    _check(logits, greedy, tok_r, lp_r, opts, seed=5, step=2, mode="raw")
+    check_against_reference(logits, greedy, tok_r, lp_r, opts, seed=5, step=2, mode="raw")
 
 
 @pytest.mark.parametrize("truncate", [False, True])
@@ -289,7 +270,7 @@ def test_sampler_threshold_paths():
         emu.coverage()
         tokens, logprobs = _cuda_sample(logits, greedy, config=2, seed=torch.tensor([3, 4]), step=1, **opts)
         cov = emu.coverage()
-        _check(logits, greedy, tokens, logprobs, opts, seed=torch.tensor([3, 4]), step=1)
+        check_against_reference(logits, greedy, tokens, logprobs, opts, seed=torch.tensor([3, 4]), step=1)
         assert cov[path] == 2, f"expected both rows on {path}: {cov}"
         return cov
 
@@ -325,7 +306,7 @@ def test_sampler_truncation_boundaries_and_ties():
     for config in (2, 3):
         for step in range(3):
             tokens, logprobs = _cuda_sample(logits, greedy, config=config, seed=torch.arange(4), step=step, **opts)
-            _check(logits, greedy, tokens, logprobs, opts, seed=torch.arange(4), step=step)
+            check_against_reference(logits, greedy, tokens, logprobs, opts, seed=torch.arange(4), step=step)
     # greedy ties: the lowest index, also across vector and thread boundaries and at the ragged end
     vocab = 37
     row = _logits((4, vocab), torch.float32, seed=4)
@@ -360,7 +341,8 @@ def test_sampler_invalid_rows_and_masked_tokens(truncate):
     assert tokens[invalid].tolist() == [0] * 4 and torch.isnan(logprobs[invalid]).all()
     valid = torch.tensor([3, 4, 5, 7])
     valid_opts = {k: (v[valid] if torch.is_tensor(v) else v) for k, v in opts.items()}
-    _check(logits[valid], greedy[valid], tokens[valid], logprobs[valid], valid_opts, seed=seeds[valid], step=0)
+    check_against_reference(logits[valid], greedy[valid], tokens[valid], logprobs[valid], valid_opts,
+                            seed=seeds[valid], step=0)
     assert tokens[5].item() == 11 and abs(logprobs[5].item()) < 1e-6
 
 
@@ -380,16 +362,6 @@ def test_sampler_deterministic_and_per_row_seeds():
     assert torch.equal(permuted[0], first[0][perm]) and torch.equal(permuted[1], first[1][perm])
 
 
-def _chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Pearson chi-square over the categories with probs > 0 (all expect >= 5 draws here); returns the p-value."""
-    support = probs > 0
-    expected = counts.sum().double() * probs[support].double()
-    assert (expected >= 5).all(), "test design: every category must expect >= 5 draws"
-    stat = ((counts[support].double() - expected) ** 2 / expected).sum()
-    dof = torch.tensor(float(support.sum() - 1), dtype=torch.float64)
-    return torch.special.gammaincc(dof / 2, stat / 2).item()
-
-
 @pytest.mark.parametrize("opts", [dict(temperature=0.8), dict(temperature=1.3, top_k=5, top_p=0.9)])
 def test_sampler_chi_square(opts):
     # 600 draws (one emulated block each; an int seed gives every row position its own stream) from one row of 6
@@ -402,9 +374,8 @@ def test_sampler_chi_square(opts):
     probs = torch.softmax(torch.where(kept, z, -math.inf), 1)[0]
     counts = torch.bincount(tokens, minlength=row.numel())
     assert counts[~kept[0]].sum() == 0, f"tokens outside the kept set: {counts.tolist()}"
-    pvalue = _chi_square_pvalue(counts, probs)
+    pvalue = chi_square_pvalue(counts, probs)
     assert pvalue >= CHI2_REJECT_P, f"chi-square p-value {pvalue:.2e} < {CHI2_REJECT_P}"
-
 
 
 def test_emulated_kernels_have_no_data_races():

@@ -16,7 +16,13 @@ from remax_kernels import _cuda, sample_and_greedy, token_logprobs
 from remax_kernels.ops.sampling import parse_options
 from tests.helpers import assert_rel_close
 from tests.helpers.ref_logprobs import ref_token_logprobs
-from tests.helpers.ref_sampling import assert_tokens_match, ref_logprobs, ref_processed, ref_tokens
+from tests.helpers.ref_sampling import (
+    assert_tokens_match,
+    check_against_reference,
+    chi_square_pvalue,
+    ref_processed,
+    ref_tokens,
+)
 
 pytestmark = pytest.mark.cuda
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -45,21 +51,6 @@ def _cuda_sample(logits, greedy, *, seed=0, step=0, logprobs="processed", temper
                                    logprobs == "raw")
 
 
-def _check(logits, greedy, tokens, logprobs, opts, *, seed, step, mode="processed"):
-    vocab = logits.shape[1]
-    tokens, greedy, logits = tokens.cpu(), greedy.cpu(), logits.cpu()
-    assert ((tokens >= 0) & (tokens < vocab)).all()
-    cpu_opts = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in opts.items()}
-    z, kept = ref_processed(logits, greedy, **cpu_opts)
-    expected, scores = ref_tokens(logits, greedy, z, kept, seed=seed.cpu() if torch.is_tensor(seed) else seed,
-                                  step=step)
-    assert torch.equal(tokens[greedy], expected[greedy])
-    assert assert_tokens_match(tokens[~greedy], expected[~greedy], scores[~greedy]) <= 1
-    assert kept.gather(1, tokens[:, None]).all()
-    assert_rel_close(logprobs, ref_logprobs(logits, tokens, greedy, z, kept, mode=mode), torch.float32,
-                     name=f"logprobs ({mode})")
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # The decoding step
 # ----------------------------------------------------------------------------------------------------------------------
@@ -76,9 +67,9 @@ def test_sampler_matches_reference_at_full_vocabulary(dtype, vocab):
                 top_k=torch.tensor([0, 50, 0, 1000] * 4).cuda(), top_p=torch.tensor([1.0, 0.9, 0.5, 1.0] * 4).cuda(),
                 min_p=torch.tensor([0.0, 0.0, 0.0, 0.05] * 4).cuda())
     tokens, logprobs = _cuda_sample(logits, greedy, seed=21, step=100, **opts)
-    _check(logits, greedy, tokens, logprobs, opts, seed=21, step=100)
+    check_against_reference(logits, greedy, tokens, logprobs, opts, seed=21, step=100)
     tokens, logprobs = _cuda_sample(logits, greedy, seed=21, step=100, logprobs="raw", **opts)
-    _check(logits, greedy, tokens, logprobs, opts, seed=21, step=100, mode="raw")
+    check_against_reference(logits, greedy, tokens, logprobs, opts, seed=21, step=100, mode="raw")
 
 
 @pytest.mark.parametrize("opts", [dict(), dict(top_p=0.9), dict(top_k=50, top_p=0.95, temperature=0.7)])
@@ -105,7 +96,7 @@ def test_sampler_threshold_paths_at_full_size():
     greedy = torch.zeros(4, dtype=torch.bool).cuda()
     for opts in (dict(top_k=50), dict(top_p=0.9), dict(top_k=100, top_p=0.8), dict(top_p=0.99, min_p=0.001)):
         tokens, logprobs = _cuda_sample(logits, greedy, seed=torch.arange(4).cuda(), step=1, **opts)
-        _check(logits, greedy, tokens, logprobs, opts, seed=torch.arange(4), step=1)
+        check_against_reference(logits, greedy, tokens, logprobs, opts, seed=torch.arange(4), step=1)
 
 
 def test_sampler_is_deterministic_and_rows_are_independent():
@@ -133,11 +124,7 @@ def test_sampler_chi_square_large(opts):
         probs = torch.softmax(torch.where(kept, z, -math.inf), 1)[0]
         counts = torch.bincount(tokens.cpu(), minlength=10)
         assert counts[~kept[0]].sum() == 0
-        support = probs > 0
-        expected = n * probs[support].double()
-        stat = ((counts[support].double() - expected) ** 2 / expected).sum()
-        dof = torch.tensor(float(support.sum() - 1), dtype=torch.float64)
-        pvalue = torch.special.gammaincc(dof / 2, stat / 2).item()
+        pvalue = chi_square_pvalue(counts, probs)
         assert pvalue >= CHI2_REJECT_P, f"step {step}: chi-square p-value {pvalue:.2e}"
 
 

@@ -21,6 +21,8 @@ import math
 import numpy as np
 import torch
 
+from tests.helpers import assert_rel_close
+
 _M32 = np.uint64(0xFFFFFFFF)
 
 
@@ -165,3 +167,49 @@ def sampling_options(name: str, batch: int, vocab: int, greedy: torch.Tensor, de
     min_p = torch.rand(batch, generator=g) * 0.2
     min_p[2] = 0.0
     return {k: v.to(device) for k, v in dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p).items()}
+
+
+def check_against_reference(logits, greedy, tokens, logprobs, opts, *, seed, step, mode: str = "processed"):
+    """Every token and log-prob of one sampling call (any backend, any device) against the float64 reference:
+    greedy rows exactly the first argmax, sampled rows the reference stream's winner up to one float near-tie, every
+    token inside the kept set, log-probs (``mode`` "processed" or "raw") within fp32 tolerance. Returns the
+    reference's ``(z, kept)``."""
+    vocab = logits.shape[1]
+    assert tokens.dtype == torch.int64 and logprobs.dtype == torch.float32
+    assert ((tokens >= 0) & (tokens < vocab)).all(), f"tokens out of range [0, {vocab}): {tokens.tolist()}"
+    ref_opts = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in opts.items()}
+    greedy_cpu = greedy.cpu()
+    z, kept = ref_processed(logits.cpu(), greedy_cpu, **ref_opts)
+    expected, scores = ref_tokens(logits.cpu(), greedy_cpu, z, kept, seed=seed.cpu() if torch.is_tensor(seed) else seed,
+                                  step=step)
+    tokens = tokens.cpu()
+    assert torch.equal(tokens[greedy_cpu], expected[greedy_cpu]), "greedy rows must be the exact first argmax"
+    near_ties = assert_tokens_match(tokens[~greedy_cpu], expected[~greedy_cpu], scores[~greedy_cpu])
+    assert near_ties <= 1, f"{near_ties} near-tie mismatches"
+    assert kept.gather(1, tokens[:, None]).all(), "a token outside the kept set was returned"
+    ref = ref_logprobs(logits.cpu(), tokens, greedy_cpu, z, kept, mode=mode)
+    assert_rel_close(logprobs, ref, torch.float32, name=f"logprobs ({mode})")
+    return z, kept
+
+
+def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson chi-square goodness of fit over the categories with probs > 0; returns the p-value.
+
+    Categories whose expected count is below 5 are pooled (smallest first) until every bin expects >= 5, the usual
+    condition for the chi-square approximation.
+    """
+    n = counts.sum().double()
+    support = (probs > 0).nonzero().flatten()
+    order = support[torch.argsort(probs[support])]
+    expected = (n * probs[order].double()).tolist()
+    observed = counts[order].double().tolist()
+    while len(expected) > 1 and expected[0] < 5:
+        expected[1] += expected.pop(0)
+        observed[1] += observed.pop(0)
+        order_pairs = sorted(zip(expected, observed, strict=True))
+        expected, observed = [e for e, _ in order_pairs], [o for _, o in order_pairs]
+    assert len(expected) >= 2, "test design: need at least two bins"
+    exp_t, obs_t = torch.tensor(expected, dtype=torch.float64), torch.tensor(observed, dtype=torch.float64)
+    stat = ((obs_t - exp_t) ** 2 / exp_t).sum()
+    dof = torch.tensor(float(len(expected) - 1), dtype=torch.float64)
+    return torch.special.gammaincc(dof / 2, stat / 2).item()
