@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from remax_kernels._cuda import row_layout  # the launchers' row addressing, so the emulation runs it too
+
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _FLAGS = ["-std=c++20", "-O2", "-pthread", "-shared", "-fPIC", "-fno-strict-aliasing", "-DREMAX_KERNELS_EMU"]
@@ -123,14 +125,6 @@ def _ptr(t: torch.Tensor | None):
 def _check(rc: int, what: str) -> None:
     if rc != 0:
         raise RuntimeError(f"{what}: emulated launch returned {rc}")
-
-
-def row_layout(logits: torch.Tensor) -> tuple[int, int, int]:
-    """(T1, s0, s1) of a 2-D ``[n, V]`` or 3-D ``[B, T, V]`` view (the kernels' two-stride row addressing)."""
-    if logits.dim() == 2:
-        return logits.shape[0], 0, logits.stride(0)
-    assert logits.dim() == 3, "2-D or 3-D logits"
-    return logits.shape[1], logits.stride(0), logits.stride(1)
 
 
 def row_logprobs_forward(logits, targets, inv_temperature, ignore_index, need_entropy, *, config=0):
