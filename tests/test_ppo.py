@@ -13,13 +13,13 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_trainer import make_trainer, tiny_config
 
 from remax.config import TaskConfig, TrainConfig
 from remax.data import build_char_tokenizer
 from remax.distributed import DistInfo
 from remax.model import build_tiny_llama
 from remax.ppo import ValueModel, clipped_value_loss, gae_advantages, token_rewards, whiten_over_ranks
+from tests.helpers.trainer_setup import make_trainer, tiny_config
 
 
 @pytest.fixture(autouse=True)

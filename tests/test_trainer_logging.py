@@ -11,7 +11,7 @@ import types
 import pytest
 
 from remax.logs import get_logger, setup_logging
-from tests.test_trainer import make_trainer, tiny_config
+from tests.helpers.trainer_setup import make_trainer, tiny_config
 
 
 @pytest.fixture(autouse=True)
