@@ -123,8 +123,9 @@ class TrainConfig:
     group_size: int = _f(4, "rloo/grpo: samples per prompt (batch_size rows = batch_size/group_size prompts)")
     steps: int = _f(1000, "RL optimizer steps (in all: a resume with a larger value continues the run)")
     batch_size: int = _f(64, "rows per RL step over all ranks (remax: prompts, each with a sampled + greedy response)")
-    rollout_batch_size: int = _f(0, "rows per generate_pairs call (bounds generation memory); 0 = the whole per-rank "
-                                    "batch. Each row has its own sampling seed, so results do not depend on it")
+    rollout_batch_size: int = _f(0, "rows per rollout call (generate_pairs; generate_samples for the estimators "
+                                    "other than remax; bounds generation memory); 0 = the whole per-rank batch. "
+                                    "Each row has its own sampling seed, so results do not depend on it")
     grad_accum: int = _f(1, "micro-batches per optimizer step (the per-rank batch, or ppo mini-batch, is split; the "
                             "loss is normalized exactly; under FSDP2 gradients are reduced once, after the last)")
     # --- PPO (estimator: ppo) -----------------------------------------------------------------------------------------
