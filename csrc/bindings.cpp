@@ -137,7 +137,6 @@ std::tuple<Tensor, Tensor> sample_and_greedy(const Tensor& logits, const Tensor&
   const int64_t batch = logits.size(0), vocab = logits.size(1);
   TORCH_CHECK(vocab >= 1 && vocab <= std::numeric_limits<int32_t>::max(), "logits: V must be in [1, 2^31), got ",
               vocab);
-  TORCH_CHECK(logits.stride(1) == 1 || vocab == 1, "logits: the last dimension must be contiguous");
   TORCH_CHECK(logits.stride(0) >= 0, "logits: negative row stride");
   check_layout(logits, batch, batch > 0 ? batch : 1, 0, logits.stride(0), "logits");
   TORCH_CHECK(greedy.scalar_type() == at::kBool || greedy.scalar_type() == at::kByte,
