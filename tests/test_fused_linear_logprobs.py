@@ -273,6 +273,18 @@ def test_empty_batch(shape, backend, device):
     assert torch.equal(weight.grad, torch.zeros_like(weight)) and torch.equal(bias.grad, torch.zeros_like(bias))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_row_ignored_gives_zero_gradients(backend, device):
+    """No chunk runs, so no GEMM writes the (poisoned) weight-gradient buffer: it must still come back zero."""
+    hidden = torch.randn(6, 16, device=device, requires_grad=True)
+    weight = torch.randn(50, 16, device=device, requires_grad=True)
+    targets = torch.full((6,), -100, dtype=torch.int64, device=device)
+    logp = fused_linear_logprobs(hidden, weight, targets, backend=backend)
+    assert torch.equal(logp, torch.zeros_like(logp))
+    (logp * torch.randn_like(logp)).sum().backward()
+    assert torch.equal(weight.grad, torch.zeros_like(weight)) and torch.equal(hidden.grad, torch.zeros_like(hidden))
+
+
 def _bad_inputs():
     h, w, t = torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,))
     meta_bias = torch.empty(10, device="meta")

@@ -28,14 +28,15 @@ op                                 GEMM-equivalents       memory traffic besides
 =================================  =====================  ==========================================================
 fused_linear_logprobs fwd          1                      write + read of the logits: 2 N V s
 fused_linear_logprobs fwd + bwd    4 (3 if the logits     fwd + recompute write, read + write in place: 5 N V s;
-                                   were kept; they are    fp32 grad_W zeroed, read + written by each chunk's GEMM,
-                                   recomputed)            cast to the weight's dtype: (8 chunks + 10) V H
+                                   were kept; they are    fp32 grad_W written by the first chunk's GEMM, read +
+                                   recomputed)            written by each later one, cast to the weight's dtype:
+                                                          (8 chunks + 2) V H
 fused_linear_policy_loss fwd+bwd   3 (the floor)          write, read, read + write: 4 N V s; grad_W as above
 =================================  =====================  ==========================================================
 
 At N = 8192, H = 4096, V = 128256, bf16 on an H200 (~790 TFLOP/s bf16 GEMM, ~4.3 TB/s): one GEMM-equivalent is
 8.6 TFLOP = 10.9 ms; the logits are 2.1 GB (0.49 ms per pass). Policy loss: 32.7 ms of GEMMs + ~2 ms of row passes
-+ ~3 ms of grad_W traffic (2 chunks at the default budget: 26 V H = 13.7 GB) = ~1.15x the 3-GEMM floor. ``python -m
++ ~2.2 ms of grad_W traffic (2 chunks at the default budget: 18 V H = 9.5 GB) = ~1.13x the 3-GEMM floor. ``python -m
 benchmarks.model`` prints this table for every benchmark shape.
 
 Peak extra memory (besides inputs and returned gradients): one chunk of logits, ``chunk * V * s`` bytes (1 GiB
@@ -155,16 +156,21 @@ def _fp32_out_gemm_works(device: torch.device) -> bool:
         return False
 
 
-def _add_product_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` for an fp32 accumulator and operands in the compute dtype, accumulated in fp32."""
+def _add_product_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+    """``acc += a @ b`` (``acc = a @ b`` when ``first``) for an fp32 accumulator and operands in the compute dtype,
+    accumulated in fp32. ``first`` uses ``beta=0``: the GEMM neither reads ``acc`` nor needs it zero-filled."""
+    beta = 0.0 if first else 1.0
     if a.dtype == torch.float32:
-        acc.addmm_(a, b)
+        acc.addmm_(a, b, beta=beta)
     elif a.is_cuda and _fp32_out_gemm_works(a.device):
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    elif a.is_cuda:
-        acc += a @ b  # older torch: the product is rounded to the compute dtype once per chunk
+        torch.addmm(acc, a, b, beta=beta, out_dtype=torch.float32, out=acc)
+    elif a.is_cuda:  # older torch: the product is rounded to the compute dtype once per chunk
+        if first:
+            acc.copy_(a @ b)
+        else:
+            acc += a @ b
     else:
-        acc.addmm_(a.float(), b.float())
+        acc.addmm_(a.float(), b.float(), beta=beta)
 
 
 class LmHead:
@@ -242,10 +248,11 @@ def stream(
     if need_hidden:
         out["grad_hidden"] = torch.zeros(head.hidden.shape, dtype=head.hidden.dtype, device=device)
     if need_weight:
-        out["grad_weight"] = torch.zeros(head.weight.shape, dtype=torch.float32, device=device)
+        out["grad_weight"] = _new_buffer(tuple(head.weight.shape), device)  # the first chunk's GEMM writes it
     if need_bias:
         out["grad_bias"] = torch.zeros(head.weight.shape[0], dtype=torch.float32, device=device)
 
+    first_chunk = True
     for part, rows, hidden_c in head.chunks():
         logits = head.logits(hidden_c)
         layout = (logits.shape[0], 0, logits.shape[1])
@@ -270,9 +277,12 @@ def stream(
         if need_hidden:
             out["grad_hidden"].index_copy_(0, rows, head.grad_hidden(dlogits).to(head.hidden.dtype))
         if need_weight:
-            _add_product_(out["grad_weight"], dlogits.T, hidden_c)
+            _add_product_(out["grad_weight"], dlogits.T, hidden_c, first=first_chunk)
         if need_bias:
             out["grad_bias"] += dlogits.sum(0, dtype=torch.float32)
+        first_chunk = False
+    if need_weight and first_chunk:  # no valid rows: no chunk wrote the weight gradient
+        out["grad_weight"].zero_()
     return out
 
 
