@@ -28,6 +28,8 @@ from tests.helpers import assert_rel_close
 from tests.helpers.ref_sampling import (
     SAMPLING_CASES,
     assert_tokens_match,
+    check_against_reference,
+    chi_square_pvalue,
     ref_gumbel,
     ref_logprobs,
     ref_philox4x32_10,
@@ -45,49 +47,6 @@ def _logits(batch, vocab, dtype, device, scale=2.0, seed=0):
     return (torch.randn(batch, vocab, generator=g) * scale).to(dtype).to(device)
 
 
-def _check_against_reference(logits, greedy, tokens, logprobs, opts, *, seed, step, mode="processed"):
-    """Every token and log-prob against the float64 reference (see the module docstring)."""
-    vocab = logits.shape[1]
-    assert tokens.dtype == torch.int64 and logprobs.dtype == torch.float32
-    assert ((tokens >= 0) & (tokens < vocab)).all(), f"tokens out of range [0, {vocab}): {tokens.tolist()}"
-    ref_opts = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in opts.items()}
-    greedy_cpu = greedy.cpu()
-    z, kept = ref_processed(logits.cpu(), greedy_cpu, **ref_opts)
-    expected, scores = ref_tokens(logits.cpu(), greedy_cpu, z, kept, seed=seed.cpu() if torch.is_tensor(seed) else seed,
-                                  step=step)
-    tokens = tokens.cpu()
-    assert torch.equal(tokens[greedy_cpu], expected[greedy_cpu]), "greedy rows must be the exact first argmax"
-    near_ties = assert_tokens_match(tokens[~greedy_cpu], expected[~greedy_cpu], scores[~greedy_cpu])
-    assert near_ties <= 1, f"{near_ties} near-tie mismatches"
-    assert kept.gather(1, tokens[:, None]).all(), "a token outside the kept set was returned"
-    ref = ref_logprobs(logits.cpu(), tokens, greedy_cpu, z, kept, mode=mode)
-    assert_rel_close(logprobs, ref, torch.float32, name=f"logprobs ({mode})")
-    return z, kept
-
-
-def _chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Pearson chi-square goodness of fit over the categories with probs > 0; returns the p-value.
-
-    Categories whose expected count is below 5 are pooled (smallest first) until every bin expects >= 5, the usual
-    condition for the chi-square approximation.
-    """
-    n = counts.sum().double()
-    support = (probs > 0).nonzero().flatten()
-    order = support[torch.argsort(probs[support])]
-    expected = (n * probs[order].double()).tolist()
-    observed = counts[order].double().tolist()
-    while len(expected) > 1 and expected[0] < 5:
-        expected[1] += expected.pop(0)
-        observed[1] += observed.pop(0)
-        order_pairs = sorted(zip(expected, observed, strict=True))
-        expected, observed = [e for e, _ in order_pairs], [o for _, o in order_pairs]
-    assert len(expected) >= 2, "test design: need at least two bins"
-    exp_t, obs_t = torch.tensor(expected, dtype=torch.float64), torch.tensor(observed, dtype=torch.float64)
-    stat = ((obs_t - exp_t) ** 2 / exp_t).sum()
-    dof = torch.tensor(float(len(expected) - 1), dtype=torch.float64)
-    return torch.special.gammaincc(dof / 2, stat / 2).item()
-
-
 def _draws_fit(backend, device, logits_row, opts, n_draws, *, step=0):
     """n_draws rows with the same logits (int seed: one stream per row position), chi-square against the reference."""
     vocab = logits_row.numel()
@@ -98,7 +57,7 @@ def _draws_fit(backend, device, logits_row, opts, n_draws, *, step=0):
     probs = torch.softmax(torch.where(kept, z, -math.inf), 1)[0]
     counts = torch.bincount(tokens.cpu(), minlength=vocab)
     assert counts[~kept[0]].sum() == 0, f"tokens outside the kept set: {counts.tolist()} kept {kept[0].tolist()}"
-    return _chi_square_pvalue(counts, probs), probs
+    return chi_square_pvalue(counts, probs), probs
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -153,7 +112,7 @@ def test_matches_reference_stream(backend, config, dtype, device):
     opts = sampling_options(config, batch, vocab, greedy, device)
     seed = torch.arange(batch, device=device) * 1_000_003 - 5 if config in ("top_p", "per_row") else 77
     tokens, logprobs = sample_and_greedy(logits, greedy, seed=seed, step=9, backend=backend, **opts)
-    _check_against_reference(logits, greedy, tokens, logprobs, opts, seed=seed, step=9)
+    check_against_reference(logits, greedy, tokens, logprobs, opts, seed=seed, step=9)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -166,7 +125,7 @@ def test_raw_logprobs_same_tokens(backend, dtype, device):
     tok_p, _ = sample_and_greedy(logits, greedy, seed=5, step=2, backend=backend, **opts)
     tok_r, lp_r = sample_and_greedy(logits, greedy, seed=5, step=2, logprobs="raw", backend=backend, **opts)
     assert torch.equal(tok_p, tok_r), "the log-prob mode must not change the tokens"
-    _check_against_reference(logits, greedy, tok_r, lp_r, opts, seed=5, step=2, mode="raw")
+    check_against_reference(logits, greedy, tok_r, lp_r, opts, seed=5, step=2, mode="raw")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -180,7 +139,7 @@ def test_multiblock_vocab(backend, device):
     opts = dict(top_k=torch.tensor([0, 50, 3000], device=device), top_p=torch.tensor([1.0, 0.9, 0.5], device=device))
     tokens, logprobs = sample_and_greedy(logits, greedy, seed=3, step=1, backend=backend, **opts)
     assert tokens[0].item() == 10
-    _check_against_reference(logits, greedy, tokens, logprobs, opts, seed=3, step=1)
+    check_against_reference(logits, greedy, tokens, logprobs, opts, seed=3, step=1)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -210,7 +169,7 @@ def test_truncation_boundaries(backend, device):
     seeds = torch.arange(4, device=device)
     for step in range(3):
         tokens, logprobs = sample_and_greedy(logits, greedy, seed=seeds, step=step, backend=backend, **opts)
-        _check_against_reference(logits, greedy, tokens, logprobs, opts, seed=seeds, step=step)
+        check_against_reference(logits, greedy, tokens, logprobs, opts, seed=seeds, step=step)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -232,7 +191,7 @@ def test_greedy_ties_lowest_index(backend, dtype, device):
     tokens, logprobs = sample_and_greedy(logits, greedy, temperature=0.5, top_k=2, seed=1, backend=backend)
     assert tokens[[0, 1, 2]].tolist() == [3, 0, 35]
     assert tokens[4].item() == int(logits[4].float().argmax())
-    _check_against_reference(logits, greedy, tokens, logprobs, dict(temperature=0.5, top_k=2), seed=1, step=0)
+    check_against_reference(logits, greedy, tokens, logprobs, dict(temperature=0.5, top_k=2), seed=1, step=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -256,7 +215,7 @@ def test_greedy_rows_with_zero_temperature(backend, device):
     greedy = torch.tensor([True, False, True, False], device=device)
     temperature = torch.tensor([0.0, 0.8, 0.5, 1.2], device=device)
     tokens, logprobs = sample_and_greedy(logits, greedy, temperature=temperature, seed=2, backend=backend)
-    _check_against_reference(logits, greedy, tokens, logprobs, dict(temperature=temperature), seed=2, step=0)
+    check_against_reference(logits, greedy, tokens, logprobs, dict(temperature=temperature), seed=2, step=0)
     # T == 0 greedy rows report the raw softmax log-prob (T = 1), T > 0 greedy rows log_softmax(logits / T).
     ref = torch.log_softmax(logits.double().cpu(), 1)[0, tokens[0].item()]
     assert abs(logprobs[0].item() - ref.item()) < 1e-5
@@ -380,7 +339,7 @@ def test_strided_inputs(backend, device):
     dense = sample_and_greedy(logits.contiguous(), greedy.contiguous(), temperature=temperature.contiguous(),
                               top_p=top_p.contiguous(), seed=seeds.contiguous(), backend=backend)
     assert torch.equal(strided[0], dense[0]) and torch.equal(strided[1], dense[1])
-    _check_against_reference(logits, greedy, strided[0], strided[1], dict(temperature=temperature, top_p=top_p),
+    check_against_reference(logits, greedy, strided[0], strided[1], dict(temperature=temperature, top_p=top_p),
                              seed=seeds, step=0)
 
 
@@ -414,7 +373,7 @@ def test_invalid_rows_and_masked_tokens(backend, truncate, device):
     assert torch.isnan(logprobs[invalid]).all()
     valid = torch.tensor([3, 4, 5, 7], device=device)
     valid_opts = {k: (v[valid] if torch.is_tensor(v) else v) for k, v in opts.items()}
-    _check_against_reference(logits[valid], greedy[valid], tokens[valid], logprobs[valid], valid_opts,
+    check_against_reference(logits[valid], greedy[valid], tokens[valid], logprobs[valid], valid_opts,
                              seed=seeds[valid], step=0)
     assert tokens[5].item() == 11 and abs(logprobs[5].item()) < 1e-6
 
@@ -504,7 +463,7 @@ def test_large_vocab_cuda(dtype, device):
     greedy = torch.arange(batch, device=device) % 4 == 0
     opts = sampling_options("per_row", batch, vocab, greedy, device)
     tokens, logprobs = sample_and_greedy(logits, greedy, seed=21, step=100, **opts)
-    _check_against_reference(logits, greedy, tokens, logprobs, opts, seed=21, step=100)
+    check_against_reference(logits, greedy, tokens, logprobs, opts, seed=21, step=100)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
