@@ -9,6 +9,7 @@ inside their ``torch.library`` implementation, so ``torch.compile`` traces the p
 
 from __future__ import annotations
 
+import numbers
 import os
 
 import torch
@@ -66,14 +67,14 @@ def value_checks_enabled(device: torch.device) -> bool:
     return os.environ.get(CHECKS_ENV_VAR, "0").strip().lower() in ("1", "true", "yes", "on")
 
 
-def check_targets(name: str, targets: torch.Tensor, vocab_size: int, ignore_index: int, *,
+def check_targets(name: str, targets: torch.Tensor, vocab_size: int, ignore_index: int | None, *,
                   where: str | None = None) -> None:
-    """Every target is in [0, vocab_size) or equals ignore_index. Reads the values: one device sync on CUDA, so
-    callers guard it with ``value_checks_enabled``. ``where`` names the checked targets in the messages (default:
-    those other than ``ignore_index``)."""
+    """Every target is in [0, vocab_size) or equals ignore_index (None: no exception). Reads the values: one device
+    sync on CUDA, so callers guard it with ``value_checks_enabled``. ``where`` names the checked targets in the
+    messages (default: those other than ``ignore_index``)."""
     if targets.numel() == 0:
         return
-    valid = targets != ignore_index
+    valid = targets != ignore_index if ignore_index is not None else torch.ones_like(targets, dtype=torch.bool)
     bad_high = (targets >= vocab_size) & valid
     bad_low = (targets < 0) & valid
     n_high, n_low = int(bad_high.sum()), int(bad_low.sum())
@@ -83,8 +84,17 @@ def check_targets(name: str, targets: torch.Tensor, vocab_size: int, ignore_inde
         raise ValueError(f"{name}: {n_high} values >= vocab size {vocab_size}{at} (max {top})")
     if n_low:
         low = int(targets[bad_low].min())
-        at = f"other than ignore_index={ignore_index}" if where is None else where
-        raise ValueError(f"{name}: {n_low} negative values {at} (min {low})")
+        at = where if where is not None else "" if ignore_index is None else f"other than ignore_index={ignore_index}"
+        raise ValueError(f"{name}: {n_low} negative values {at} (min {low})".replace("  ", " "))
+
+
+def check_token_ids(name: str, ids: torch.Tensor, model: torch.nn.Module) -> None:
+    """Every id indexes the model's input embeddings (an out-of-range id is a device-side assert on CUDA, an
+    IndexError deep in torch on CPU). Reads the values: guard with ``value_checks_enabled``."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab_size = getattr(embeddings, "num_embeddings", None)
+    if vocab_size is not None:
+        check_targets(name, ids, vocab_size, None, where="(the model's input embeddings)")
 
 
 def check_attention_mask(attention_mask, input_ids: torch.Tensor) -> None:
@@ -100,10 +110,17 @@ def check_attention_mask(attention_mask, input_ids: torch.Tensor) -> None:
         raise ValueError(f"attention_mask: is on {attention_mask.device} but input_ids is on {input_ids.device}")
 
 
-def check_temperature(name: str, temperature) -> float:
-    if isinstance(temperature, torch.Tensor):
+def check_number(name: str, value) -> float:
+    """A Python (or NumPy) real number as a float; tensors are refused (reading one would sync the GPU)."""
+    if isinstance(value, torch.Tensor):
         raise TypeError(f"{name}: expected a Python float here, got a tensor")
-    t = float(temperature)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def check_temperature(name: str, temperature) -> float:
+    t = check_number(name, temperature)
     if not t > 0 or t != t or t == float("inf"):
         raise ValueError(f"{name}: must be a finite number > 0, got {temperature!r}")
     return t

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from remax_kernels._validate import check_float, check_same_device, check_tensor, value_checks_enabled
+from remax_kernels._validate import check_float, check_number, check_same_device, check_tensor, value_checks_enabled
 
 KL_MODES = ("sum", "one-step")
 _REWARD_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -75,8 +75,8 @@ def _shape_and_whiten(
     whiten: bool,
 ) -> torch.Tensor:
     """Spread per-sequence ``score [B]`` over the response tokens (see the module docstring) and optionally whiten."""
-    kl_coef = float(kl_coef)
-    gamma = float(gamma)
+    kl_coef = check_number("kl_coef", kl_coef)
+    gamma = check_number("gamma", gamma)
     if not (kl_coef >= 0 and kl_coef != float("inf")):
         raise ValueError(f"kl_coef: must be a finite number >= 0, got {kl_coef!r}")
     if not 0 < gamma <= 1:
@@ -168,7 +168,7 @@ def _whiten(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
 def _clip_score(score: torch.Tensor, clip_reward: float | None) -> torch.Tensor:
     if clip_reward is None:
         return score
-    clip_reward = float(clip_reward)
+    clip_reward = check_number("clip_reward", clip_reward)
     if not clip_reward > 0:
         raise ValueError(f"clip_reward: must be > 0 or None, got {clip_reward!r}")
     return score.clamp(-clip_reward, clip_reward)
@@ -345,7 +345,7 @@ def grpo_advantages(
     """
     _check_rewards("rewards", rewards)
     k = _check_group_size(group_size, rewards.shape[0])
-    eps = float(eps)
+    eps = check_number("eps", eps)
     if not eps > 0:
         raise ValueError(f"eps: must be > 0, got {eps!r}")
     if not isinstance(scale, bool):

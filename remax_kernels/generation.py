@@ -34,7 +34,13 @@ from dataclasses import dataclass
 
 import torch
 
-from remax_kernels._validate import check_attention_mask, check_index, check_temperature, value_checks_enabled
+from remax_kernels._validate import (
+    check_attention_mask,
+    check_index,
+    check_temperature,
+    check_token_ids,
+    value_checks_enabled,
+)
 from remax_kernels.hf import position_ids_from_attention_mask
 from remax_kernels.ops.sampling import check_sampling_options, parse_options
 
@@ -163,13 +169,14 @@ def _token_ids(name: str, value, default_sources) -> list[int]:
     return list(values)
 
 
-def _check_prompts(input_ids, attention_mask) -> None:
+def _check_prompts(model, input_ids, attention_mask) -> None:
     check_index("input_ids", input_ids)
     if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids: expected a non-empty 2-D tensor [B, P], got shape {tuple(input_ids.shape)}")
     check_attention_mask(attention_mask, input_ids)
     if not value_checks_enabled(input_ids.device):  # the values below read device memory (see _validate)
         return
+    check_token_ids("input_ids", input_ids, model)
     mask = attention_mask.long()
     if bool(((mask != 0) & (mask != 1)).any()):
         raise ValueError("attention_mask: values must be 0 or 1")
@@ -377,7 +384,7 @@ def _rollout(model, input_ids, attention_mask, *, paired, max_new_tokens, temper
     and the alive mask."""
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
         raise TypeError(f"model: expected a Hugging Face causal LM (an nn.Module with a config), got {type(model)}")
-    _check_prompts(input_ids, attention_mask)
+    _check_prompts(model, input_ids, attention_mask)
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
     temperature = check_temperature("temperature", temperature)

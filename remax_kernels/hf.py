@@ -23,7 +23,14 @@ import inspect
 
 import torch
 
-from remax_kernels._validate import check_attention_mask, check_index, check_temperature, check_tensor
+from remax_kernels._validate import (
+    check_attention_mask,
+    check_index,
+    check_temperature,
+    check_tensor,
+    check_token_ids,
+    value_checks_enabled,
+)
 from remax_kernels.losses import _IGNORE_INDEX, LossOptions, fused_linear_policy_loss
 from remax_kernels.ops.fused_linear_logprobs import fused_linear_logprobs
 
@@ -96,11 +103,13 @@ def _lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
     return head.weight, head.bias
 
 
-def _check_sequences(input_ids, attention_mask, position_ids) -> None:
+def _check_sequences(model, input_ids, attention_mask, position_ids) -> None:
     check_index("input_ids", input_ids)
     if input_ids.dim() != 2 or input_ids.shape[1] < 2:
         raise ValueError(f"input_ids: expected [B, L] with L >= 2, got shape {tuple(input_ids.shape)}")
     check_attention_mask(attention_mask, input_ids)
+    if value_checks_enabled(input_ids.device):  # reads the ids (see _validate)
+        check_token_ids("input_ids", input_ids, model)
     if position_ids is not None:
         check_index("position_ids", position_ids)
         if tuple(position_ids.shape) != tuple(input_ids.shape):
@@ -196,7 +205,7 @@ def causal_lm_logprobs(
         >>> logp.shape, logp.dtype
         (torch.Size([2, 4]), torch.float32)
     """
-    _check_sequences(input_ids, attention_mask, position_ids)
+    _check_sequences(model, input_ids, attention_mask, position_ids)
     temperature = check_temperature("temperature", temperature)
     if not isinstance(return_entropy, bool):
         raise TypeError(f"return_entropy: expected a bool, got {type(return_entropy).__name__}")
@@ -261,7 +270,7 @@ def causal_lm_policy_loss(
         )
         loss.backward()
     """
-    _check_sequences(input_ids, attention_mask, position_ids)
+    _check_sequences(model, input_ids, attention_mask, position_ids)
     temperature = check_temperature("temperature", temperature)
     check_tensor("response_mask", response_mask)
     hidden, targets, _, weight, bias, scale = _hidden_and_targets(

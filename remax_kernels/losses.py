@@ -54,6 +54,7 @@ from remax_kernels._dispatch import check_backend
 from remax_kernels._validate import (
     check_float,
     check_index,
+    check_number,
     check_same_device,
     check_targets,
     check_temperature,
@@ -115,17 +116,18 @@ class LossOptions:
             pair = self.clip_ratio if isinstance(self.clip_ratio, (tuple, list)) else (self.clip_ratio,) * 2
             if len(pair) != 2:
                 raise ValueError(f"clip_ratio: expected eps or a pair (low, high), got {self.clip_ratio!r}")
-            low, high = float(pair[0]), float(pair[1])
+            low, high = check_number("clip_ratio", pair[0]), check_number("clip_ratio", pair[1])
             if not (0 < low < 1 and 0 < high < float("inf")):
                 raise ValueError(
                     f"clip_ratio: needs eps in (0, 1) or a pair (low in (0, 1), high > 0), got {self.clip_ratio!r}")
             set_("clip_ratio", (low, high))
         if self.clip_ratio_c is not None:
-            if not float(self.clip_ratio_c) > 1:
+            clip_c = check_number("clip_ratio_c", self.clip_ratio_c)
+            if not clip_c > 1:
                 raise ValueError(f"clip_ratio_c: the dual-clip bound must be > 1, got {self.clip_ratio_c!r}")
-            set_("clip_ratio_c", float(self.clip_ratio_c))
+            set_("clip_ratio_c", clip_c)
         for name in ("kl_coef", "entropy_coef"):
-            value = float(getattr(self, name))
+            value = check_number(name, getattr(self, name))
             if value != value or abs(value) == float("inf"):
                 raise ValueError(f"{name}: must be finite, got {getattr(self, name)!r}")
             set_(name, value)
@@ -141,12 +143,12 @@ class LossOptions:
             if self.loss_agg_mode != "seq-mean-token-sum-norm":
                 raise ValueError(f"loss_agg_norm: only used by loss_agg_mode='seq-mean-token-sum-norm', got mode "
                                  f"{self.loss_agg_mode!r}")
-            norm = float(self.loss_agg_norm)
+            norm = check_number("loss_agg_norm", self.loss_agg_norm)
             if not (norm > 0 and norm != float("inf")):
                 raise ValueError(f"loss_agg_norm: must be a finite number > 0, got {self.loss_agg_norm!r}")
             set_("loss_agg_norm", norm)
         if self.rollout_is_cap is not None:
-            cap = float(self.rollout_is_cap)
+            cap = check_number("rollout_is_cap", self.rollout_is_cap)
             if not (cap > 0 and cap != float("inf")):
                 raise ValueError(f"rollout_is_cap: must be a finite number > 0, got {self.rollout_is_cap!r}")
             set_("rollout_is_cap", cap)

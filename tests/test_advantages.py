@@ -214,6 +214,12 @@ def test_bad_inputs_name_the_argument():
         remax_advantages(r, r, response_mask=mask, token_kl=torch.randn(4, 3), kl_coef=-1.0)
     with pytest.raises(ValueError, match="clip_reward"):
         remax_advantages(r, r, clip_reward=0.0)
+    with pytest.raises(TypeError, match="clip_reward.*str"):
+        remax_advantages(r, r, clip_reward="5")
+    with pytest.raises(TypeError, match="gamma.*NoneType"):
+        remax_advantages(r, r, response_mask=mask, gamma=None)
+    with pytest.raises(TypeError, match="eps"):
+        grpo_advantages(torch.randn(6), 2, eps="tiny")
     with pytest.raises(ValueError, match="whiten.*2"):
         remax_advantages(torch.randn(1), torch.randn(1), whiten=True)
     with pytest.raises(ValueError, match="group_size.*divide"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from remax_kernels import PairedRollout, generate_pairs
+from remax_kernels import PairedRollout, generate_pairs, generate_samples
 from remax_kernels.hf import causal_lm_logprobs
 from tests.helpers import assert_rel_close
 from tests.helpers.tiny_models import FAMILIES, PAD_TOKEN_ID, VOCAB, left_padded_prompts, tiny_causal_lm
@@ -193,6 +193,11 @@ def test_bad_inputs_raise_naming_the_argument():
         run(mask=mask[:, 1:])
     with pytest.raises(TypeError, match="input_ids"):
         run(ids=ids.float())
+    vocab = model.get_input_embeddings().num_embeddings
+    with pytest.raises(ValueError, match=f"input_ids.*vocab size {vocab}"):
+        run(ids=ids.masked_fill(mask.bool(), vocab))
+    with pytest.raises(ValueError, match="input_ids.*negative"):
+        generate_samples(model, ids.masked_fill(mask.bool(), -2), mask, max_new_tokens=2)
     with pytest.raises(ValueError, match="max_new_tokens"):
         run(max_new_tokens=0)
     with pytest.raises(ValueError, match="temperature"):

@@ -178,6 +178,12 @@ def test_bad_inputs_raise_naming_the_argument():
         causal_lm_logprobs(model, ids, mask, position_ids=torch.zeros(2, 4, dtype=torch.int64))
     with pytest.raises(ValueError, match="temperature"):
         causal_lm_logprobs(model, ids, mask, temperature=0.0)
+    with pytest.raises(TypeError, match="temperature"):
+        causal_lm_logprobs(model, ids, mask, temperature="1.0")
+    with pytest.raises(ValueError, match=f"input_ids.*vocab size {VOCAB}"):
+        causal_lm_logprobs(model, ids.masked_fill(ids == ids.max(), VOCAB + 3), mask)
+    with pytest.raises(ValueError, match="input_ids.*negative"):
+        causal_lm_policy_loss(model, ids.masked_fill(ids == ids.max(), -1), mask, torch.ones(2, 4), torch.zeros(2))
     with pytest.raises(TypeError, match="model"):
         causal_lm_logprobs(torch.nn.Linear(3, 3), ids, mask)
     with pytest.raises(ValueError, match="model"):

@@ -257,6 +257,12 @@ def test_bad_inputs_name_the_argument():
         policy_loss(logp, adv, mask, old_logprobs=old, clip_ratio=1.5)
     with pytest.raises(ValueError, match="clip_ratio_c"):
         policy_loss(logp, adv, mask, old_logprobs=old, clip_ratio_c=0.5)
+    with pytest.raises(TypeError, match="clip_ratio.*str"):
+        policy_loss(logp, adv, mask, old_logprobs=old, clip_ratio="0.2")
+    with pytest.raises(TypeError, match="kl_coef.*NoneType"):
+        policy_loss(logp, adv, mask, ref_logprobs=ref, kl_coef=None)
+    with pytest.raises(TypeError, match="rollout_is_cap.*tensor"):
+        policy_loss(logp, adv, mask, rollout_logprobs=old, rollout_is_cap=torch.tensor(2.0))
 
 
 @pytest.mark.parametrize("clip", ["reinforce", "ppo"])
