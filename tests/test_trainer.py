@@ -70,6 +70,8 @@ def _reference_grads(policy, ref, rollout, r_s, r_g, config):
             loss_kl = config.kl_coef * (d * m).sum() / m.sum()
     if config.loss_agg_mode == "seq-mean-token-mean":
         loss = ((-adv * logp * m).sum(1) / m.sum(1)).mean()
+    elif config.loss_agg_mode == "seq-mean-token-sum-norm":  # verl >= 0.8: sum / (B * norm), norm = the budget
+        loss = (-adv * logp * m).sum(1).mean() / config.response_budget
     else:
         loss = (-adv * logp * m).sum() / m.sum() + loss_kl - config.entropy_coef * (entropy * m).sum() / m.sum()
     loss.backward()
@@ -80,6 +82,8 @@ CASES = {
     "remax": dict(),
     "remax-temperature-accum": dict(temperature=1.7, max_new_tokens=8, grad_accum=2),
     "remax-seq-mean-accum": dict(temperature=1.7, max_new_tokens=8, grad_accum=4, loss_agg_mode="seq-mean-token-mean"),
+    "remax-sum-norm-accum": dict(temperature=1.7, max_new_tokens=8, grad_accum=4,
+                                 loss_agg_mode="seq-mean-token-sum-norm"),
     "remax-kl-reward": dict(kl_coef=0.3, kl_penalty="reward"),
     "remax-kl-loss-entropy": dict(kl_coef=0.3, kl_penalty="loss", kl_estimator="k1", entropy_coef=0.01, grad_accum=4),
     "reinforce": dict(estimator="reinforce"),
