@@ -8,6 +8,7 @@ Everything runs on the CPU with tiny Llamas built from configs and a character t
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import os
@@ -588,3 +589,36 @@ def test_logprob_step_peak_memory_does_not_grow_with_tokens_times_vocab(tmp_path
     assert peaks["kernels"][1] < logits, (
         f"peak {peaks['kernels'][1] / mib:.0f} MiB is not below the [N, V] logits ({logits / mib:.0f} MiB)"
     )
+
+
+def test_remax_trainer_sum_norm_loss_divides_by_max_completion_length(tokenizer, tmp_path, torch_backend):
+    """seq-mean-token-sum-norm: mean over completions of -sum_t A log pi(a_t), over max_completion_length (a
+    constant, not the batch's padded width), recomputed in float64 from full logits."""
+    args = ReMaxConfig(**common_args(tmp_path, temperature=1.3, loss_agg_mode="seq-mean-token-sum-norm",
+                                     max_completion_length=12))
+    trainer = ReMaxTrainer(model=tiny_llama(tokenizer), reward_funcs=[length_and_a_reward], args=args,
+                           train_dataset=train_dataset(2), processing_class=tokenizer)
+    record: dict = {}
+    _instrument(trainer, record)
+    trainer.train()
+    batch = record["batches"][0][0]
+    # The completions that ended before the budget, padded to their longest: a padded width below 12.
+    lengths = batch["completion_mask"].sum(1)
+    rows = lengths < 12
+    width = int(lengths[rows].max())
+    assert 1 <= rows.sum() < len(rows) and width < 12, "test design: need completions that ended early"
+    inputs = {k: v[rows] for k, v in batch.items() if k != "num_items_in_batch"}
+    assert inputs["advantages"].abs().sum() > 0, "test design: need a nonzero advantage"
+    inputs["completion_ids"], inputs["completion_mask"] = (inputs[k][:, :width] for k in ("completion_ids",
+                                                                                         "completion_mask"))
+    trainer.model.eval()  # compute_loss scales training losses for gradient accumulation; eval losses are plain
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, inputs)
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attn = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        pos = (attn.long().cumsum(-1) - 1).clamp(min=0)
+        logits = copy.deepcopy(trainer.model).double()(input_ids=ids, attention_mask=attn, position_ids=pos).logits
+        logp = torch.log_softmax(logits[:, -width - 1:-1] / 1.3, -1).gather(-1, ids[:, -width:, None])[..., 0]
+        m = inputs["completion_mask"].double()
+        expected = (-inputs["advantages"].double()[:, None] * logp * m).sum(1).mean() / 12
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-4, atol=1e-6)

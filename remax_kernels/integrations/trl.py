@@ -417,7 +417,7 @@ class ReMaxConfig(GRPOConfig):
 
     Args (the fields added to ``GRPOConfig``):
         loss_agg_mode: how per-token losses are aggregated (``remax_kernels.losses.LOSS_AGG_MODES``); default
-            ``"token-mean"``, the paper's.
+            ``"token-mean"``, the paper's. ``"seq-mean-token-sum-norm"`` divides by ``max_completion_length``.
         kl_in_reward: False (default): ``beta`` weighs a KL-to-reference term in the loss (``kl_estimator``), as in
             GRPO. True: ``beta`` shapes the advantage with the per-token k1 KL ``log pi_old - log pi_ref`` of the
             rollout (``remax_advantages(kl_coef=beta, kl_mode=..., gamma=...)``), as the official ReMax code.
@@ -829,6 +829,9 @@ class ReMaxTrainer(GRPOTrainer):
             per_token = advantages[:, None] if advantages.dim() == 1 else advantages
             advantages = (per_token * ratio).expand(mask.shape)
         options = {"loss_agg_mode": self.args.loss_agg_mode, "entropy_coef": self.entropy_coef}
+        if self.args.loss_agg_mode == "seq-mean-token-sum-norm":
+            # A constant norm (as the remax trainer's budget and Dr. GRPO's): the padded width varies per batch.
+            options["loss_agg_norm"] = float(self.args.max_completion_length)
         old = inputs.get("old_per_token_logps")
         if old is not None:
             options.update(old_logprobs=old, clip_ratio=(self.epsilon_low, self.epsilon_high))
