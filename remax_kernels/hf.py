@@ -20,6 +20,8 @@ not a linear map of the hidden state. Other post-processing inside a family's ``
 from __future__ import annotations
 
 import inspect
+import re
+from dataclasses import dataclass
 
 import torch
 
@@ -34,38 +36,53 @@ from remax_kernels._validate import (
 from remax_kernels.losses import _IGNORE_INDEX, LossOptions, fused_linear_policy_loss
 from remax_kernels.ops.fused_linear_logprobs import fused_linear_logprobs
 
-# Config attributes by which families post-process their logits: logits * value, logits / value, soft-cap.
-_LOGIT_MULTIPLIERS = ("logit_scale", "lm_head_multiplier")
-_LOGIT_DIVISORS = ("logits_scaling",)
-_LOGIT_SOFTCAPS = ("final_logit_softcapping", "logits_soft_cap", "logit_softcapping")
+
+# Config fields by which a family transforms its lm-head output. Read here and nowhere else (_logit_transforms):
+# every field a model's head code uses is applied exactly or the model is refused before any work.
+@dataclass(frozen=True)
+class LogitTransform:
+    """One config field of a family's logit post-processing and how the fused op reproduces it exactly.
+
+    ``kind``: ``"multiply"`` (logits * v: folded into the temperature, T / v), ``"divide"`` (logits / v: T * v),
+    ``"softcap"`` (v * tanh(logits / v): the fused ops' ``softcap=v`` on the raw logits, before the temperature),
+    ``"divide_hidden"`` (lm_head(hidden / v): the hidden states are divided first, so a bias stays unscaled),
+    ``"vocab_limit"`` (logits[..., :v]: the first v rows of the head). ``model_types``: the families whose code
+    reads the field that way (empty: every family whose head code names it).
+    """
+
+    field: str
+    kind: str
+    families: str
+    model_types: tuple[str, ...] = ()
+
+
+LOGIT_TRANSFORMS: tuple[LogitTransform, ...] = (
+    LogitTransform("logits_mup_width_multiplier", "divide_hidden", "Inkling"),
+    LogitTransform("unpadded_vocab_size", "vocab_limit", "Inkling, Inkling2"),
+    LogitTransform("logit_scale", "multiply", "Cohere, Cohere2, Cohere2-MoE, CohereCompass"),
+    LogitTransform("lm_head_multiplier", "multiply", "Falcon-H1"),
+    # HyperCLOVAX multiplies by logits_scaling (muP), Granite divides by it.
+    LogitTransform("logits_scaling", "multiply", "HyperCLOVAX", ("hyperclovax",)),
+    LogitTransform("logits_scaling", "divide", "Granite, GraniteMoe, GraniteMoeShared, GraniteMoeHybrid, Granite-SWA"),
+    LogitTransform("final_logit_softcapping", "softcap",
+                   "Gemma-2, Gemma-3, Gemma-3n, Gemma-4, VaultGemma, NanoChat, Beam, Inkling2"),
+    LogitTransform("logits_soft_cap", "softcap", "RecurrentGemma"),
+    LogitTransform("output_logit_soft_cap", "softcap", "xLSTM"),
+)
+# A config field whose name looks like a logit transform (this pattern) and that the model class's own code names,
+# but that is not in LOGIT_TRANSFORMS, refuses the model: a new family's transform is never silently dropped.
+_LOOKS_LIKE_A_LOGIT_TRANSFORM = re.compile(r"logit|lm_head|soft_?cap|mup|output_(scale|mult)", re.IGNORECASE)
+# Names matching the pattern that are not transforms of the returned logits.
+_NOT_LOGIT_TRANSFORMS = frozenset({
+    "output_router_logits",  # MoE router outputs, not the vocabulary logits
+    "router_aux_loss_coef",
+    "tie_word_embeddings",
+})
 
 
 def _text_config(model):
     config = model.config
     return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def _logit_scale(model) -> float:
-    """The factor the family multiplies its lm-head output by (1.0 for most); raises for soft-capping families."""
-    config = _text_config(model)
-    for name in _LOGIT_SOFTCAPS:
-        if getattr(config, name, None) is not None:
-            raise ValueError(
-                f"model: {type(model).__name__} soft-caps its logits ({name}={getattr(config, name)}); the fused "
-                "log-probs need logits linear in the hidden state, so this family is not supported"
-            )
-    scale = 1.0
-    for name in _LOGIT_MULTIPLIERS:
-        value = getattr(config, name, None)
-        if value is not None:
-            scale *= float(value)
-    for name in _LOGIT_DIVISORS:
-        value = getattr(config, name, None)
-        if value is not None:
-            scale /= float(value)
-    if not scale > 0:
-        raise ValueError(f"model: logit scale must be > 0, got {scale} from its config")
-    return scale
 
 
 def position_ids_from_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -75,32 +92,235 @@ def position_ids_from_attention_mask(attention_mask: torch.Tensor) -> torch.Tens
     return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
 
 
+@dataclass(frozen=True)
+class _Head:
+    """What the fused op needs to reproduce ``model(...).logits`` from the backbone's last hidden states:
+    ``logits = softcap(scale * (prepare(hidden) @ weight.T + bias))`` (softcap None = none)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    prepare: object  # hidden [N, H] -> [N, H'] (H' = weight's columns); a per-token function
+    scale: float
+    softcap: float | None
+
+
+def _class_source(model) -> str | None:
+    """The source of the model class's ``forward`` and ``__init__`` (where families apply their head transforms),
+    or None where Python cannot show it."""
+    try:
+        return inspect.getsource(type(model).forward) + inspect.getsource(type(model).__init__)
+    except (OSError, TypeError):
+        return None
+
+
+def _config_value(model, field: str):
+    """``field`` of the model's config, else of its text config (composite models keep the LM's fields there)."""
+    value = getattr(model.config, field, None)
+    return getattr(_text_config(model), field, None) if value is None else value
+
+
+def _logit_transforms(model) -> list[tuple[LogitTransform, float]]:
+    """The active entries of LOGIT_TRANSFORMS for ``model`` with their values; raises for a config field that looks
+    like a logit transform, is named by the model's head code and is not in the table."""
+    source = _class_source(model)
+    model_type = getattr(_text_config(model), "model_type", None)
+    configs = [model.config] + ([_text_config(model)] if _text_config(model) is not model.config else [])
+    known = {entry.field for entry in LOGIT_TRANSFORMS}
+    for config in configs:
+        for field in config.to_dict():
+            if (field in known or field in _NOT_LOGIT_TRANSFORMS or not _LOOKS_LIKE_A_LOGIT_TRANSFORM.search(field)
+                    or getattr(config, field, None) in (None, False)):
+                continue
+            if source is None or re.search(rf"\b{field}\b", source):
+                raise ValueError(
+                    f"model: {type(model).__name__} has config.{field}={getattr(config, field)!r}, which looks like "
+                    "a logit transform that remax_kernels.hf does not know (remax_kernels.hf.LOGIT_TRANSFORMS); its "
+                    "log-probs could silently differ from model(...).logits, so it is refused"
+                )
+    active, seen = [], set()
+    for entry in LOGIT_TRANSFORMS:
+        if entry.field in seen or (entry.model_types and model_type not in entry.model_types):
+            continue
+        value = _config_value(model, entry.field)
+        # A field the class's code never names is not applied by it (Gemma3ForConditionalGeneration ignores its
+        # text config's final_logit_softcapping, Gemma3ForCausalLM applies it).
+        if value is None or (source is not None and not re.search(rf"\b{entry.field}\b", source)):
+            continue
+        seen.add(entry.field)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(
+                f"model: config.{entry.field} must be a number > 0 for {type(model).__name__}, got {value!r}"
+            )
+        active.append((entry, float(value)))
+    kinds = {entry.kind for entry, _ in active}
+    if "softcap" in kinds and kinds & {"multiply", "divide"}:
+        # No family in transformers 5.25 has both; which comes first decides the folding, so do not guess.
+        fields = ", ".join(entry.field for entry, _ in active)
+        raise ValueError(f"model: {type(model).__name__} both scales and soft-caps its logits ({fields}); the order "
+                         "of the two is not known to remax_kernels.hf, so it is refused")
+    return active
+
+
+def _roberta_head_transform(head):
+    from transformers.activations import gelu
+
+    return lambda hidden: head.layer_norm(gelu(head.dense(hidden)))
+
+
+# Heads that run a per-token transform (dense + activation + LayerNorm) before the output embedding: the transform
+# runs on the hidden states (exact: it is the model's own module), then the fused linear map.
+_PRE_HEAD_TRANSFORMS = {
+    **{name: lambda model: model.cls.predictions.transform for name in (
+        "BertLMHeadModel", "BigBirdForCausalLM", "ErnieForCausalLM", "MegatronBertForCausalLM",
+        "RemBertForCausalLM", "RoCBertForCausalLM", "RoFormerForCausalLM")},
+    "ElectraForCausalLM": lambda model: model.generator_predictions,
+    "ModernBertDecoderForCausalLM": lambda model: model.lm_head,
+    **{name: lambda model: _roberta_head_transform(model.lm_head) for name in (
+        "RobertaForCausalLM", "CamembertForCausalLM", "Data2VecTextForCausalLM", "XLMRobertaForCausalLM",
+        "XmodForCausalLM", "RobertaPreLayerNormForCausalLM", "XLMRobertaXLForCausalLM")},
+}
+# Heads that are not "a per-token transform, then one linear map": refused up front, with the reason.
+_REFUSED_HEADS = {
+    "ProphetNetForCausalLM": "predicts with an n-gram stream (ngram extra positions per token), not from one "
+                             "hidden state per token",
+    "MusicgenForCausalLM": "has one lm-head per audio codebook (the logits are [B, codebooks, L, V])",
+    "MusicgenMelodyForCausalLM": "has one lm-head per audio codebook (the logits are [B, codebooks, L, V])",
+    "BertGenerationDecoder": "ties its lm-head bias in a module of its own",
+}
+
+
 def _backbone(model) -> torch.nn.Module:
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "get_output_embeddings"):
         raise TypeError(f"model: expected a Hugging Face causal LM (PreTrainedModel), got {type(model)}")
-    # get_decoder() finds the body in transformers 5; some 4.x classes (GPT-2) return themselves there, and their
-    # body is base_model (the module named by base_model_prefix).
-    for find in ("get_decoder", "base_model"):
+    head = model.get_output_embeddings()
+    # get_decoder() finds the body in transformers 5; some classes return themselves there (GPT-2 in 4.x,
+    # Llama-4 and Mllama, whose base_model_prefix names a module they do not have) or the lm-head itself
+    # (ModernBert-decoder): then the body is base_model, else the conventional `model` attribute.
+    for find in ("get_decoder", "base_model", "model"):
         body = getattr(model, find, None)
         body = body() if callable(body) and not isinstance(body, torch.nn.Module) else body
-        if isinstance(body, torch.nn.Module) and body is not model:
+        if isinstance(body, torch.nn.Module) and body is not model and body is not head:
             return body
     raise ValueError(
-        f"model: cannot find the backbone of {type(model).__name__} (get_decoder() and base_model give the model "
-        "itself); pass a *ForCausalLM model"
+        f"model: cannot find the backbone of {type(model).__name__} (get_decoder(), base_model and .model give "
+        "the model itself or its lm-head); pass a *ForCausalLM model"
     )
 
 
-def _lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
-    head = model.get_output_embeddings()
-    # Only a plain Linear computes hidden @ weight.T + bias; a LoRA-wrapped or quantized head overrides forward and
-    # its .weight alone would give silently wrong log-probs.
-    if not isinstance(head, torch.nn.Linear) or type(head).forward is not torch.nn.Linear.forward:
+def _plain_linear(name: str, module) -> torch.nn.Linear:
+    # Only a plain Linear computes hidden @ weight.T + bias; a quantized head overrides forward and its .weight
+    # alone would give silently wrong log-probs.
+    if not isinstance(module, torch.nn.Linear) or type(module).forward is not torch.nn.Linear.forward:
         raise ValueError(
-            f"model: its output embedding ({type(head).__name__}) is not a plain torch.nn.Linear; the fused "
-            "log-probs read its weight and bias directly (merge adapters into the lm-head first)"
+            f"model: its {name} ({type(module).__name__}) is not a plain torch.nn.Linear (a quantized or otherwise "
+            "wrapped lm-head); the fused log-probs read its weight and bias directly: dequantize the lm-head, or "
+            "compute log-probs from model(...).logits"
         )
-    return head.weight, head.bias
+    return module
+
+
+def _modules_to_save_head(head):
+    """peft ``modules_to_save`` on the lm-head: the trained copy of the active adapter (what its forward calls)."""
+    adapters = list(head.active_adapters) if not head.disable_adapters else []
+    if len(adapters) > 1:
+        raise ValueError(f"model: its lm-head is a peft modules_to_save copy with {len(adapters)} active adapters "
+                         f"({adapters}); activate one (model.set_adapter)")
+    if adapters and adapters[0] in head.modules_to_save:
+        return head.modules_to_save[adapters[0]]
+    return head.original_module
+
+
+def _lora_head(head, training: bool):
+    """peft LoRA on the lm-head: ``W x + b + sum_a s_a B_a A_a dropout_a(x)`` as ONE linear map of the widened hidden
+    state ``[x, s_a A_a dropout_a(x), ...]`` with the weight ``[W, B_a, ...]`` ([V, H + r]): gradients reach W, A
+    and B, and the ``[N, V]`` product is never formed (the widened weight is one copy of the head, V (H + r))."""
+    base = _plain_linear("LoRA base layer", head.base_layer)
+    if head.disable_adapters or head.merged:  # merged: the base weight already holds B A
+        return base.weight, base.bias, None
+    adapters = [a for a in head.active_adapters if a in head.lora_A]
+    variants = [a for a in adapters if a in getattr(head, "lora_variant", {})]
+    if variants:
+        raise ValueError(
+            f"model: its LoRA lm-head uses a LoRA variant (adapters {variants}: DoRA or similar), which is not a "
+            "low-rank update of one linear map; merge it into the lm-head first (model.merge_adapter())"
+        )
+    weights, bias = [base.weight], base.bias
+    parts = []
+    for name in adapters:
+        lora_a, lora_b = _plain_linear("LoRA A", head.lora_A[name]), _plain_linear("LoRA B", head.lora_B[name])
+        scaling, dropout = head.scaling[name], head.lora_dropout[name]
+        weights.append(lora_b.weight.to(base.weight.dtype))
+        if lora_b.bias is not None:  # lora_bias=True: B's bias is scaled with the update
+            lora_bias = lora_b.bias.to(base.weight.dtype) * scaling
+            bias = lora_bias if bias is None else bias + lora_bias
+        parts.append((lora_a, scaling, dropout))
+
+    def widen(hidden):
+        low_rank = [
+            torch.nn.functional.linear(dropout(hidden).to(lora_a.weight.dtype), lora_a.weight).to(hidden.dtype)
+            * scaling
+            for lora_a, scaling, dropout in parts
+        ]
+        return torch.cat([hidden, *low_rank], dim=-1)
+
+    return torch.cat(weights, dim=1), bias, widen if parts else None
+
+
+def _divided_first(divisor: float, then):
+    """hidden / divisor, then ``then`` (None: nothing more): a muP width multiplier acts before the lm-head."""
+    return (lambda hidden: hidden / divisor) if then is None else (lambda hidden: then(hidden / divisor))
+
+
+def _lm_head(model) -> _Head:
+    """The model's head as ``_Head``; raises before any work for a head the fused op cannot reproduce exactly."""
+    name = type(model).__name__
+    if name in _REFUSED_HEADS:
+        raise ValueError(f"model: {name} {_REFUSED_HEADS[name]}; the fused log-probs need logits = one linear map "
+                         "of the last hidden state: compute them from model(...).logits")
+    head = model.get_output_embeddings()
+    backbone = _backbone(model)
+    if hasattr(head, "original_module") and hasattr(head, "modules_to_save"):
+        head = _modules_to_save_head(head)
+    prepare = None
+    if hasattr(head, "base_layer") and hasattr(head, "lora_A"):
+        weight, bias, prepare = _lora_head(head, model.training)
+    else:
+        linear = _plain_linear("output embedding", head)
+        weight, bias = linear.weight, linear.bias
+    transform = _PRE_HEAD_TRANSFORMS.get(name)
+    if transform is not None:
+        transform, widen = transform(model), prepare
+        prepare = transform if widen is None else (lambda hidden: widen(transform(hidden)))
+    else:
+        # Any other module with parameters outside the backbone and the lm-head takes part in the logits in a way
+        # the fused op does not know (a transform before the decoder, a projection after the body...).
+        head_modules = {id(m) for m in model.get_output_embeddings().modules()}
+        extra = [child for child, module in model.named_children()
+                 if module is not backbone and id(module) not in head_modules
+                 and not any(m is backbone for m in module.modules()) and any(True for _ in module.parameters())
+                 and not any(m is model.get_output_embeddings() for m in module.modules())]
+        nested = [child for child, module in model.named_children()
+                  if any(m is model.get_output_embeddings() for m in module.modules())
+                  and module is not model.get_output_embeddings()]
+        if extra or nested:
+            raise ValueError(
+                f"model: {name}'s lm-head is more than one linear map (module(s) {extra or nested} with parameters "
+                "besides the backbone and the output embedding); the fused log-probs need logits = "
+                "get_output_embeddings()(last hidden state): compute them from model(...).logits"
+            )
+    scale, softcap = 1.0, None
+    for entry, value in _logit_transforms(model):
+        if entry.kind == "multiply":
+            scale *= value
+        elif entry.kind == "divide":
+            scale /= value
+        elif entry.kind == "softcap":
+            softcap = value
+        elif entry.kind == "vocab_limit" and int(value) < weight.shape[0]:
+            weight, bias = weight[: int(value)], None if bias is None else bias[: int(value)]
+        elif entry.kind == "divide_hidden":
+            prepare = _divided_first(value, prepare)
+    return _Head(weight, bias, prepare, scale, softcap)
 
 
 def _check_sequences(model, input_ids, attention_mask, position_ids) -> None:
@@ -138,8 +358,7 @@ def _hidden_and_targets(model, input_ids, attention_mask, position_ids, response
     """The last hidden states that predict the last ``R`` tokens, those tokens with the masked ones ignored, the
     lm-head and the temperature divisor of the family's logit scale."""
     backbone = _backbone(model)
-    weight, bias = _lm_head(model)
-    scale = _logit_scale(model)
+    head = _lm_head(model)
     window = _response_window(response_mask, input_ids)
     seq_len = input_ids.shape[1]
     mask = attention_mask.long()
@@ -152,9 +371,16 @@ def _hidden_and_targets(model, input_ids, attention_mask, position_ids, response
     # No cast here: under autocast the fused op runs its GEMMs in the autocast dtype (bf16 on a GPU) whatever the
     # dtypes of the hidden states and of the (fp32 master) weight; without autocast they share the model's dtype.
     hidden = hidden[:, seq_len - 1 - window: seq_len - 1]
+    if head.prepare is not None:
+        hidden = head.prepare(hidden)
     targets = input_ids[:, seq_len - window:].long()
     keep = (response_mask != 0) if response_mask is not None else (mask[:, seq_len - window:] != 0)
-    return hidden, targets, keep, weight, bias, scale
+    return hidden, targets, keep, head
+
+
+def _softcap_kwargs(head: _Head) -> dict:
+    # Passed only when the family soft-caps, so the fused ops' signature is not asked for more than it needs.
+    return {} if head.softcap is None else {"softcap": head.softcap}
 
 
 def causal_lm_logprobs(
@@ -209,18 +435,19 @@ def causal_lm_logprobs(
     temperature = check_temperature("temperature", temperature)
     if not isinstance(return_entropy, bool):
         raise TypeError(f"return_entropy: expected a bool, got {type(return_entropy).__name__}")
-    hidden, targets, keep, weight, bias, scale = _hidden_and_targets(
+    hidden, targets, keep, head = _hidden_and_targets(
         model, input_ids, attention_mask, position_ids, response_mask
     )
     return fused_linear_logprobs(
         hidden,
-        weight,
+        head.weight,
         targets.masked_fill(~keep, _IGNORE_INDEX),
-        bias=bias,
-        temperature=temperature / scale,
+        bias=head.bias,
+        temperature=temperature / head.scale,
         ignore_index=_IGNORE_INDEX,
         return_entropy=return_entropy,
         backend=backend,
+        **_softcap_kwargs(head),
     )
 
 
@@ -273,11 +500,12 @@ def causal_lm_policy_loss(
     _check_sequences(model, input_ids, attention_mask, position_ids)
     temperature = check_temperature("temperature", temperature)
     check_tensor("response_mask", response_mask)
-    hidden, targets, _, weight, bias, scale = _hidden_and_targets(
+    hidden, targets, _, head = _hidden_and_targets(
         model, input_ids, attention_mask, position_ids, response_mask
     )
     return fused_linear_policy_loss(
-        hidden, weight, targets, advantages, response_mask, bias=bias, temperature=temperature / scale,
-        old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs, options=options,
-        backend=backend, **option_overrides,
+        hidden, head.weight, targets, advantages, response_mask, bias=head.bias,
+        temperature=temperature / head.scale, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+        rollout_logprobs=rollout_logprobs, options=options, backend=backend, **_softcap_kwargs(head),
+        **option_overrides,
     )
