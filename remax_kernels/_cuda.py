@@ -53,13 +53,13 @@ def require(device: torch.device, what: str) -> None:
 
 def _register_fakes() -> None:
     @torch.library.register_fake("remax_cuda::row_logprobs_fwd")
-    def _(logits, targets, t1, s0, s1, inv_temperature, ignore_index, need_entropy):
+    def _(logits, targets, t1, s0, s1, inv_temperature, ignore_index, need_entropy, softcap):
         n = targets.numel()
         new = lambda size: logits.new_empty((size,), dtype=torch.float32)
         return new(n), new(n), new(n), new(n if need_entropy else 0)
 
     @torch.library.register_fake("remax_cuda::sample_and_greedy")
-    def _(logits, greedy, temperature, top_k, top_p, log_min_p, seeds, step, key_row, truncate, raw):
+    def _(logits, greedy, temperature, top_k, top_p, log_min_p, seeds, step, key_row, truncate, raw, softcap):
         batch = logits.shape[0]
         return logits.new_empty((batch,), dtype=torch.int64), logits.new_empty((batch,), dtype=torch.float32)
 
@@ -85,10 +85,12 @@ def row_logprobs_forward(
     need_entropy: bool,
     *,
     layout: tuple[int, int, int] | None = None,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-row log-prob pass over logits ``[..., V]`` (fp32/fp16/bf16, CUDA, last dim contiguous).
 
-    With ``m = max(x)``, ``d = (x - m) * inv_temperature`` and ``s = sum(exp(d))`` per row:
+    With ``x`` the logits (soft-capped to ``softcap * tanh(logits / softcap)`` as they are read when ``softcap > 0``;
+    0 is off), ``m = max(x)``, ``d = (x - m) * inv_temperature`` and ``s = sum(exp(d))`` per row:
     ``logp = min(d[target] - log(s), 0)``, ``row_max = m``, ``log_norm = log(s)``,
     ``entropy = max(log(s) - sum(exp(d) * d) / s, 0)`` (NaN propagates through the clamps). Rows whose target equals
     ``ignore_index`` get 0 in every output and are not read.
@@ -110,7 +112,7 @@ def row_logprobs_forward(
     t1, s0, s1 = layout if layout is not None else row_layout(logits)
     targets = targets.reshape(-1).to(torch.int64).contiguous()
     logp, row_max, log_norm, entropy = torch.ops.remax_cuda.row_logprobs_fwd(
-        logits, targets, t1, s0, s1, float(inv_temperature), int(ignore_index), bool(need_entropy)
+        logits, targets, t1, s0, s1, float(inv_temperature), int(ignore_index), bool(need_entropy), float(softcap)
     )
     return logp, row_max, log_norm, entropy if need_entropy else None
 
@@ -129,12 +131,14 @@ def row_logprobs_backward(
     *,
     layout: tuple[int, int, int] | None = None,
     out_layout: tuple[int, int, int] | None = None,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Gradient of ``sum(grad_logp * logp + grad_entropy * entropy)`` w.r.t. the logits, written into ``out``.
 
     ``grad[v] = (g_lp * (1[v == target] - p_v) - g_ent * p_v * (log p_v + H)) * inv_temperature`` with
     ``log p_v = (x_v - row_max) * inv_temperature - log_norm`` (the forward's outputs), rounded to ``out``'s dtype
-    (= the logits'); ignored rows get zeros.
+    (= the logits'); ignored rows get zeros. With ``softcap > 0``, ``x_v`` is the capped logit and the gradient is
+    chained to the raw logits (times ``1 - tanh(logits / softcap)^2``).
 
     Args:
         logits, targets, row_max, log_norm: as in / from ``row_logprobs_forward`` (same ``layout``).
@@ -154,7 +158,7 @@ def row_logprobs_backward(
     flat = lambda t: None if t is None else t.reshape(-1).to(torch.float32).contiguous()
     torch.ops.remax_cuda.row_logprobs_bwd(
         logits, targets.reshape(-1).to(torch.int64).contiguous(), row_max, log_norm, flat(entropy), flat(grad_logp),
-        flat(grad_entropy), t1, s0, s1, float(inv_temperature), int(ignore_index), out, g1, g0, gs,
+        flat(grad_entropy), t1, s0, s1, float(inv_temperature), int(ignore_index), out, g1, g0, gs, float(softcap),
     )
     return out
 
@@ -171,15 +175,18 @@ def sample_and_greedy(
     key_row: bool,
     truncate: bool,
     raw: bool,
+    *,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The CUDA decoding step on validated per-row arguments (as ``ops.sampling.parse_options`` returns them):
     logits ``[B, V]`` (last dim contiguous), greedy ``[B]`` bool, temperature / top_p / log_min_p fp32 ``[B]``,
-    top_k int32 ``[B]``, seeds int64 ``[B]``, step int64 ``[1]`` on the device (read by the kernel) or an int. Returns
+    top_k int32 ``[B]``, seeds int64 ``[B]``, step int64 ``[1]`` on the device (read by the kernel) or an int;
+    ``softcap`` > 0 soft-caps the logits as they are read (0: off). Returns
     ``(tokens int64 [B], logprobs fp32 [B])``."""
     require(logits.device, "sample_and_greedy")
     if not isinstance(step, torch.Tensor):
         step = torch.full((1,), int(step), dtype=torch.int64, device=logits.device)
     return torch.ops.remax_cuda.sample_and_greedy(
         logits, greedy_mask, temperature, top_k, top_p, log_min_p, seeds, step, bool(key_row), bool(truncate),
-        bool(raw),
+        bool(raw), float(softcap),
     )

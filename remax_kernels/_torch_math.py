@@ -3,6 +3,9 @@
 The torch paths process a few rows at a time, so only a ``[chunk, V]`` fp32 temporary ever exists; these two
 functions are the math on one chunk. The Triton kernels implement the same formulas blockwise.
 
+With soft-capping on (cap > 0) the logits x are first replaced by y = cap * tanh(x / cap) (``soft_cap``), and every
+formula below holds with y for the logits; the gradient w.r.t. x is then that w.r.t. y times 1 - tanh(x / cap)^2.
+
 With z = logits / T, lse = logsumexp(z), p = softmax(z):
   logp      = z[target] - lse
   entropy H = lse - sum_v p_v z_v
@@ -13,6 +16,20 @@ With z = logits / T, lse = logsumexp(z), p = softmax(z):
 from __future__ import annotations
 
 import torch
+
+
+def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """``cap * tanh(x / cap)`` in fp32 (``cap > 0``; ``cap == 0`` returns ``x``). ``-inf`` stays ``-inf`` (a masked
+    token stays masked), NaN stays NaN, ``+inf`` gives ``cap``."""
+    if not cap:
+        return x
+    return torch.where(x == float("-inf"), x, torch.tanh(x / cap) * cap)
+
+
+def soft_cap_grad(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """d soft_cap(x) / dx = 1 - tanh(x / cap)^2 (fp32)."""
+    t = torch.tanh(x / cap)
+    return 1.0 - t * t
 
 
 def logprobs_entropy_chunk(

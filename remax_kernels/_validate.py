@@ -124,3 +124,14 @@ def check_temperature(name: str, temperature) -> float:
     if not t > 0 or t != t or t == float("inf"):
         raise ValueError(f"{name}: must be a finite number > 0, got {temperature!r}")
     return t
+
+
+def check_softcap(name: str, softcap) -> float:
+    """Logit soft-capping ``z -> softcap * tanh(z / softcap)``: None (off) or a finite number > 0. Returns the cap as
+    the ops pass it to their kernels, 0.0 meaning off."""
+    if softcap is None:
+        return 0.0
+    c = check_number(name, softcap)
+    if not c > 0 or c == float("inf"):
+        raise ValueError(f"{name}: must be None (no capping) or a finite number > 0, got {softcap!r}")
+    return c

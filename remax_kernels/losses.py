@@ -56,6 +56,7 @@ from remax_kernels._validate import (
     check_index,
     check_number,
     check_same_device,
+    check_softcap,
     check_targets,
     check_temperature,
     check_tensor,
@@ -458,7 +459,7 @@ def _fused_loss_op(
     ref_logprobs: torch.Tensor | None, rollout_logprobs: torch.Tensor | None, temperature: float,
     clip_low: float | None, clip_high: float | None, clip_ratio_c: float | None, kl_coef: float, kl_estimator: str,
     entropy_coef: float, rollout_is_cap: float | None, dtype: torch.dtype, backend: str, need_hidden: bool,
-    need_weight: bool, need_bias: bool,
+    need_weight: bool, need_bias: bool, softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Flat ``[N]`` per-token inputs (``targets`` -100 off the response) -> (fp32 0-d loss, logp ``[N]``, entropy
     ``[N]`` or ``[0]``, grad_hidden, grad_weight, grad_bias for a unit upstream gradient, ``[0]`` when not needed).
@@ -470,7 +471,7 @@ def _fused_loss_op(
                           rollout_is_cap=rollout_is_cap)
     n_rows = hidden.shape[0]
     entropy_grad = entropy_coef != 0
-    head = LmHead(hidden, weight, bias, targets, _IGNORE_INDEX, dtype, temperature, backend)
+    head = LmHead(hidden, weight, bias, targets, _IGNORE_INDEX, dtype, temperature, backend, softcap)
     per_row = {name: None if t is None else t.index_select(0, head.rows)
                for name, t in (("w", token_weights), ("adv", advantages), ("old", old_logprobs),
                                ("ref", ref_logprobs), ("rollout", rollout_logprobs))}
@@ -499,7 +500,7 @@ def _fused_loss_op(
 @_fused_loss_op.register_fake
 def _(hidden, weight, bias, targets, token_weights, advantages, old_logprobs, ref_logprobs, rollout_logprobs,
       temperature, clip_low, clip_high, clip_ratio_c, kl_coef, kl_estimator, entropy_coef, rollout_is_cap, dtype,
-      backend, need_hidden, need_weight, need_bias):
+      backend, need_hidden, need_weight, need_bias, softcap=0.0):
     n = hidden.shape[0]
     empty = lambda: hidden.new_empty(0)
     return (hidden.new_empty((), dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32),
@@ -510,7 +511,7 @@ def _(hidden, weight, bias, targets, token_weights, advantages, old_logprobs, re
 
 def _fused_loss_setup_context(ctx, inputs, output):
     _, logp, entropy, grad_hidden, grad_weight, grad_bias = output
-    need_hidden, need_weight, need_bias = inputs[-3:]
+    need_hidden, need_weight, need_bias = inputs[19:22]
     # Only the loss is differentiable: the stored gradients must not carry a graph back into this op.
     ctx.mark_non_differentiable(logp, entropy, grad_hidden, grad_weight, grad_bias)
     ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
@@ -531,13 +532,13 @@ def _fused_loss_backward(ctx, grad_loss, *_):
     # The gradients were finished in the forward for a unit upstream gradient; the chain rule only scales them.
     # In place, so a second backward through the same graph is refused.
     if grad_loss is None:
-        return (None,) * 22
+        return (None,) * 23
     if getattr(ctx, "used", False):
         raise RuntimeError("fused_linear_policy_loss: backward through the same loss twice is not supported (its "
                            "stored gradients were already scaled); compute the loss again")
     ctx.used = True
     grads = [_scaled(g, grad_loss) if need else None for g, need in zip(ctx.saved_tensors, ctx.needs, strict=True)]
-    return (*grads,) + (None,) * 19
+    return (*grads,) + (None,) * 20
 
 
 _fused_loss_op.register_autograd(_fused_loss_backward, setup_context=_fused_loss_setup_context)
@@ -556,6 +557,7 @@ def fused_linear_policy_loss(
     ref_logprobs: torch.Tensor | None = None,
     rollout_logprobs: torch.Tensor | None = None,
     options: LossOptions | None = None,
+    softcap: float | None = None,
     backend: str = "auto",
     **option_overrides,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -583,6 +585,9 @@ def fused_linear_policy_loss(
             the distribution the tokens were sampled from.
         old_logprobs, ref_logprobs, rollout_logprobs: ``[B, T]``, as in ``policy_loss``.
         options, **option_overrides: the loss options, as in ``policy_loss``.
+        softcap: logit soft-capping, ``None`` (off) or a finite ``c > 0``: ``logits = c * tanh(logits / c)`` before
+            the temperature (Gemma-2/3's ``final_logit_softcapping``), inside the row kernels' passes, as in
+            ``token_logprobs``.
         backend: ``"auto"``, ``"triton"``, ``"cuda"`` (the CUDA C++ row kernel) or ``"torch"`` for the row kernels
             (see ``remax_kernels._dispatch``).
 
@@ -625,6 +630,7 @@ def fused_linear_policy_loss(
         old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs,
     )
     temperature = check_temperature("temperature", temperature)
+    cap = check_softcap("softcap", softcap)
     check_backend(backend)
     opts = LossOptions.build(options, **option_overrides)
     opts.check_inputs(has_old=old_logprobs is not None, has_ref=ref_logprobs is not None, has_entropy=True,
@@ -642,7 +648,7 @@ def fused_linear_policy_loss(
         temperature, clip_low, clip_high, opts.clip_ratio_c, opts.kl_coef, opts.kl_estimator, opts.entropy_coef,
         opts.rollout_is_cap, dtype, backend,
         grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
-        grad_on and bias is not None and bias.requires_grad,
+        grad_on and bias is not None and bias.requires_grad, cap,
     )
     entropy = entropy.view(shape)
     return loss, _metrics(logp.view(shape), entropy, inputs, weights, opts, response_mask, torch.float32)
@@ -655,6 +661,7 @@ class ReMaxLoss(nn.Module):
     Args:
         options: a ``LossOptions``; or its fields as keywords (``**option_overrides``).
         temperature: the sampling temperature (> 0).
+        softcap: logit soft-capping (``None`` or a finite number > 0), as in ``fused_linear_policy_loss``.
         backend: for the row kernels, as in ``fused_linear_policy_loss``.
 
     Defaults are the paper's ReMax loss: REINFORCE (no ratio, no clipping), token mean, no KL term, no entropy.
@@ -670,11 +677,13 @@ class ReMaxLoss(nn.Module):
         ...                         ref_logprobs=ref_logp)
     """
 
-    def __init__(self, options: LossOptions | None = None, *, temperature: float = 1.0, backend: str = "auto",
-                 **option_overrides) -> None:
+    def __init__(self, options: LossOptions | None = None, *, temperature: float = 1.0,
+                 softcap: float | None = None, backend: str = "auto", **option_overrides) -> None:
         super().__init__()
         self.options = LossOptions.build(options, **option_overrides)
         self.temperature = check_temperature("temperature", temperature)
+        check_softcap("softcap", softcap)
+        self.softcap = softcap
         self.backend = check_backend(backend)
 
     def forward(
@@ -694,9 +703,9 @@ class ReMaxLoss(nn.Module):
         return fused_linear_policy_loss(
             hidden, lm_head_weight, targets, advantages, response_mask, bias=bias, temperature=self.temperature,
             old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs,
-            options=self.options, backend=self.backend,
+            options=self.options, softcap=self.softcap, backend=self.backend,
         )
 
     def extra_repr(self) -> str:
         fields = ", ".join(f"{name}={getattr(self.options, name)!r}" for name in _OPTION_NAMES)
-        return f"{fields}, temperature={self.temperature}, backend={self.backend!r}"
+        return f"{fields}, temperature={self.temperature}, softcap={self.softcap}, backend={self.backend!r}"

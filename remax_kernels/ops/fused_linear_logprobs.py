@@ -66,6 +66,7 @@ from remax_kernels._validate import (
     check_index,
     check_same_device,
     check_shape,
+    check_softcap,
     check_targets,
     check_temperature,
     value_checks_enabled,
@@ -177,12 +178,13 @@ class LmHead:
     """One call's lm-head inputs in the compute dtype and its valid rows: what every pass over the chunks needs.
 
     ``hidden`` ``[N, H]``, ``weight`` ``[V, H]``, ``bias`` ``[V]`` or None (any float dtypes); ``targets`` ``[N]``
-    int, rows equal to ``ignore_index`` are skipped. Finding the valid rows is the call's one device sync.
+    int, rows equal to ``ignore_index`` are skipped; ``softcap`` (0 = off) is applied by the row kernels. Finding the
+    valid rows is the call's one device sync.
     """
 
-    def __init__(self, hidden, weight, bias, targets, ignore_index, dtype, temperature, backend):
+    def __init__(self, hidden, weight, bias, targets, ignore_index, dtype, temperature, backend, softcap=0.0):
         self.hidden, self.weight, self.bias = hidden, weight, bias
-        self.dtype, self.temperature = dtype, temperature
+        self.dtype, self.temperature, self.softcap = dtype, temperature, softcap
         self.impl = resolve_backend(backend, hidden.device, op="token_logprobs")  # the row kernel's backend
         self.weight_c = weight.to(dtype)
         self.bias_c = None if bias is None else bias.to(dtype)
@@ -259,7 +261,7 @@ def stream(
         targets = head.targets[part]
         if stats is None:
             logp, entropy, row_max, log_norm = row_forward(
-                logits, layout, targets, head.temperature, -1, need_entropy, head.impl)
+                logits, layout, targets, head.temperature, -1, need_entropy, head.impl, softcap=head.softcap)
             out["logp"][part], out["row_max"][part], out["log_norm"][part] = logp, row_max, log_norm
             if need_entropy:
                 out["entropy"][part] = entropy
@@ -273,7 +275,7 @@ def stream(
         if not (need_hidden or need_weight or need_bias):
             continue
         dlogits = row_backward(logits, layout, targets, row_max, log_norm, entropy, grad_logp, grad_entropy,
-                               head.temperature, -1, True, head.impl)
+                               head.temperature, -1, True, head.impl, softcap=head.softcap)
         if need_hidden:
             out["grad_hidden"].index_copy_(0, rows, head.grad_hidden(dlogits).to(head.hidden.dtype))
         if need_weight:
@@ -301,12 +303,13 @@ def scatter_rows(values: torch.Tensor, head: LmHead, n_rows: int) -> torch.Tenso
 def _forward_op(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
     ignore_index: int, temperature: float, need_entropy: bool, dtype: torch.dtype, backend: str,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden ``[N, H]``, targets ``[N]`` -> fp32 ``[N]`` (logp, entropy or ``[0]``, row_max, log_norm)."""
     if value_checks_enabled(hidden.device):
         check_targets("targets", targets, weight.shape[0], ignore_index)
     n_rows = hidden.shape[0]
-    head = LmHead(hidden, weight, bias, targets, ignore_index, dtype, temperature, backend)
+    head = LmHead(hidden, weight, bias, targets, ignore_index, dtype, temperature, backend, softcap)
     out = stream(head, need_entropy=need_entropy)
     full = [scatter_rows(out[name], head, n_rows) for name in ("logp", "row_max", "log_norm")]
     entropy = scatter_rows(out["entropy"], head, n_rows) if need_entropy else hidden.new_empty(0, dtype=torch.float32)
@@ -314,7 +317,7 @@ def _forward_op(
 
 
 @_forward_op.register_fake
-def _(hidden, weight, bias, targets, ignore_index, temperature, need_entropy, dtype, backend):
+def _(hidden, weight, bias, targets, ignore_index, temperature, need_entropy, dtype, backend, softcap=0.0):
     n = hidden.shape[0]
     new = lambda size: hidden.new_empty(size, dtype=torch.float32)
     return new(n), new(n if need_entropy else 0), new(n), new(n)
@@ -325,10 +328,10 @@ def _backward_op(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
     ignore_index: int, row_max: torch.Tensor, log_norm: torch.Tensor, entropy: torch.Tensor | None,
     grad_logp: torch.Tensor | None, grad_entropy: torch.Tensor | None, temperature: float, dtype: torch.dtype,
-    backend: str, need_hidden: bool, need_weight: bool, need_bias: bool,
+    backend: str, need_hidden: bool, need_weight: bool, need_bias: bool, softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients w.r.t. (hidden, weight, bias) in their dtypes; ``[0]`` for the ones not needed."""
-    head = LmHead(hidden, weight, bias, targets, ignore_index, dtype, temperature, backend)
+    head = LmHead(hidden, weight, bias, targets, ignore_index, dtype, temperature, backend, softcap)
     rows = head.rows
     need_entropy = entropy is not None
     stats = (row_max.index_select(0, rows), log_norm.index_select(0, rows),
@@ -349,18 +352,20 @@ def _backward_op(
 
 @_backward_op.register_fake
 def _(hidden, weight, bias, targets, ignore_index, row_max, log_norm, entropy, grad_logp, grad_entropy,
-      temperature, dtype, backend, need_hidden, need_weight, need_bias):
+      temperature, dtype, backend, need_hidden, need_weight, need_bias, softcap=0.0):
     empty = lambda: hidden.new_empty(0)
     return (torch.empty_like(hidden) if need_hidden else empty(), torch.empty_like(weight) if need_weight else empty(),
             torch.empty_like(bias) if need_bias else empty())
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, targets, ignore_index, temperature, need_entropy, dtype, backend = inputs
+    hidden, weight, bias, targets, ignore_index, temperature, need_entropy, dtype, backend, *rest = inputs
+    softcap = rest[0] if rest else 0.0
     _, entropy, row_max, log_norm = output
     ctx.mark_non_differentiable(row_max, log_norm)
     ctx.save_for_backward(hidden, weight, bias, targets, row_max, log_norm, entropy if need_entropy else None)
     ctx.ignore_index, ctx.temperature, ctx.dtype, ctx.backend = ignore_index, temperature, dtype, backend
+    ctx.softcap = softcap
     ctx.set_materialize_grads(False)
 
 
@@ -370,14 +375,14 @@ def _backward(ctx, grad_logp, grad_entropy, _grad_row_max, _grad_log_norm):
         grad_entropy = None  # the [0] placeholder output of a call without entropy
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
     if (grad_logp is None and grad_entropy is None) or not (need_hidden or need_weight or need_bias):
-        return (None,) * 9
+        return (None,) * 10
     grad_hidden, grad_weight, grad_bias = torch.ops.remax_kernels.fused_linear_logprobs_backward(
         hidden, weight, bias, targets, ctx.ignore_index, row_max, log_norm,
         entropy if grad_entropy is not None else None, grad_logp, grad_entropy, ctx.temperature, ctx.dtype,
-        ctx.backend, need_hidden, need_weight, need_bias and bias is not None,
+        ctx.backend, need_hidden, need_weight, need_bias and bias is not None, ctx.softcap,
     )
     return (grad_hidden if need_hidden else None, grad_weight if need_weight else None,
-            grad_bias if need_bias and bias is not None else None) + (None,) * 6
+            grad_bias if need_bias and bias is not None else None) + (None,) * 7
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -423,6 +428,7 @@ def fused_linear_logprobs(
     temperature: float = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    softcap: float | None = None,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of ``targets`` under ``softmax((hidden @ weight.T + bias) / temperature)``, without the logits.
@@ -443,6 +449,9 @@ def fused_linear_logprobs(
         ignore_index: targets equal to this give log-prob 0, entropy 0 and exactly zero gradient (even if that
             row's hidden state is not finite); their rows never enter a matmul.
         return_entropy: also return the entropy of ``softmax(logits / temperature)`` per token.
+        softcap: logit soft-capping, ``None`` (off) or a finite ``c > 0``: ``logits = c * tanh(logits / c)`` before
+            the temperature (Gemma-2/3's ``final_logit_softcapping``), applied in the row kernels' passes (no extra
+            pass over a chunk), as in ``token_logprobs``.
         backend: the row kernels: ``"auto"`` (CUDA -> Triton, CPU -> torch), ``"triton"``, ``"cuda"`` (the CUDA
             C++ row kernel) or ``"torch"``; see ``remax_kernels._dispatch``. The GEMMs are torch's (cuBLAS on CUDA)
             either way.
@@ -475,10 +484,11 @@ def fused_linear_logprobs(
     if not isinstance(return_entropy, bool):
         raise TypeError(f"return_entropy: expected a bool, got {type(return_entropy).__name__}")
     temperature = check_temperature("temperature", temperature)
+    cap = check_softcap("softcap", softcap)
     check_backend(backend)
     dtype = compute_dtype(hidden, weight)
     logp, entropy, _, _ = _forward_op(hidden.reshape(-1, hidden_size), weight, bias, targets.reshape(-1),
-                                      ignore_index, temperature, return_entropy, dtype, backend)
+                                      ignore_index, temperature, return_entropy, dtype, backend, cap)
     if return_entropy:
         return logp.view(targets.shape), entropy.view(targets.shape)
     return logp.view(targets.shape)

@@ -5,8 +5,9 @@ states ``[B, H]`` and the lm-head ``[V, H]`` and never materializes the logits.
 
 Definitions (both ops, both backends)
 -------------------------------------
-With ``x`` the row's logits (upcast to fp32) and ``z = x / T`` (fp32 division; greedy rows with ``T == 0`` use
-``T = 1`` here):
+With ``x`` the row's logits (upcast to fp32; with ``softcap=c``, soft-capped first: ``x = c * tanh(logits / c)``,
+``-inf`` kept, as Gemma-2/3's ``final_logit_softcapping`` applies it to the lm-head output) and ``z = x / T`` (fp32
+division; greedy rows with ``T == 0`` use ``T = 1`` here):
 
 * greedy rows: ``token = argmax(x)``, ties to the LOWEST index. A true argmax, never "top-k = 1 sampling".
 * sampled rows: Gumbel-max over the kept set ``K``: ``token = argmax_{v in K} (z_v + g_v)`` (ties to the lowest index),
@@ -65,11 +66,11 @@ import torch
 
 from remax_kernels import _cuda
 from remax_kernels._dispatch import check_backend, resolve_backend
-from remax_kernels._torch_math import logprobs_entropy_chunk
+from remax_kernels._torch_math import logprobs_entropy_chunk, soft_cap
 from remax_kernels._triton import jit, tl, triton
-from remax_kernels._validate import check_float, check_same_device, check_tensor, value_checks_enabled
+from remax_kernels._validate import check_float, check_same_device, check_softcap, check_tensor, value_checks_enabled
 from remax_kernels.ops.fused_linear_logprobs import batch_invariant, fixed_shape_matmul
-from remax_kernels.ops.token_logprobs import online_softmax_step, row_launch_config, token_logprob
+from remax_kernels.ops.token_logprobs import online_softmax_step, row_launch_config, soft_cap_logits, token_logprob
 
 LOGPROB_MODES = ("processed", "raw")
 # Thresholds tested per search pass: the candidate key range shrinks ~NUM_PIVOTS-fold per pass.
@@ -131,8 +132,8 @@ def _ordered_key(z):
 
 @jit
 def _threshold_search(
-    row_ptr, V, t, m, lo_key, hi_key, lo_mass, target, USE_MASS: tl.constexpr, BLOCK_V: tl.constexpr,
-    NUM_PIVOTS: tl.constexpr,
+    row_ptr, V, t, m, lo_key, hi_key, lo_mass, target, softcap, inv_cap, USE_MASS: tl.constexpr,
+    BLOCK_V: tl.constexpr, NUM_PIVOTS: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     # Largest value tau (as a key) with F(tau) >= target, F(t) = count (USE_MASS=False) or sum exp(z - m)
     # (USE_MASS=True) over finite z >= t. Invariants: lo_key and hi_key are keys of values present in the row,
@@ -151,7 +152,10 @@ def _threshold_search(
         below = tl.full([NUM_PIVOTS], key_lo_sentinel, tl.int32)
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + offs
-            z = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32) / t
+            x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+            if SOFTCAP:
+                x = soft_cap_logits(x, softcap, inv_cap)
+            z = x / t
             key = _ordered_key(z)
             finite = z > float("-inf")
             ge = (key[None, :] >= pivots[:, None]) & finite[None, :]
@@ -194,12 +198,14 @@ def _race_step(score, x, v0, offs, best, best_arg, best_x):
 @jit
 def _sample_kernel(
     logits_ptr, stride_row, greedy_ptr, temp_ptr, top_k_ptr, top_p_ptr, log_min_p_ptr, seed_ptr,
-    tokens_ptr, logprobs_ptr, V, step_ptr,
+    tokens_ptr, logprobs_ptr, V, step_ptr, softcap,
     KEY_ROW: tl.constexpr, TRUNCATE: tl.constexpr, RAW: tl.constexpr, BLOCK_V: tl.constexpr,
-    SEARCH_BLOCK_V: tl.constexpr, NUM_PIVOTS: tl.constexpr,
+    SEARCH_BLOCK_V: tl.constexpr, NUM_PIVOTS: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     # Sampled or greedy token + its log-prob for one row of logits [V].
     # Grid: (B,). Passes over the row: 1 without truncation; with it, 1 + search passes + 1 (see module docstring).
+    # SOFTCAP: every pass soft-caps the logits as it loads them (token_logprobs.soft_cap: the same values as the
+    # log-prob kernel's), so the cap costs one exp and one division per entry per pass and no extra pass.
     row = tl.program_id(0)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
     step = tl.load(step_ptr)  # from device memory: a captured CUDA graph replays with the next step's value
@@ -214,6 +220,7 @@ def _sample_kernel(
         row_key = row * 0
     offs = tl.arange(0, BLOCK_V)
     neg_inf = float("-inf")
+    inv_cap = 1.0 / softcap if SOFTCAP else 0.0
 
     inv_t = 1.0 / t
     gmax = tl.full((), neg_inf, tl.float32)
@@ -234,6 +241,8 @@ def _sample_kernel(
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + offs
         x = tl.load(row_ptr + cols, mask=cols < V, other=neg_inf).to(tl.float32)
+        if SOFTCAP:
+            x = soft_cap_logits(x, softcap, inv_cap)
         n_nan += tl.sum((x != x).to(tl.int32), 0)
         blk_max = tl.max(x, 0)
         blk_arg = tl.argmax(x, 0)
@@ -269,13 +278,13 @@ def _sample_kernel(
         key_max = _ordered_key(m).to(tl.int64)
         k_on = active & (top_k > 0) & (top_k < n_finite)
         tau, mass = _threshold_search(
-            row_ptr, V, t, m, key_min, tl.where(k_on, key_max, key_min), s, top_k,
-            USE_MASS=False, BLOCK_V=SEARCH_BLOCK_V, NUM_PIVOTS=NUM_PIVOTS,
+            row_ptr, V, t, m, key_min, tl.where(k_on, key_max, key_min), s, top_k, softcap, inv_cap,
+            USE_MASS=False, BLOCK_V=SEARCH_BLOCK_V, NUM_PIVOTS=NUM_PIVOTS, SOFTCAP=SOFTCAP,
         )
         p_on = active & (top_p < 1.0)
         tau, mass = _threshold_search(
-            row_ptr, V, t, m, tau, tl.where(p_on, key_max, tau), mass, top_p * mass,
-            USE_MASS=True, BLOCK_V=SEARCH_BLOCK_V, NUM_PIVOTS=NUM_PIVOTS,
+            row_ptr, V, t, m, tau, tl.where(p_on, key_max, tau), mass, top_p * mass, softcap, inv_cap,
+            USE_MASS=True, BLOCK_V=SEARCH_BLOCK_V, NUM_PIVOTS=NUM_PIVOTS, SOFTCAP=SOFTCAP,
         )
         # Final pass, sampled valid rows only (a zero-trip loop for the others): Gumbel race over K and K's mass
         # (with the log-prob's d = (x - m_lp) / t, so that a kept set of the whole row renormalizes to nothing).
@@ -284,6 +293,8 @@ def _sample_kernel(
         for v0 in range(0, tl.where(active, V, 0), BLOCK_V):
             cols = v0 + offs
             x = tl.load(row_ptr + cols, mask=cols < V, other=neg_inf).to(tl.float32)
+            if SOFTCAP:
+                x = soft_cap_logits(x, softcap, inv_cap)
             z = x / t
             kept = (z > neg_inf) & (_ordered_key(z) >= tau) & (z - m >= log_min_p)
             s_kept += tl.sum(tl.where(kept, tl.exp((x - m_lp_safe) * inv_t), 0.0), 0)
@@ -305,9 +316,9 @@ def _sample_kernel(
 @jit
 def _fused_sample_kernel(
     hidden_ptr, weight_ptr, bias_ptr, temp_ptr, seed_ptr, part_f_ptr, part_i_ptr,
-    B, V, H, stride_hb, stride_wv, step_ptr, v_per_split, n_splits,
+    B, V, H, stride_hb, stride_wv, step_ptr, v_per_split, n_splits, softcap,
     HAS_BIAS: tl.constexpr, KEY_ROW: tl.constexpr, RAW: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     # Logits tiles hidden[rows] @ weight[cols].T (+ bias) over one vocabulary split, reduced on the fly to
     # per-(row, split) partials: Gumbel-race winner (score, index, z, raw logit), greedy max/argmax, logsumexp of
@@ -316,7 +327,8 @@ def _fused_sample_kernel(
     # part_f layout [9, B, n_splits]: best score, z at best, raw logit at best, greedy max, max z, sum exp(z - max z),
     # max x, sum exp(x - max x), nan count. (max, sum) pairs rather than one lse: z_tok - lse would lose the
     # log-sum term when |z| is huge (at 1e36 even log(2) is below the rounding of lse).
-    # part_i layout [2, B, n_splits]: best index, greedy index.
+    # part_i layout [2, B, n_splits]: best index, greedy index. SOFTCAP: the tile's logits are soft-capped in
+    # registers before anything else (the tile's x is the capped logit).
     pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
     step = tl.load(step_ptr)
@@ -360,6 +372,8 @@ def _fused_sample_kernel(
             acc = tl.dot(a, tl.trans(w), acc, input_precision=INPUT_PRECISION)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        if SOFTCAP:
+            acc = soft_cap_logits(acc, softcap, 1.0 / softcap)
         x = tl.where(col_mask[None, :], acc, neg_inf)
         n_nan += tl.sum((x != x).to(tl.float32), 1)
         blk_max = tl.max(x, 1)
@@ -477,14 +491,14 @@ def _max_sumexp(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return top, torch.exp(values - top_ref[:, None]).sum(1)
 
 
-def _sample_torch(logits, greedy, temp, top_k, top_p, log_min_p, seed, key_row, step, truncate, raw):
+def _sample_torch(logits, greedy, temp, top_k, top_p, log_min_p, seed, key_row, step, truncate, raw, softcap):
     B, V = logits.shape
     tokens = torch.empty(B, dtype=torch.int64, device=logits.device)
     logprobs = torch.empty(B, dtype=torch.float32, device=logits.device)
     chunk = max(1, _TORCH_CHUNK_ELEMS // V)
     for r0 in range(0, B, chunk):
         r1 = min(B, r0 + chunk)
-        x = logits[r0:r1].float()
+        x = soft_cap(logits[r0:r1].float(), softcap)
         g = greedy[r0:r1]
         t = temp[r0:r1]
         t = torch.where(t > 0, t, torch.ones_like(t))
@@ -537,7 +551,7 @@ def _finalize_fused(greedy, t, best_tok, best_z, best_x, gtok, gmax, m, s, m_raw
     return torch.where(invalid, 0, tok), torch.where(invalid, math.nan, lp)
 
 
-def _fused_sample_torch(hidden, weight, bias, greedy, temp, seed, key_row, step, raw):
+def _fused_sample_torch(hidden, weight, bias, greedy, temp, seed, key_row, step, raw, softcap):
     B = hidden.shape[0]
     V = weight.shape[0]
     dev = hidden.device
@@ -556,6 +570,7 @@ def _fused_sample_torch(hidden, weight, bias, greedy, temp, seed, key_row, step,
         x = h @ weight[v0:v1].float().T
         if bias is not None:
             x = x + bias[v0:v1].float()
+        x = soft_cap(x, softcap)
         n_nan += torch.isnan(x).sum(1)
         blk_max, blk_arg = x.max(1).values, x.argmax(1)
         up = blk_max > gmax  # strict: earlier block wins ties
@@ -747,6 +762,7 @@ def sample_and_greedy(
     seed: int | torch.Tensor = 0,
     step: int | torch.Tensor = 0,
     logprobs: str = "processed",
+    softcap: float | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick one token per row: greedy argmax where ``greedy_mask`` is True, a seeded sample elsewhere.
@@ -769,6 +785,10 @@ def sample_and_greedy(
             then replays with each step's value (no recompilation per step).
         logprobs: ``"processed"`` (log-prob under the distribution actually sampled: temperature + truncation,
             renormalized; greedy rows: temperature only) or ``"raw"`` (``log_softmax(logits)``).
+        softcap: logit soft-capping, ``None`` (off) or a finite ``c > 0``: the logits are replaced by
+            ``c * tanh(logits / c)`` first (``-inf`` kept), and greedy argmax, temperature, top-k / top-p / min-p and
+            both log-prob modes apply to the capped logits, as Hugging Face's Gemma-2/3 ``generate`` does. Applied
+            as each pass loads the row (no extra pass).
         backend: ``"auto"``, ``"triton"``, ``"cuda"`` (the CUDA kernel of ``csrc/sampling.cuh``; needs the built
             extension and CUDA tensors) or ``"torch"`` (see ``remax_kernels._dispatch``). All backends use the same
             Philox stream; tokens agree except at floating-point near-ties.
@@ -805,9 +825,10 @@ def sample_and_greedy(
     temp, k, p, log_min_p, seeds, greedy_mask, key_row, truncate = parse_options(
         batch, vocab, device, greedy_mask, temperature, top_k, top_p, min_p, seed, logprobs
     )
+    cap = check_softcap("softcap", softcap)
     check_backend(backend)
     return _sample_op(logits.detach(), greedy_mask, temp, k, p, log_min_p, seeds, key_row, step_tensor(step, device),
-                      truncate, logprobs == "raw", backend)
+                      truncate, logprobs == "raw", backend, cap)
 
 
 def sample_launch_config(device_type: str, vocab: int) -> tuple[int, int, int]:
@@ -845,17 +866,17 @@ def fused_sample_launch_config(device_type: str, batch: int, vocab: int, sm_coun
 def _sample_op(
     logits: torch.Tensor, greedy_mask: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     top_p: torch.Tensor, log_min_p: torch.Tensor, seeds: torch.Tensor, key_row: bool, step: torch.Tensor,
-    truncate: bool, raw: bool, backend: str,
+    truncate: bool, raw: bool, backend: str, softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row options as ``parse_options`` returns them, the step as ``step_tensor`` does -> (tokens int64
-    ``[B]``, logprobs fp32 ``[B]``)."""
+    """Per-row options as ``parse_options`` returns them, the step as ``step_tensor`` does, ``softcap`` 0 for off
+    -> (tokens int64 ``[B]``, logprobs fp32 ``[B]``)."""
     _check_option_values(greedy_mask, temperature, top_k, top_p, log_min_p, step)
     return _sample_impl(logits, greedy_mask, temperature, top_k, top_p, log_min_p, seeds, key_row, step, truncate,
-                        raw, backend)
+                        raw, softcap, backend)
 
 
 def _sample_impl(logits, greedy_mask, temperature, top_k, top_p, log_min_p, seeds, key_row, step, truncate, raw,
-                 backend):
+                 softcap, backend):
     batch, vocab = logits.shape
     device = logits.device
     if batch == 0:
@@ -863,24 +884,25 @@ def _sample_impl(logits, greedy_mask, temperature, top_k, top_p, log_min_p, seed
     impl = resolve_backend(backend, device, op="sample_and_greedy")
     if impl == "torch":
         return _sample_torch(logits, greedy_mask, temperature, top_k, top_p, log_min_p, seeds, key_row, step,
-                             truncate, raw)
+                             truncate, raw, softcap)
     if impl == "cuda":
         return _cuda.sample_and_greedy(logits, greedy_mask, temperature, top_k, top_p, log_min_p, seeds, step,
-                                       key_row, truncate, raw)
+                                       key_row, truncate, raw, softcap=softcap)
     tokens = torch.empty(batch, dtype=torch.int64, device=device)
     out_logprobs = torch.empty(batch, dtype=torch.float32, device=device)
     block_v, search_block_v, num_warps = sample_launch_config(device.type, vocab)
     _sample_kernel[(batch,)](
         logits, logits.stride(0), greedy_mask.view(torch.uint8), temperature, top_k, top_p, log_min_p, seeds,
-        tokens, out_logprobs, vocab, step,
+        tokens, out_logprobs, vocab, step, softcap,
         KEY_ROW=key_row, TRUNCATE=truncate, RAW=raw, BLOCK_V=block_v, SEARCH_BLOCK_V=search_block_v,
-        NUM_PIVOTS=_NUM_PIVOTS, num_warps=num_warps,
+        NUM_PIVOTS=_NUM_PIVOTS, SOFTCAP=softcap > 0, num_warps=num_warps,
     )
     return tokens, out_logprobs
 
 
 @_sample_op.register_fake
-def _(logits, greedy_mask, temperature, top_k, top_p, log_min_p, seeds, key_row, step, truncate, raw, backend):
+def _(logits, greedy_mask, temperature, top_k, top_p, log_min_p, seeds, key_row, step, truncate, raw, backend,
+      softcap=0.0):
     batch = logits.shape[0]
     return logits.new_empty(batch, dtype=torch.int64), logits.new_empty(batch, dtype=torch.float32)
 
@@ -895,6 +917,7 @@ def fused_linear_sample_and_greedy(
     seed: int | torch.Tensor = 0,
     step: int | torch.Tensor = 0,
     logprobs: str = "processed",
+    softcap: float | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``sample_and_greedy(hidden @ weight.T + bias, greedy_mask, ...)`` without materializing the ``[B, V]`` logits.
@@ -908,7 +931,8 @@ def fused_linear_sample_and_greedy(
         weight: ``[V, H]``, same dtype as ``hidden``, the lm-head weight, last dim contiguous.
         greedy_mask: ``[B]`` bool, True for greedy rows.
         bias: optional ``[V]`` float lm-head bias.
-        temperature, seed, step, logprobs, backend: as in ``sample_and_greedy``.
+        temperature, seed, step, logprobs, softcap, backend: as in ``sample_and_greedy`` (the cap is applied to each
+            logit tile in registers, after the bias).
 
     Returns:
         ``(tokens [B] int64, logprobs [B] float32)``, as ``sample_and_greedy``.
@@ -948,15 +972,17 @@ def fused_linear_sample_and_greedy(
     temp, _, _, _, seeds, greedy_mask, key_row, _ = parse_options(
         batch, vocab, device, greedy_mask, temperature, 0, 1.0, 0.0, seed, logprobs
     )
+    cap = check_softcap("softcap", softcap)
     check_backend(backend)
     return _fused_sample_op(hidden.detach(), weight.detach(), bias, greedy_mask, temp, seeds, key_row,
-                            step_tensor(step, device), logprobs == "raw", backend)
+                            step_tensor(step, device), logprobs == "raw", backend, cap)
 
 
 @torch.library.custom_op("remax_kernels::fused_linear_sample_and_greedy", mutates_args=())
 def _fused_sample_op(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, greedy_mask: torch.Tensor,
     temperature: torch.Tensor, seeds: torch.Tensor, key_row: bool, step: torch.Tensor, raw: bool, backend: str,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row options as ``parse_options`` returns them, the step as ``step_tensor`` does -> (tokens int64
     ``[B]``, logprobs fp32 ``[B]``)."""
@@ -972,9 +998,10 @@ def _fused_sample_op(
         logits = fixed_shape_matmul(hidden, weight.T, bias)
         off = torch.zeros_like(temperature)
         return _sample_impl(logits, greedy_mask, temperature, off.int(), off + 1, off - math.inf, seeds, key_row, step,
-                            False, raw, backend)
+                            False, raw, softcap, backend)
     if resolve_backend(backend, device) == "torch":
-        return _fused_sample_torch(hidden, weight, bias, greedy_mask, temperature, seeds, key_row, step, raw)
+        return _fused_sample_torch(hidden, weight, bias, greedy_mask, temperature, seeds, key_row, step, raw,
+                                   softcap)
     sm_count = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
     cfg = fused_sample_launch_config(device.type, batch, vocab, sm_count, hidden.dtype)
     v_per_split, n_splits = cfg.pop("v_per_split"), cfg.pop("n_splits")
@@ -983,8 +1010,8 @@ def _fused_sample_op(
     grid = (triton.cdiv(batch, cfg["BLOCK_B"]), n_splits)
     _fused_sample_kernel[grid](
         hidden, weight, bias if bias is not None else hidden, temperature, seeds, part_f, part_i,
-        batch, vocab, hidden_size, hidden.stride(0), weight.stride(0), step, v_per_split, n_splits,
-        HAS_BIAS=bias is not None, KEY_ROW=key_row, RAW=raw,
+        batch, vocab, hidden_size, hidden.stride(0), weight.stride(0), step, v_per_split, n_splits, softcap,
+        HAS_BIAS=bias is not None, KEY_ROW=key_row, RAW=raw, SOFTCAP=softcap > 0,
         INPUT_PRECISION="ieee" if hidden.dtype == torch.float32 else None, **cfg,
     )
     # Deterministic combine over splits: argmax returns the first (lowest-vocabulary) split on ties.
@@ -999,6 +1026,6 @@ def _fused_sample_op(
 
 
 @_fused_sample_op.register_fake
-def _(hidden, weight, bias, greedy_mask, temperature, seeds, key_row, step, raw, backend):
+def _(hidden, weight, bias, greedy_mask, temperature, seeds, key_row, step, raw, backend, softcap=0.0):
     batch = hidden.shape[0]
     return hidden.new_empty(batch, dtype=torch.int64), hidden.new_empty(batch, dtype=torch.float32)

@@ -21,13 +21,14 @@ import torch
 
 from remax_kernels import _cuda
 from remax_kernels._dispatch import check_backend, resolve_backend
-from remax_kernels._torch_math import grad_logits_chunk, logprobs_entropy_chunk
+from remax_kernels._torch_math import grad_logits_chunk, logprobs_entropy_chunk, soft_cap, soft_cap_grad
 from remax_kernels._triton import jit, tl, triton
 from remax_kernels._validate import (
     check_float,
     check_index,
     check_same_device,
     check_shape,
+    check_softcap,
     check_targets,
     check_temperature,
     value_checks_enabled,
@@ -41,6 +42,21 @@ ROW_NUM_WARPS = 4
 # The torch path materializes at most about this many fp32 elements per temporary (16 MiB): rows are processed
 # in chunks of max(1, _TORCH_CHUNK_ELEMENTS // V).
 _TORCH_CHUNK_ELEMENTS = 1 << 22
+
+
+@jit
+def tanh_fp32(u):
+    # tanh(u) = 1 - 2 / (exp(2u) + 1): one exp and one division (the SFU's), exact limits +-1 where exp overflows
+    # to inf or underflows to 0; absolute error a few fp32 ulps of 1, which is what the logits need (softmax is
+    # shift-invariant, so what matters is the absolute error of cap * tanh, ~cap * 1e-7).
+    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+
+
+@jit
+def soft_cap_logits(x, cap, inv_cap):
+    # Logit soft-capping cap * tanh(x / cap), applied to the raw logits as they are loaded (before the temperature),
+    # as Gemma-2/3's final_logit_softcapping. -inf stays -inf (masked tokens and masked lanes stay masked).
+    return tl.where(x == float("-inf"), x, cap * tanh_fp32(x * inv_cap))
 
 
 @jit
@@ -84,8 +100,10 @@ def _token_logprobs_fwd_kernel(
     stride_1,
     temperature,
     ignore_index,
+    softcap,
     BLOCK_V: tl.constexpr,
     COMPUTE_ENTROPY: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     # Per row, with x = logits, m = max(x), d = (x - m) / T, s = sum exp(d):
     #   logp = d[target] - log(s),  entropy = log(s) - sum exp(d) * d / s    (softmax(x / T) is that of d).
@@ -95,9 +113,11 @@ def _token_logprobs_fwd_kernel(
     # lse = logsumexp(x / T) and sum(p * x / T): at |x| ~ 1000 those round to fp32 at |x|'s scale and their
     # difference loses the digits logp and entropy need; x - m is exact for the entries that matter.
     # m and log(s) are saved separately for the backward. Ignored rows (target == ignore_index) skip the loop
-    # and get logp = entropy = m = log(s) = 0.
+    # and get logp = entropy = m = log(s) = 0. SOFTCAP: x is cap * tanh(raw / cap) of the loaded logits (m, s, w
+    # are those of the capped row), computed in the same pass.
     row = tl.program_id(0).to(tl.int64)
     inv_temperature = 1.0 / temperature  # on the device, as the sampling kernel computes it
+    inv_cap = 1.0 / softcap if SOFTCAP else 0.0
     base = (row // T1) * stride_0 + (row % T1) * stride_1
     target = tl.load(targets_ptr + row).to(tl.int64)
     valid = target != ignore_index
@@ -105,6 +125,8 @@ def _token_logprobs_fwd_kernel(
     # not read outside the row, and gives a NaN log-prob instead.
     in_range = (target >= 0) & (target < V)
     x_target = tl.load(logits_ptr + base + target, mask=valid & in_range, other=float("nan")).to(tl.float32)
+    if SOFTCAP:
+        x_target = soft_cap_logits(x_target, softcap, inv_cap)
 
     offs = tl.arange(0, BLOCK_V)
     m = float("-inf")
@@ -115,6 +137,8 @@ def _token_logprobs_fwd_kernel(
         cols = start + offs
         mask = cols < V
         x = tl.load(logits_ptr + base + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        if SOFTCAP:
+            x = soft_cap_logits(x, softcap, inv_cap)
         m, s, w = online_softmax_step(x, mask, m, s, w, inv_temperature, COMPUTE_ENTROPY)
 
     log_s = tl.log(s)
@@ -146,18 +170,23 @@ def _token_logprobs_bwd_kernel(
     grad_stride_1,
     temperature,
     ignore_index,
+    softcap,
     BLOCK_V: tl.constexpr,
     HAS_GRAD_LOGP: tl.constexpr,
     HAS_GRAD_ENTROPY: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     # grad = (g_lp * (onehot(target) - p) - g_ent * p * (log p + H)) / T for every vocabulary entry, with
     # log p = (x - m) / T - log(s) from the forward's saved m and log(s), per-row upstream gradients g_lp,
     # g_ent and the forward's entropy H (the formulas of _torch_math with z - lse = log p).
     # Grid: (N,), one program per row. Memory: one read of the logits and one write of the gradient, which
     # may be the logits' own storage (in-place: each block is read before it is overwritten, by the same
-    # program). Ignored rows do not read the logits and get an all-zero gradient row.
+    # program). Ignored rows do not read the logits and get an all-zero gradient row. SOFTCAP: x is the capped
+    # logit y = cap * tanh(raw / cap), recomputed from the loaded raw logit in the same pass, and the gradient is
+    # chained through dy/draw = 1 - tanh(raw / cap)^2.
     row = tl.program_id(0).to(tl.int64)
     inv_temperature = 1.0 / temperature
+    inv_cap = 1.0 / softcap if SOFTCAP else 0.0
     base = (row // T1) * stride_0 + (row % T1) * stride_1
     grad_base = (row // grad_T1) * grad_stride_0 + (row % grad_T1) * grad_stride_1
     target = tl.load(targets_ptr + row).to(tl.int64)
@@ -176,6 +205,9 @@ def _token_logprobs_bwd_kernel(
         cols = start + offs
         mask = cols < V
         x = tl.load(logits_ptr + base + cols, mask=cols < v_read, other=0.0).to(tl.float32)
+        if SOFTCAP:
+            tanh_x = tanh_fp32(x * inv_cap)
+            x = tl.where(x == float("-inf"), x, softcap * tanh_x)
         log_p = (x - m) * inv_temperature - log_s
         p = tl.exp(log_p)
         grad = tl.zeros([BLOCK_V], dtype=tl.float32)
@@ -183,6 +215,8 @@ def _token_logprobs_bwd_kernel(
             grad += g_logp * (tl.where(cols == target, 1.0, 0.0) - p)
         if HAS_GRAD_ENTROPY:
             grad -= g_entropy * p * (log_p + entropy)
+        if SOFTCAP:
+            grad = grad * (1.0 - tanh_x * tanh_x)
         grad = tl.where(valid, grad * inv_temperature, 0.0)
         tl.store(grad_ptr + grad_base + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
@@ -251,31 +285,36 @@ def row_launch_config(vocab_size: int) -> tuple[int, int]:
 
 def row_forward(
     logits: torch.Tensor, layout: tuple[int, int, int], targets: torch.Tensor, temperature: float,
-    ignore_index: int, need_entropy: bool, impl: str,
+    ignore_index: int, need_entropy: bool, impl: str, *, softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """One pass over rows of ``logits`` (addressed through ``layout``) -> fp32 ``[N]``
     ``(logp, entropy or None, row_max, log_norm)``, with ``log p_v = (x_v - row_max) / T - log_norm``.
+
+    ``softcap > 0``: ``x`` is the capped logit ``softcap * tanh(logits / softcap)`` (``row_max`` is its max), computed
+    in the same pass; 0 is off.
 
     ``targets`` is a contiguous ``[N]`` int tensor; rows whose target is ``ignore_index`` get zeros everywhere.
     ``impl`` is ``"triton"``, ``"cuda"`` (the CUDA C++ row kernel of ``csrc/``) or ``"torch"`` (see ``_dispatch``).
     """
     if impl == "triton":
-        return _triton_forward(logits, layout, targets, temperature, ignore_index, need_entropy)
+        return _triton_forward(logits, layout, targets, temperature, ignore_index, need_entropy, softcap)
     if impl == "cuda":
         logp, row_max, log_norm, entropy = _cuda.row_logprobs_forward(
-            logits, targets, 1.0 / temperature, ignore_index, need_entropy, layout=layout)
+            logits, targets, 1.0 / temperature, ignore_index, need_entropy, layout=layout, softcap=softcap)
         return logp, entropy, row_max, log_norm
-    return _torch_forward(logits, layout, targets, temperature, ignore_index, need_entropy)
+    return _torch_forward(logits, layout, targets, temperature, ignore_index, need_entropy, softcap)
 
 
 def row_backward(
     logits: torch.Tensor, layout: tuple[int, int, int], targets: torch.Tensor, row_max: torch.Tensor,
     log_norm: torch.Tensor, entropy: torch.Tensor | None, grad_logp: torch.Tensor | None,
-    grad_entropy: torch.Tensor | None, temperature: float, ignore_index: int, inplace: bool, impl: str,
+    grad_entropy: torch.Tensor | None, temperature: float, ignore_index: int, inplace: bool, impl: str, *,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """d(sum grad_logp * logp + grad_entropy * entropy) / d logits, in the logits' dtype, from the forward's
-    ``row_max``/``log_norm``/``entropy``. ``inplace=True`` writes it over ``logits`` itself (each block is read
-    before it is overwritten) and returns ``logits``; else a new tensor shaped like ``logits``, contiguous."""
+    ``row_max``/``log_norm``/``entropy`` (with the forward's ``softcap``: the gradient w.r.t. the raw logits).
+    ``inplace=True`` writes it over ``logits`` itself (each block is read before it is overwritten) and returns
+    ``logits``; else a new tensor shaped like ``logits``, contiguous."""
     if inplace:
         grad, grad_layout = logits, layout
     else:
@@ -284,14 +323,14 @@ def row_backward(
     if impl == "cuda":
         return _cuda.row_logprobs_backward(logits, targets, row_max, log_norm, entropy, grad_logp, grad_entropy,
                                            1.0 / temperature, ignore_index, grad, layout=layout,
-                                           out_layout=grad_layout)
+                                           out_layout=grad_layout, softcap=softcap)
     backward = _triton_backward if impl == "triton" else _torch_backward
     backward(logits, layout, targets, row_max, log_norm, entropy, grad_logp, grad_entropy, temperature, ignore_index,
-             grad, grad_layout)
+             grad, grad_layout, softcap)
     return grad
 
 
-def _triton_forward(logits, layout, targets, temperature, ignore_index, need_entropy):
+def _triton_forward(logits, layout, targets, temperature, ignore_index, need_entropy, softcap):
     n, vocab_size = targets.numel(), logits.shape[-1]
     logp, row_max, log_norm = (torch.empty(n, dtype=torch.float32, device=logits.device) for _ in range(3))
     entropy = torch.empty(n, dtype=torch.float32, device=logits.device) if need_entropy else None
@@ -301,14 +340,14 @@ def _triton_forward(logits, layout, targets, temperature, ignore_index, need_ent
     t1, s0, s1 = layout
     _token_logprobs_fwd_kernel[(n,)](
         logits, targets, logp, row_max, log_norm, entropy if need_entropy else logp,
-        vocab_size, t1, s0, s1, temperature, ignore_index,
-        BLOCK_V=block_v, COMPUTE_ENTROPY=need_entropy, num_warps=num_warps,
+        vocab_size, t1, s0, s1, temperature, ignore_index, softcap,
+        BLOCK_V=block_v, COMPUTE_ENTROPY=need_entropy, SOFTCAP=softcap > 0, num_warps=num_warps,
     )
     return logp, entropy, row_max, log_norm
 
 
 def _triton_backward(logits, layout, targets, row_max, log_norm, entropy, grad_logp, grad_entropy, temperature,
-                     ignore_index, grad, grad_layout):
+                     ignore_index, grad, grad_layout, softcap):
     n, vocab_size = targets.numel(), logits.shape[-1]
     if n == 0:
         return
@@ -319,9 +358,9 @@ def _triton_backward(logits, layout, targets, row_max, log_norm, entropy, grad_l
     _token_logprobs_bwd_kernel[(n,)](
         logits, targets, row_max, log_norm, unused if entropy is None else entropy,
         unused if grad_logp is None else grad_logp, unused if grad_entropy is None else grad_entropy, grad,
-        vocab_size, t1, s0, s1, g_t1, g_s0, g_s1, temperature, ignore_index,
+        vocab_size, t1, s0, s1, g_t1, g_s0, g_s1, temperature, ignore_index, softcap,
         BLOCK_V=block_v, HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENTROPY=grad_entropy is not None,
-        num_warps=num_warps,
+        SOFTCAP=softcap > 0, num_warps=num_warps,
     )
 
 
@@ -341,24 +380,30 @@ def _row_chunks(logits: torch.Tensor, layout: tuple[int, int, int], chunk_rows: 
             yield i * t1, rows3[i : i + step]
 
 
-def _shifted_chunk(view: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
-    """fp32 ``[n, V]`` rows of ``view`` minus their max: log-probs and entropy do not change, but the chunk math's
+def _capped_chunk(view: torch.Tensor, softcap: float) -> torch.Tensor:
+    """fp32 ``[n, V]`` rows of ``view``, soft-capped when ``softcap > 0``."""
+    return soft_cap(view.reshape(-1, view.shape[-1]).float(), softcap)
+
+
+def _shifted_chunk(rows: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
+    """fp32 ``[n, V]`` rows minus their max: log-probs and entropy do not change, but the chunk math's
     ``lse - sum(p * z)`` then subtracts numbers near 0, not near the logits' scale (|z| ~ 1000 would cost 3 digits)."""
-    return view.reshape(-1, view.shape[-1]).float() - row_max.unsqueeze(-1)
+    return rows - row_max.unsqueeze(-1)
 
 
 def _torch_chunk_rows(vocab_size: int) -> int:
     return max(1, _TORCH_CHUNK_ELEMENTS // vocab_size)
 
 
-def _torch_forward(logits, layout, targets, temperature, ignore_index, need_entropy):
+def _torch_forward(logits, layout, targets, temperature, ignore_index, need_entropy, softcap):
     n = targets.numel()
     logp, log_norm, row_max = (torch.empty(n, dtype=torch.float32, device=logits.device) for _ in range(3))
     entropy = torch.empty(n, dtype=torch.float32, device=logits.device) if need_entropy else None
     for r0, view in _row_chunks(logits, layout, _torch_chunk_rows(logits.shape[-1])):
         r1 = r0 + view.shape[0] * view.shape[1]
-        row_max[r0:r1] = view.amax(dim=-1).reshape(-1)
-        chunk = _shifted_chunk(view, row_max[r0:r1])
+        rows = _capped_chunk(view, softcap)
+        row_max[r0:r1] = rows.amax(dim=-1)
+        chunk = _shifted_chunk(rows, row_max[r0:r1])
         # The chunk is shifted by its row max, so the lse this returns is log_norm (the kernel's definition).
         lp, ent, ls = logprobs_entropy_chunk(chunk, targets[r0:r1], temperature, ignore_index, need_entropy)
         # Exact bounds that rounding could cross by an ulp (see the forward kernel); clamp keeps NaN.
@@ -369,7 +414,7 @@ def _torch_forward(logits, layout, targets, temperature, ignore_index, need_entr
 
 
 def _torch_backward(logits, layout, targets, row_max, log_norm, entropy, grad_logp, grad_entropy, temperature,
-                    ignore_index, grad, grad_layout):
+                    ignore_index, grad, grad_layout, softcap):
     chunk_rows = _torch_chunk_rows(logits.shape[-1])
     # Both generators walk the rows in the same order and chunk sizes, so the chunk pairs line up; in the in-place
     # case each chunk is read (and upcast to fp32) before the same rows are overwritten.
@@ -377,12 +422,14 @@ def _torch_backward(logits, layout, targets, row_max, log_norm, entropy, grad_lo
                       strict=True)
     for (r0, view), (_, grad_view) in chunk_pairs:
         r1 = r0 + view.shape[0] * view.shape[1]
-        chunk = _shifted_chunk(view, row_max[r0:r1])
+        chunk = _shifted_chunk(_capped_chunk(view, softcap), row_max[r0:r1])
         g = grad_logits_chunk(
             chunk, targets[r0:r1], log_norm[r0:r1], None if entropy is None else entropy[r0:r1],
             None if grad_logp is None else grad_logp[r0:r1], None if grad_entropy is None else grad_entropy[r0:r1],
             temperature, ignore_index,
         )
+        if softcap:
+            g *= soft_cap_grad(view.reshape(g.shape).float(), softcap)
         grad_view.copy_(g.view(grad_view.shape))
 
 
@@ -391,18 +438,18 @@ def _torch_backward(logits, layout, targets, row_max, log_norm, entropy, grad_lo
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _forward_impl(logits, targets, temperature, ignore_index, need_entropy, backend):
+def _forward_impl(logits, targets, temperature, ignore_index, need_entropy, backend, softcap):
     if value_checks_enabled(logits.device):
         check_targets("targets", targets, logits.shape[-1], ignore_index)
     rows, layout = _readable_rows(logits)
     logp, entropy, row_max, log_norm = row_forward(
         rows, layout, targets.reshape(-1).contiguous(), temperature, ignore_index, need_entropy,
-        resolve_backend(backend, logits.device, op="token_logprobs"),
+        resolve_backend(backend, logits.device, op="token_logprobs"), softcap=softcap,
     )
     return logp, entropy if need_entropy else logp.new_empty(0), row_max, log_norm
 
 
-def _forward_fake(logits, targets, temperature, ignore_index, need_entropy, backend):
+def _forward_fake(logits, targets, temperature, ignore_index, need_entropy, backend, softcap=0.0):
     n = targets.numel()
     new = lambda size: logits.new_empty(size, dtype=torch.float32)
     return new(n), new(n if need_entropy else 0), new(n), new(n)
@@ -411,10 +458,10 @@ def _forward_fake(logits, targets, temperature, ignore_index, need_entropy, back
 @torch.library.custom_op("remax_kernels::token_logprobs", mutates_args=())
 def _token_logprobs_op(
     logits: torch.Tensor, targets: torch.Tensor, temperature: float, ignore_index: int, need_entropy: bool,
-    backend: str,
+    backend: str, softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> fp32 ``[N]`` (logp, entropy (``[0]`` when not needed), row_max, log_norm), N = targets.numel()."""
-    return _forward_impl(logits, targets, temperature, ignore_index, need_entropy, backend)
+    return _forward_impl(logits, targets, temperature, ignore_index, need_entropy, backend, softcap)
 
 
 # The in-place variant differs only in its backward; a second op keeps each op's autograd formula fixed (what
@@ -422,10 +469,10 @@ def _token_logprobs_op(
 @torch.library.custom_op("remax_kernels::token_logprobs_inplace_backward", mutates_args=())
 def _token_logprobs_inplace_op(
     logits: torch.Tensor, targets: torch.Tensor, temperature: float, ignore_index: int, need_entropy: bool,
-    backend: str,
+    backend: str, softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``remax_kernels::token_logprobs`` whose backward overwrites the logits with their gradient."""
-    return _forward_impl(logits, targets, temperature, ignore_index, need_entropy, backend)
+    return _forward_impl(logits, targets, temperature, ignore_index, need_entropy, backend, softcap)
 
 
 _token_logprobs_op.register_fake(_forward_fake)
@@ -436,18 +483,20 @@ _token_logprobs_inplace_op.register_fake(_forward_fake)
 def _token_logprobs_backward_op(
     logits: torch.Tensor, targets: torch.Tensor, row_max: torch.Tensor, log_norm: torch.Tensor,
     entropy: torch.Tensor | None, grad_logp: torch.Tensor | None, grad_entropy: torch.Tensor | None,
-    temperature: float, ignore_index: int, backend: str,
+    temperature: float, ignore_index: int, backend: str, softcap: float = 0.0,
 ) -> torch.Tensor:
     """-> the gradient w.r.t. ``logits`` in a new contiguous tensor of the logits' shape and dtype."""
     rows, layout = _readable_rows(logits)
     return row_backward(
         rows, layout, targets.reshape(-1).contiguous(), row_max, log_norm, entropy, grad_logp, grad_entropy,
         temperature, ignore_index, False, resolve_backend(backend, logits.device, op="token_logprobs"),
+        softcap=softcap,
     ).view(logits.shape)
 
 
 @_token_logprobs_backward_op.register_fake
-def _(logits, targets, row_max, log_norm, entropy, grad_logp, grad_entropy, temperature, ignore_index, backend):
+def _(logits, targets, row_max, log_norm, entropy, grad_logp, grad_entropy, temperature, ignore_index, backend,
+      softcap=0.0):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
@@ -455,21 +504,23 @@ def _(logits, targets, row_max, log_norm, entropy, grad_logp, grad_entropy, temp
 def _token_logprobs_backward_inplace_op(
     logits: torch.Tensor, targets: torch.Tensor, row_max: torch.Tensor, log_norm: torch.Tensor,
     entropy: torch.Tensor | None, grad_logp: torch.Tensor | None, grad_entropy: torch.Tensor | None,
-    temperature: float, ignore_index: int, backend: str,
+    temperature: float, ignore_index: int, backend: str, softcap: float = 0.0,
 ) -> None:
     """The same gradient, written over ``logits`` (which must not need a copy: see ``_needs_copy``)."""
     row_backward(
         logits, _row_layout(logits), targets.reshape(-1).contiguous(), row_max, log_norm, entropy, grad_logp,
         grad_entropy, temperature, ignore_index, True, resolve_backend(backend, logits.device, op="token_logprobs"),
+        softcap=softcap,
     )
 
 
 def _setup_context(ctx, inputs, output):
-    logits, targets, temperature, ignore_index, need_entropy, backend = inputs
+    logits, targets, temperature, ignore_index, need_entropy, backend, *rest = inputs
+    softcap = rest[0] if rest else 0.0
     _, entropy, row_max, log_norm = output
     ctx.mark_non_differentiable(row_max, log_norm)
     ctx.save_for_backward(logits, targets, row_max, log_norm, entropy if need_entropy else None)
-    ctx.temperature, ctx.ignore_index, ctx.backend = temperature, ignore_index, backend
+    ctx.temperature, ctx.softcap, ctx.ignore_index, ctx.backend = temperature, softcap, ignore_index, backend
     ctx.set_materialize_grads(False)
 
 
@@ -482,15 +533,15 @@ def _backward(ctx, grad_logp, grad_entropy, _grad_row_max, _grad_log_norm):
     if entropy is None:
         grad_entropy = None  # the [0] placeholder output of a call without entropy
     if grad_logp is None and grad_entropy is None:
-        return None, None, None, None, None, None
+        return None, None, None, None, None, None, None
     args = (targets, row_max, log_norm, entropy, _flat_grad(grad_logp), _flat_grad(grad_entropy), ctx.temperature,
-            ctx.ignore_index, ctx.backend)
+            ctx.ignore_index, ctx.backend, ctx.softcap)
     if getattr(ctx, "inplace_backward", False):
         torch.ops.remax_kernels.token_logprobs_backward_(logits, *args)
         grad = logits
     else:
         grad = torch.ops.remax_kernels.token_logprobs_backward(logits, *args)
-    return grad, None, None, None, None, None
+    return grad, None, None, None, None, None, None
 
 
 def _setup_context_inplace(ctx, inputs, output):
@@ -510,6 +561,7 @@ def token_logprobs(
     ignore_index: int = -100,
     return_entropy: bool = False,
     inplace_backward: bool = False,
+    softcap: float | None = None,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each target token under ``softmax(logits / temperature)``, without a ``[N, V]`` log-softmax.
@@ -526,6 +578,11 @@ def token_logprobs(
             the tokens were sampled from.
         ignore_index: targets equal to it get log-prob 0, entropy 0 and a zero gradient.
         return_entropy: also return the entropy of ``softmax(logits / temperature)`` per token.
+        softcap: logit soft-capping: ``None`` (off) or a finite ``c > 0``; the logits are replaced by
+            ``c * tanh(logits / c)`` BEFORE the temperature (Gemma-2/3's ``final_logit_softcapping``, which Hugging Face
+            applies to the lm-head output), so log-probs and entropy are those of ``softmax(c * tanh(logits / c) / T)``
+            and the gradient is w.r.t. the raw logits. Computed inside the same row passes (no extra pass). ``-inf``
+            logits stay ``-inf``; ``+inf`` becomes ``c``.
         inplace_backward: write the gradient into the logits' own storage instead of a new ``[..., V]`` buffer.
             The backward then OVERWRITES ``logits`` (and returns that storage as the gradient), so the logits must
             not be used after ``backward()`` and the graph cannot be backpropagated twice. If the logits need a
@@ -565,6 +622,7 @@ def token_logprobs(
         raise ValueError(f"logits: the vocabulary (last) dimension is empty, shape {tuple(logits.shape)}")
     check_shape("targets", targets, logits.shape[:-1], "logits.shape[:-1]")
     temperature = check_temperature("temperature", temperature)
+    cap = check_softcap("softcap", softcap)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
     for name, flag in (("return_entropy", return_entropy), ("inplace_backward", inplace_backward)):
@@ -577,6 +635,6 @@ def token_logprobs(
         )
     check_backend(backend)
     op = _token_logprobs_inplace_op if inplace_backward and not _needs_copy(logits) else _token_logprobs_op
-    logp, entropy, _, _ = op(logits, targets, temperature, ignore_index, return_entropy, backend)
+    logp, entropy, _, _ = op(logits, targets, temperature, ignore_index, return_entropy, backend, cap)
     shape = targets.shape
     return (logp.view(shape), entropy.view(shape)) if return_entropy else logp.view(shape)
