@@ -113,42 +113,100 @@ class SampledRollout:
         return self.sampled_ids[:, self.prompt_length:]
 
 
+# The entries of ``generate``'s model kwargs whose meaning the paired loop knows, so that it can duplicate them along
+# the batch after one prefill. Anything else a model hands from step to step (RWKV's ``state``, XLNet's ``mems``, a
+# model's own cache class) is duplicated by prefilling the ``2B`` rows instead.
+_SHAREABLE_KWARGS = frozenset(
+    {"attention_mask", "position_ids", "cache", "past_key_values", "use_cache", "logits_to_keep", "cache_position"}
+)
+
+
 @dataclass(frozen=True)
-class _ForwardKwargs:
-    """How this model's ``forward`` takes its cache, positions and logits slicing (differs across versions)."""
+class _Stepper:
+    """How the model's own ``generate`` prepares each forward, found once per rollout.
 
-    cache: str
-    position_ids: bool
-    cache_position: bool
-    logits_to_keep: bool
-
-
-def _forward_kwargs(model: torch.nn.Module) -> _ForwardKwargs:
-    # A peft wrapper's forward takes (input_ids, attention_mask, ..., **kwargs) and hands the rest to the wrapped
-    # model: read the wrapped model's signature, or positions and the new cache keyword would never be passed.
-    base = getattr(model, "get_base_model", None)
-    owner = base() if callable(base) else model
-    params = inspect.signature(owner.forward).parameters
-    cache = "cache" if "cache" in params else "past_key_values"
-    return _ForwardKwargs(cache, "position_ids" in params, "cache_position" in params, "logits_to_keep" in params)
-
-
-def _last_logits(
-    model, fwd: _ForwardKwargs, cache, input_ids, attention_mask, position_ids, cache_position
-) -> torch.Tensor:
-    """``[rows, V]`` logits at the last position; the cache is updated in place.
-
-    ``cache_position`` (the cache slots being written) is passed to models of transformers < 5, which need it to
-    index a static cache; later versions track it inside the cache.
+    ``owner`` is the model, or for a peft wrapper the model it wraps: its ``prepare_inputs_for_generation`` picks the
+    cache keyword, slices the inputs to the new token (or not, for a model without a cache: a full re-forward each
+    step), drops the attention mask on one-token steps where the model wants that (Mamba, FalconMamba), builds the
+    4-D mask of a static cache and passes recurrent state (RWKV ``state``, XLNet ``mems``); its
+    ``_update_model_kwargs_for_generation`` carries that state, the mask and the positions to the next step.
     """
-    kwargs = {fwd.cache: cache, "use_cache": True}
-    if fwd.position_ids:
-        kwargs["position_ids"] = position_ids
-    if fwd.cache_position:
-        kwargs["cache_position"] = cache_position
-    if fwd.logits_to_keep:
+
+    owner: torch.nn.Module
+    cache_key: str  # "cache" (transformers >= 5.24) or "past_key_values"
+    position_ids: bool  # the model takes positions (by name, or through **kwargs to a decoder that names them)
+    cache_position: bool  # transformers < 5: generate passes (and advances) the cache slots
+    logits_to_keep: bool
+    step_args: tuple[str, ...]  # the transformers-5 arguments of prepare_inputs_for_generation we pass
+
+
+def _owner(model: torch.nn.Module) -> torch.nn.Module:
+    base = getattr(model, "get_base_model", None)
+    return base() if callable(base) else model
+
+
+def _takes_position_ids(owner: torch.nn.Module, params) -> bool:
+    """Positions are passed where the forward names them, as ``generate`` does, and also where it takes ``**kwargs``
+    on to a decoder that names them (WhisperForCausalLM): ``remax_kernels.hf`` gives such a decoder
+    ``cumsum(mask) - 1`` in training, so the rollout must use the same positions on left-padded rows."""
+    if "position_ids" in params:
+        return True
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return False
+    get_decoder = getattr(owner, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    return (isinstance(decoder, torch.nn.Module) and decoder is not owner
+            and "position_ids" in inspect.signature(decoder.forward).parameters)
+
+
+def _stepper(model: torch.nn.Module) -> _Stepper:
+    from transformers import GenerationMixin
+
+    owner = _owner(model)
+    if not isinstance(owner, GenerationMixin):
+        raise TypeError(f"model: {type(owner).__name__} is not a Hugging Face generative model (no GenerationMixin: "
+                        "prepare_inputs_for_generation); pass a *ForCausalLM model")
+    params = inspect.signature(owner.forward).parameters
+    base = inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+    return _Stepper(
+        owner=owner,
+        cache_key="cache" if "cache" in base else "past_key_values",
+        position_ids=_takes_position_ids(owner, params),
+        cache_position="cache_position" in base,
+        logits_to_keep="logits_to_keep" in params,
+        step_args=tuple(name for name in ("next_sequence_length", "is_first_iteration") if name in base),
+    )
+
+
+def _initial_kwargs(stepper: _Stepper, mask: torch.Tensor, cache, *, use_cache: bool) -> dict:
+    """``generate``'s model kwargs before the prefill: the 2-D mask, positions ``cumsum(mask) - 1`` (as in
+    training), the cache (None: the model makes its own in the first forward)."""
+    kwargs = {"attention_mask": mask, "use_cache": use_cache}
+    if cache is not None:
+        kwargs[stepper.cache_key] = cache
+    if stepper.position_ids:
+        kwargs["position_ids"] = position_ids_from_attention_mask(mask)
+    if stepper.cache_position:
+        kwargs["cache_position"] = torch.arange(mask.shape[1], device=mask.device)
+    if stepper.logits_to_keep:
         kwargs["logits_to_keep"] = 1
-    return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits[:, -1, :]
+    return kwargs
+
+
+def _step_inputs(stepper: _Stepper, ids: torch.Tensor, model_kwargs: dict, *, first: bool) -> dict:
+    """The forward's inputs for the sequences ``ids`` ``[rows, L]`` so far, from the model's own
+    ``prepare_inputs_for_generation``."""
+    args = {}
+    if "next_sequence_length" in stepper.step_args:
+        args["next_sequence_length"] = None if first or not model_kwargs["use_cache"] else 1
+    if "is_first_iteration" in stepper.step_args:
+        args["is_first_iteration"] = first
+    return stepper.owner.prepare_inputs_for_generation(ids, **args, **model_kwargs)
+
+
+def _next_kwargs(stepper: _Stepper, outputs, model_kwargs: dict) -> dict:
+    """The model kwargs of the next step (state from ``outputs``; the mask and positions one token longer)."""
+    return stepper.owner._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
 
 
 def _token_ids(name: str, value, default_sources) -> list[int]:
@@ -199,33 +257,117 @@ def _seeds(seed, batch: int, device: torch.device, *, copies: int):
     return seed
 
 
-def _static_cache_from(model, prefill_cache, rows: int, prompt_length: int, max_cache_len: int, *, reuse: bool):
-    """A StaticCache for ``rows`` rows (``B`` or ``2B``) whose first ``P`` slots hold the prefill's keys/values,
-    repeated along the batch."""
-    from transformers import StaticCache
+def _new_cache(stepper: _Stepper, *, static: bool, max_cache_len: int):
+    """The cache ``generate`` would make: a DynamicCache or a StaticCache of ``max_cache_len`` slots from the model's
+    config (so every layer gets its own class: full, sliding, linear attention, conv/SSM state), or None for the
+    models that build their own state in the first forward (``_supports_default_dynamic_cache`` is False)."""
+    from transformers import DynamicCache, StaticCache
 
-    cache = None
-    if reuse:
-        key = (rows, max_cache_len)
-        held = _GRAPH_CACHES.get(model)
-        if held is not None and held[0] == key:
-            cache = held[1]
-            cache.reset()
-    if cache is None:
-        cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
-        if reuse:
-            _GRAPH_CACHES[model] = ((rows, max_cache_len), cache)
-    for layer_idx, layer in enumerate(prefill_cache.layers):
-        # A sliding-window layer keeps only its last window - 1 tokens; copying those would misplace them.
-        if layer.keys.shape[-2] != prompt_length:
+    owner = stepper.owner
+    supports = getattr(owner, "_supports_default_dynamic_cache", None)
+    if callable(supports) and not supports():
+        if static:
             raise ValueError(
-                f"cache_implementation: 'static' needs prompts shorter than the model's sliding window (layer "
-                f"{layer_idx} keeps {layer.keys.shape[-2]} of {prompt_length} prompt tokens); use 'dynamic'"
+                f"cache_implementation: 'static' needs a model whose state is a transformers Cache; "
+                f"{type(owner).__name__} keeps its own (its generate builds no Cache); use 'dynamic'"
             )
-        slots = {"cache_position": torch.arange(prompt_length, device=layer.keys.device)}  # read by transformers < 5
-        copies = rows // layer.keys.shape[0]
-        cache.update(layer.keys.repeat(copies, 1, 1, 1), layer.values.repeat(copies, 1, 1, 1), layer_idx, slots)
+        return None
+    config = owner.config.get_text_config(decoder=True) if hasattr(owner.config, "get_text_config") else owner.config
+    if static:
+        return StaticCache(config=config, max_cache_len=max_cache_len)
+    cache = DynamicCache(config=config)
+    if not hasattr(cache, "layers"):
+        raise RuntimeError("generate_pairs / generate_samples need transformers >= 4.56 (Cache.layers)")
     return cache
+
+
+def _module_tensors(model: torch.nn.Module, batch: int) -> dict:
+    """Per-row tensors a model keeps on its modules outside parameters, buffers and caches (RecurrentGemma keeps
+    its recurrent and conv states there): a prefill that changes one leaves state the cache does not hold."""
+    return {
+        (name, attr): value
+        for name, module in model.named_modules()
+        for attr, value in vars(module).items()
+        if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch
+    }
+
+
+def _shared_prefill(stepper: _Stepper, model_kwargs: dict, batch: int, copies: int) -> dict | None:
+    """The prefill's state repeated for ``copies * batch`` rows (row ``i`` of copy ``c`` is row ``c * batch + i``),
+    or None when some of it is not a transformers Cache or a per-row mask/position tensor."""
+    from transformers import Cache
+
+    cache = model_kwargs.get(stepper.cache_key)
+    if set(model_kwargs) - _SHAREABLE_KWARGS or (cache is not None and not isinstance(cache, Cache)):
+        return None
+    rows = copies * batch
+    index = torch.arange(rows, device=model_kwargs["attention_mask"].device) % batch
+    if cache is not None:
+        cache.reorder_cache(index)  # every layer class: keys/values, conv and recurrent states, sliding windows
+    shared = dict(model_kwargs)
+    for key in ("attention_mask", "position_ids"):
+        value = shared.get(key)
+        if isinstance(value, torch.Tensor):
+            shared[key] = value.index_select(1 if value.dim() == 3 else 0, index)  # 3-D: multimodal RoPE positions
+    return shared
+
+
+def _layer_tensors(layer) -> dict:
+    """A cache layer's tensors by attribute (and key, for the per-state dicts of linear-attention layers)."""
+    found = {}
+    for name, value in vars(layer).items():
+        if isinstance(value, torch.Tensor):
+            found[name] = value
+        elif isinstance(value, dict):
+            found.update({(name, k): v for k, v in value.items() if isinstance(v, torch.Tensor)})
+    return found
+
+
+def _holds_tensors(value) -> bool:
+    return isinstance(value, torch.Tensor) or (
+        isinstance(value, dict) and any(isinstance(v, torch.Tensor) for v in value.values()))
+
+
+def _mark_static(cache) -> None:
+    # reorder_cache made new tensors: tell torch.compile their addresses are fixed (as StaticCache does for its own),
+    # so CUDA graphs read them in place instead of copying them in at every replay.
+    for layer in cache.layers:
+        for tensor in _layer_tensors(layer).values():
+            torch._dynamo.mark_static_address(tensor)
+
+
+def _refill(held, fresh) -> bool:
+    """Copy the state of ``fresh`` into ``held`` in place (the addresses a captured CUDA graph reads), if the two
+    caches have the same structure; False (nothing copied) otherwise."""
+    if len(held.layers) != len(fresh.layers):
+        return False
+    pairs = []
+    for old, new in zip(held.layers, fresh.layers, strict=True):
+        old_t, new_t = _layer_tensors(old), _layer_tensors(new)
+        if type(old) is not type(new) or old_t.keys() != new_t.keys():
+            return False
+        for key, tensor in new_t.items():
+            if (old_t[key].shape, old_t[key].dtype, old_t[key].device) != (tensor.shape, tensor.dtype, tensor.device):
+                return False
+            pairs.append((old_t[key], tensor))
+    for old_tensor, tensor in pairs:
+        old_tensor.copy_(tensor)
+    for old, new in zip(held.layers, fresh.layers, strict=True):
+        for name, value in vars(new).items():  # flags: has_previous_state, is_initialized, conv kernel sizes...
+            if not _holds_tensors(value):
+                setattr(old, name, dict(value) if isinstance(value, dict) else value)
+    return True
+
+
+def _graph_cache(model, fresh, rows: int, max_cache_len: int):
+    """The StaticCache a ``use_cuda_graph`` rollout decodes on: the one held for this model and shape, refilled with
+    this prefill's state, so the captured graphs' addresses stay valid; else ``fresh``, held for the next call."""
+    key = (rows, max_cache_len)
+    held = _GRAPH_CACHES.get(model)
+    if held is not None and held[0] == key and _refill(held[1], fresh):
+        return held[1]
+    _GRAPH_CACHES[model] = (key, fresh)
+    return fresh
 
 
 def generate_pairs(
@@ -466,12 +608,14 @@ def _pick(sampler, logits, step, finished, eos, pad: int):
     return token, logp, alive, finished | torch.isin(token, eos)
 
 
-def _decode_step(model, fwd, cache, sampler, token, position, step_mask, slot, step, finished, eos, pad: int):
-    """One decode step, all on the device: the model's forward of the last tokens (the cache updated in place),
-    the next tokens, EOS bookkeeping. Compiled whole (``torch.compile``; CUDA graphs with ``use_cuda_graph``)."""
-    logits = _last_logits(model, fwd, cache, token[:, None], step_mask, position, slot)
+def _decode_step(model, inputs: dict, sampler, step, finished, eos, pad: int, keep_outputs: bool):
+    """One decode step, all on the device: the model's forward of the step's inputs (its cache updated in place),
+    the next tokens, EOS bookkeeping. Compiled whole (``torch.compile``; CUDA graphs with ``use_cuda_graph``), where
+    ``keep_outputs`` is False: the static path's state is all in the cache, nothing else leaves the graph."""
+    outputs = model(**inputs, return_dict=True)
+    logits = outputs.logits[:, -1, :]
     token, logp, alive, finished = _pick(sampler, logits, step, finished, eos, pad)
-    return token, logp, alive, finished, position + 1, slot + 1, step + 1
+    return (outputs if keep_outputs else {}), token, logp, alive, finished, step + 1
 
 
 @functools.lru_cache(maxsize=1)
@@ -495,6 +639,27 @@ def _bucketed(input_ids, attention_mask, pad: int):
             torch.cat([attention_mask.new_zeros((attention_mask.shape[0], extra)), attention_mask], dim=1))
 
 
+def _prefill(model, stepper: _Stepper, ids, mask, *, static: bool, max_cache_len: int, use_cache: bool):
+    """The prompts' forward with a new cache: ``[rows, V]`` last logits and the model kwargs of the first step."""
+    cache = _new_cache(stepper, static=static, max_cache_len=max_cache_len)
+    model_kwargs = _initial_kwargs(stepper, mask, cache, use_cache=use_cache)
+    outputs = model(**_step_inputs(stepper, ids, model_kwargs, first=True), return_dict=True)
+    return outputs.logits[:, -1, :], _next_kwargs(stepper, outputs, model_kwargs)
+
+
+def _check_static_state(stepper: _Stepper, model_kwargs: dict, module_state: bool) -> None:
+    """The static path carries the StaticCache and the mask/positions only: refuse a model with more state."""
+    from transformers import StaticCache
+
+    extra = sorted(set(model_kwargs) - _SHAREABLE_KWARGS)
+    if module_state or extra or not isinstance(model_kwargs.get(stepper.cache_key), StaticCache):
+        where = "on its modules" if module_state else f"in {extra or 'its own cache class'}"
+        raise ValueError(
+            f"cache_implementation: 'static' cannot carry the state {type(stepper.owner).__name__} keeps {where}; "
+            "use cache_implementation='dynamic' (use_cuda_graph off)"
+        )
+
+
 def _decode(
     model, input_ids, attention_mask, *, max_new_tokens, temperature, top_k, top_p, min_p, eos_ids, pad, seeds,
     static, step_compiler, check_every, paired: bool = True,
@@ -502,45 +667,52 @@ def _decode(
     """The prefill + decode loop: ``paired`` decodes ``2B`` rows (sampled, then greedy), else the ``B`` sampled rows
     alone. Returns ``[rows, R]`` tokens, float32 log-probs and the bool alive mask.
 
+    Every forward's inputs come from the model's own ``prepare_inputs_for_generation`` and its state from
+    ``_update_model_kwargs_for_generation``, as in ``model.generate`` (``_Stepper``). The paired loop prefills the
+    ``B`` prompts once and duplicates the state when all of it is a transformers Cache plus the mask and positions
+    (``Cache.reorder_cache`` covers every layer type); a model with other state (RWKV, XLNet, state kept on its
+    modules as RecurrentGemma does) prefills the ``2B`` rows instead, so both halves start from their own copy.
+
     ``step_compiler`` (None = eager) wraps ``_decode_step``; the host reads ``finished`` every ``check_every``
     steps only (one device sync each), so up to ``check_every - 1`` steps run after the last row has finished:
     they emit padding and are cut from the result.
     """
-    from transformers import DynamicCache
-
     if step_compiler is not None:
         input_ids, attention_mask = _bucketed(input_ids, attention_mask, pad)
     batch, prompt_length = input_ids.shape
     copies = 2 if paired else 1
     rows, device = copies * batch, input_ids.device
-    fwd = _forward_kwargs(model)
-    mask = attention_mask.long()
-    position_ids = position_ids_from_attention_mask(mask)
+    max_cache_len = prompt_length + max_new_tokens
+    stepper = _stepper(model)
+    generation_config = getattr(stepper.owner, "generation_config", None)
+    use_cache = static or getattr(generation_config, "use_cache", True) is not False
+    ids, mask = input_ids.long(), attention_mask.long()
 
-    cache = DynamicCache(config=model.config)
-    if not hasattr(cache, "layers"):
-        raise RuntimeError("generate_pairs / generate_samples need transformers >= 4.56 (Cache.layers)")
-    logits = _last_logits(
-        model, fwd, cache, input_ids, mask, position_ids, torch.arange(prompt_length, device=device)
-    )
-    logits = logits.repeat(copies, 1)
+    before = _module_tensors(model, batch)
+    logits, model_kwargs = _prefill(model, stepper, ids, mask, static=static, max_cache_len=max_cache_len,
+                                    use_cache=use_cache)
+    after = _module_tensors(model, batch)
+    module_state = any(before.get(key) is not value for key, value in after.items())
     if static:
-        cache = _static_cache_from(
-            model, cache, rows, prompt_length, prompt_length + max_new_tokens, reuse=step_compiler is not None
-        )
-        # Fixed-shape mask over every cache slot; slots not yet written are hidden by the causal mask.
-        step_mask = torch.cat([mask.repeat(copies, 1), mask.new_ones(rows, max_new_tokens)], dim=1)
-    else:
-        if copies > 1:
-            cache.reorder_cache(torch.arange(rows, device=device) % batch)
-        step_mask = mask.repeat(copies, 1)
+        _check_static_state(stepper, model_kwargs, module_state)
+    if copies > 1:
+        shared = None if module_state else _shared_prefill(stepper, model_kwargs, batch, copies)
+        if shared is not None:
+            logits, model_kwargs = logits.repeat(copies, 1), shared
+        else:
+            logits, model_kwargs = _prefill(model, stepper, ids.repeat(copies, 1), mask.repeat(copies, 1),
+                                            static=static, max_cache_len=max_cache_len, use_cache=use_cache)
+        ids = ids.repeat(copies, 1)
+    if static:
+        cache = model_kwargs[stepper.cache_key]
+        _mark_static(cache)
+        if step_compiler is not None:
+            model_kwargs[stepper.cache_key] = _graph_cache(model, cache, rows, max_cache_len)
     step_fn = step_compiler(_decode_step) if step_compiler is not None else _decode_step
     sampler = _Sampler.parse(rows, logits.shape[-1], device, greedy_from=batch if paired else rows,
                              temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seeds=seeds)
 
     eos = torch.tensor(eos_ids, dtype=torch.int64, device=device)
-    position = position_ids[:, -1:].repeat(copies, 1) + 1
-    slot = torch.full((1,), prompt_length, dtype=torch.int64, device=device)
     step = torch.zeros(1, dtype=torch.int64, device=device)
     tokens = torch.full((rows, max_new_tokens), pad, dtype=torch.int64, device=device)
     logprobs = torch.zeros((rows, max_new_tokens), dtype=torch.float32, device=device)
@@ -553,16 +725,15 @@ def _decode(
     for t in range(1, max_new_tokens):
         if t % check_every == 0 and bool(finished.all()):
             break
-        if not static:
-            step_mask = torch.cat([step_mask, step_mask.new_ones(rows, 1)], dim=1)
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        inputs = _step_inputs(stepper, ids, model_kwargs, first=False)
         if step_compiler is not None and device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
-        token, logp, alive_t, finished, position, slot, step = step_fn(
-            model, fwd, cache, sampler, token, position, step_mask, slot, step, finished, eos, pad)
+        outputs, token, logp, alive_t, finished, step = step_fn(
+            model, inputs, sampler, step, finished, eos, pad, not static)
+        model_kwargs = _next_kwargs(stepper, outputs, model_kwargs)
         # Copied out before the next step: a CUDA-graph replay overwrites its outputs.
         tokens[:, t], logprobs[:, t], alive[:, t] = token, logp, alive_t
     # R = the steps up to the one where the last row emitted its EOS (one device sync).
     steps = int(alive.any(0).nonzero().max()) + 1
     return tokens[:, :steps], logprobs[:, :steps], alive[:, :steps]
-
-

@@ -219,10 +219,6 @@ def test_bad_inputs_raise_naming_the_argument():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="use_cuda_graph"):
             run(use_cuda_graph=True)
-    # The static cache cannot hold a prompt longer than Mistral's sliding window (8).
-    long_ids, long_mask = left_padded_prompts([10], seed=0)
-    with pytest.raises(ValueError, match="sliding window"):
-        generate_pairs(tiny_causal_lm("mistral"), long_ids, long_mask, max_new_tokens=2, cache_implementation="static")
 
 
 @pytest.mark.cuda
