@@ -161,6 +161,16 @@ def _logit_transforms(model) -> list[tuple[LogitTransform, float]]:
     return active
 
 
+def _dense_act_norm(head):
+    return lambda hidden: head.LayerNorm(head.activation(head.dense(hidden)))
+
+
+def _refuse_adaptive_softmax(model):
+    if getattr(model.config, "asm", False):
+        raise ValueError("model: XLMWithLMHeadModel with config.asm=True predicts with an adaptive softmax, not one "
+                         "linear map; compute log-probs from the model's own output")
+
+
 def _roberta_head_transform(head):
     from transformers.activations import gelu
 
@@ -173,7 +183,12 @@ _PRE_HEAD_TRANSFORMS = {
     **{name: lambda model: model.cls.predictions.transform for name in (
         "BertLMHeadModel", "BigBirdForCausalLM", "ErnieForCausalLM", "MegatronBertForCausalLM",
         "RemBertForCausalLM", "RoCBertForCausalLM", "RoFormerForCausalLM")},
+    "RemBertForCausalLM": lambda model: _dense_act_norm(model.cls.predictions),
     "ElectraForCausalLM": lambda model: model.generator_predictions,
+    # Heads nested in a module of their own that only calls the output embedding (None: no transform).
+    "BertGenerationDecoder": lambda model: None,
+    "ReformerModelWithLMHead": lambda model: None,  # the decoder applied in chunks of tokens
+    "XLMWithLMHeadModel": lambda model: _refuse_adaptive_softmax(model),
     "ModernBertDecoderForCausalLM": lambda model: model.lm_head,
     **{name: lambda model: _roberta_head_transform(model.lm_head) for name in (
         "RobertaForCausalLM", "CamembertForCausalLM", "Data2VecTextForCausalLM", "XLMRobertaForCausalLM",
@@ -185,7 +200,6 @@ _REFUSED_HEADS = {
                              "hidden state per token",
     "MusicgenForCausalLM": "has one lm-head per audio codebook (the logits are [B, codebooks, L, V])",
     "MusicgenMelodyForCausalLM": "has one lm-head per audio codebook (the logits are [B, codebooks, L, V])",
-    "BertGenerationDecoder": "ties its lm-head bias in a module of its own",
 }
 
 
@@ -207,10 +221,16 @@ def _backbone(model) -> torch.nn.Module:
     )
 
 
+# Linear subclasses whose forward is still hidden @ weight.T (+ bias), accumulated in fp32 as the fused op does.
+_LINEAR_LIKE = frozenset({"ErgoLinearWithFP32Output"})
+
+
 def _plain_linear(name: str, module) -> torch.nn.Linear:
     # Only a plain Linear computes hidden @ weight.T + bias; a quantized head overrides forward and its .weight
     # alone would give silently wrong log-probs.
-    if not isinstance(module, torch.nn.Linear) or type(module).forward is not torch.nn.Linear.forward:
+    plain = isinstance(module, torch.nn.Linear) and (
+        type(module).forward is torch.nn.Linear.forward or type(module).__name__ in _LINEAR_LIKE)
+    if not plain:
         raise ValueError(
             f"model: its {name} ({type(module).__name__}) is not a plain torch.nn.Linear (a quantized or otherwise "
             "wrapped lm-head); the fused log-probs read its weight and bias directly: dequantize the lm-head, or "
@@ -287,10 +307,10 @@ def _lm_head(model) -> _Head:
     else:
         linear = _plain_linear("output embedding", head)
         weight, bias = linear.weight, linear.bias
-    transform = _PRE_HEAD_TRANSFORMS.get(name)
-    if transform is not None:
-        transform, widen = transform(model), prepare
-        prepare = transform if widen is None else (lambda hidden: widen(transform(hidden)))
+    if name in _PRE_HEAD_TRANSFORMS:
+        transform, widen = _PRE_HEAD_TRANSFORMS[name](model), prepare
+        if transform is not None:
+            prepare = transform if widen is None else (lambda hidden: widen(transform(hidden)))
     else:
         # Any other module with parameters outside the backbone and the lm-head takes part in the logits in a way
         # the fused op does not know (a transform before the decoder, a projection after the body...).

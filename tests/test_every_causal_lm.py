@@ -20,9 +20,19 @@ import pytest
 import torch
 
 from remax_kernels import generate_pairs, policy_loss
-from remax_kernels.hf import causal_lm_logprobs, causal_lm_policy_loss
+from remax_kernels.hf import _backbone, causal_lm_logprobs, causal_lm_policy_loss
 from tests.helpers import assert_rel_close
-from tests.helpers.every_causal_lm import HF_REFUSED, NOT_BUILT, ROLLOUT_REFUSED, TOKEN_HIGH, TOKEN_LOW, VOCAB, build, classes
+from tests.helpers.every_causal_lm import (
+    HF_REFUSED,
+    NO_OWN_GRADIENTS,
+    NOT_BUILT,
+    ROLLOUT_REFUSED,
+    TOKEN_HIGH,
+    TOKEN_LOW,
+    VOCAB,
+    build,
+    classes,
+)
 
 TEMPERATURE = 0.7
 MAX_NEW = 3
@@ -43,8 +53,13 @@ def _batch(lengths, *, left: bool, seed: int):
 
 
 def _model_logits(model, ids, mask):
+    # Positions as generate computes them, passed wherever the model takes them: in its forward's signature, or
+    # through **kwargs to a backbone that takes them (Whisper's decoder).
+    params = inspect.signature(model.forward).parameters
+    through_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()) and (
+        "position_ids" in inspect.signature(_backbone(model).forward).parameters)
     kwargs = {}
-    if "position_ids" in inspect.signature(model.forward).parameters:
+    if "position_ids" in params or through_kwargs:
         kwargs["position_ids"] = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
     return model(input_ids=ids, attention_mask=mask, **kwargs).logits.double()
 
@@ -57,7 +72,7 @@ def _reference_logprobs(model, ids, mask, temperature):
     return logp, entropy
 
 
-def _check_hf(model):
+def _check_hf(model, *, gradients: bool = True):
     for left in (True, False):
         ids, mask = _batch([7, 4], left=left, seed=1)
         with torch.no_grad():
@@ -67,6 +82,8 @@ def _check_hf(model):
         assert_rel_close(logp, ref_logp, torch.float32, name=f"{side}-padded logprobs", scale=SCALE)
         assert_rel_close(entropy, ref_entropy, torch.float32, name=f"{side}-padded entropy", scale=SCALE)
 
+    if not gradients:
+        return
     prompt, prompt_mask = _batch([4, 3], left=True, seed=2)
     response_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
     response = torch.randint(TOKEN_LOW, TOKEN_HIGH, (2, 4), generator=torch.Generator().manual_seed(3))
@@ -112,10 +129,20 @@ def _check_rollout(model):
                      scale=SCALE)
 
 
-def _expect_refusal(table, model_type, check, model):
+def _hf_call(model):
+    ids, mask = _batch([5, 3], left=True, seed=1)
+    causal_lm_logprobs(model, ids, mask)
+
+
+def _rollout_call(model):
+    ids, mask = _batch([5, 3], left=True, seed=4)
+    generate_pairs(model, ids, mask, max_new_tokens=MAX_NEW)
+
+
+def _expect_refusal(table, model_type, call, model):
     error, pattern = table[model_type]
     with pytest.raises(error, match=pattern):
-        check(model)
+        call(model)
 
 
 @pytest.mark.parametrize(("model_type", "class_name"), classes(), ids=[mt for mt, _ in classes()])
@@ -124,17 +151,17 @@ def test_numbers_equal_the_models_own_or_a_clear_refusal(model_type, class_name)
         pytest.skip(f"not built tiny: {NOT_BUILT[model_type]}")
     model = build(model_type, class_name)
     if model_type in HF_REFUSED:
-        _expect_refusal(HF_REFUSED, model_type, _check_hf, model)
+        _expect_refusal(HF_REFUSED, model_type, _hf_call, model)
     else:
-        _check_hf(model)
+        _check_hf(model, gradients=model_type not in NO_OWN_GRADIENTS)
     if model_type in ROLLOUT_REFUSED:
-        _expect_refusal(ROLLOUT_REFUSED, model_type, _check_rollout, model)
+        _expect_refusal(ROLLOUT_REFUSED, model_type, _rollout_call, model)
     else:
         _check_rollout(model)
 
 
 def test_the_tables_name_only_installed_classes():
     installed = {mt for mt, _ in classes()}
-    for table in (NOT_BUILT, HF_REFUSED, ROLLOUT_REFUSED):
+    for table in (NOT_BUILT, HF_REFUSED, ROLLOUT_REFUSED, NO_OWN_GRADIENTS):
         assert set(table) <= installed, f"stale entries: {set(table) - installed}"
     assert len(installed) > 100, "the causal-LM mapping looks empty"
