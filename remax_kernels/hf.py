@@ -291,6 +291,13 @@ def _divided_first(divisor: float, then):
     return (lambda hidden: hidden / divisor) if then is None else (lambda hidden: then(hidden / divisor))
 
 
+def _unwrapped(model):
+    """The transformers model inside a peft wrapper (whose class names no head transform), else ``model``: its
+    modules, adapters included, are the ones the wrapper runs."""
+    base = getattr(model, "get_base_model", None)
+    return base() if callable(base) and isinstance(model, torch.nn.Module) else model
+
+
 def _lm_head(model) -> _Head:
     """The model's head as ``_Head``; raises before any work for a head the fused op cannot reproduce exactly."""
     name = type(model).__name__
@@ -376,7 +383,8 @@ def _response_window(response_mask, input_ids) -> int:
 
 def _hidden_and_targets(model, input_ids, attention_mask, position_ids, response_mask):
     """The last hidden states that predict the last ``R`` tokens, those tokens with the masked ones ignored, the
-    lm-head and the temperature divisor of the family's logit scale."""
+    lm-head (``_Head``)."""
+    model = _unwrapped(model)
     backbone = _backbone(model)
     head = _lm_head(model)
     window = _response_window(response_mask, input_ids)

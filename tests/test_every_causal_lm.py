@@ -97,7 +97,8 @@ def _check_hf(model, *, gradients: bool = True):
     loss, _ = causal_lm_policy_loss(model, ids, mask, response_mask, advantages, temperature=TEMPERATURE)
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     assert_rel_close(loss, ref_loss, torch.float32, name="loss", scale=SCALE)
-    for (name, _), got, ref in zip(((n, p) for n, p in model.named_parameters() if p.requires_grad), grads, ref_grads):
+    for (name, _), got, ref in zip(((n, p) for n, p in model.named_parameters() if p.requires_grad), grads, ref_grads,
+                                   strict=True):
         if ref is None:
             assert got is None or not bool(got.any()), f"grad {name}: nonzero where the model's own is None"
             continue
@@ -116,7 +117,7 @@ def _check_rollout(model):
     assert torch.equal(out.greedy_ids, hf.sequences), "greedy tokens differ from model.generate(do_sample=False)"
     hf_logp = torch.stack([
         torch.log_softmax(step.double() / TEMPERATURE, -1).gather(-1, token[:, None]).squeeze(-1)
-        for step, token in zip(hf.logits, hf.sequences[:, ids.shape[1]:].T)
+        for step, token in zip(hf.logits, hf.sequences[:, ids.shape[1]:].T, strict=True)
     ], dim=1)
     assert_rel_close(out.greedy_logprobs, hf_logp, torch.float32, name="greedy logprobs", scale=SCALE)
     with torch.no_grad():

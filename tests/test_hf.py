@@ -153,12 +153,17 @@ def test_policy_loss_matches_policy_loss_on_float64_logprobs(case):
     _assert_same_grads(model, ref_model)
 
 
-def test_softcapping_family_is_refused():
-    config = transformers.Gemma2Config(head_dim=8, **{k: v for k, v in _SMALL.items() if k != "initializer_range"})
-    model = transformers.Gemma2ForCausalLM(config).eval()
-    ids, mask = left_padded_prompts([4], seed=0)
-    with pytest.raises(ValueError, match="model: .*soft-caps"):
-        causal_lm_logprobs(model, ids, mask)
+def test_softcapping_family_matches_its_own_logits():
+    # final_logit_softcapping=1.5 on logits of std ~3: the cap changes every log-prob by far more than fp32 rounding.
+    config = transformers.Gemma2Config(head_dim=8, final_logit_softcapping=1.5, **_SMALL)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers.Gemma2ForCausalLM(config).eval()
+    ids, mask = left_padded_prompts([6, 6], seed=0)  # unpadded: Gemma-2's float64 eager attention NaNs on padding
+    ref_logp, ref_entropy = _eager_logprobs(copy.deepcopy(model).double(), ids, mask, TEMPERATURE)
+    logp, entropy = causal_lm_logprobs(model, ids, mask, temperature=TEMPERATURE, return_entropy=True)
+    assert_rel_close(logp, ref_logp, torch.float32, name="logprobs")
+    assert_rel_close(entropy, ref_entropy, torch.float32, name="entropy")
 
 
 def test_bad_inputs_raise_naming_the_argument():
@@ -216,3 +221,54 @@ def test_position_ids_skip_left_padding_and_reject_non_tensors():
     assert torch.equal(position_ids_from_attention_mask(mask.bool()), expected)
     with pytest.raises(TypeError, match="attention_mask"):
         position_ids_from_attention_mask([[1, 1]])
+
+
+def _peft_llama(**lora):
+    peft = pytest.importorskip("peft")
+    model = _model("llama")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, **lora))
+        for name, param in wrapped.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero: a random B makes the low-rank term visible
+                torch.nn.init.normal_(param, std=0.3)
+            if "modules_to_save" in name:
+                param.data.add_(torch.randn_like(param) * 0.3)
+    return wrapped
+
+
+@pytest.mark.parametrize("case", ["lora-lm-head", "lora-everywhere", "modules-to-save"])
+def test_peft_lm_heads_give_the_wrapped_models_numbers_and_gradients(case):
+    lora = {"lora-lm-head": dict(target_modules=["lm_head"]),
+            "lora-everywhere": dict(target_modules=["q_proj", "v_proj", "lm_head"]),
+            "modules-to-save": dict(target_modules=["q_proj"], modules_to_save=["lm_head"])}[case]
+    model = _peft_llama(**lora)
+    ids, mask = left_padded_prompts([6, 4], seed=3)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert any("lm_head" in n for n, _ in trainable), "the lm-head's adapter must be trainable"
+    ref_logp, ref_entropy = _eager_logprobs(model, ids, mask, TEMPERATURE)
+    ref_grads = torch.autograd.grad((ref_logp + ref_entropy).sum(), [p for _, p in trainable])
+    logp, entropy = causal_lm_logprobs(model, ids, mask, temperature=TEMPERATURE, return_entropy=True)
+    grads = torch.autograd.grad((logp + entropy).sum(), [p for _, p in trainable])
+    assert_rel_close(logp, ref_logp, torch.float32, name="logprobs", scale=10)
+    assert_rel_close(entropy, ref_entropy, torch.float32, name="entropy", scale=10)
+    for (name, _), got, ref in zip(trainable, grads, ref_grads, strict=True):
+        assert_rel_close(got, ref, torch.float32, name=f"grad {name}", scale=10)
+
+
+def test_a_lora_variant_on_the_lm_head_is_refused_naming_it():
+    model = _peft_llama(target_modules=["lm_head"], use_dora=True)
+    ids, mask = left_padded_prompts([4], seed=0)
+    with pytest.raises(ValueError, match="model: its LoRA lm-head uses a LoRA variant"):
+        causal_lm_logprobs(model, ids, mask)
+
+
+def test_an_unknown_logit_transform_named_by_the_models_code_is_refused(monkeypatch):
+    import remax_kernels.hf as hf
+
+    model = _model("cohere")
+    ids, mask = left_padded_prompts([4], seed=0)
+    known = tuple(entry for entry in hf.LOGIT_TRANSFORMS if entry.field != "logit_scale")
+    monkeypatch.setattr(hf, "LOGIT_TRANSFORMS", known)
+    with pytest.raises(ValueError, match="config.logit_scale=0.5, which looks like a logit transform"):
+        causal_lm_logprobs(model, ids, mask)
