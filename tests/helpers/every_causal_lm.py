@@ -47,7 +47,8 @@ OVERRIDES = {
     "gemma4_text": dict(vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=8),
     "gemma4_assistant": dict(hidden_size_per_layer_input=0),
     "gpt_neo": dict(attention_types=[[["global", "local"], 1]]),
-    "bamba": dict(_MAMBA, attn_layer_indices=[1]), "granitemoehybrid": _MAMBA,
+    "bamba": dict(_MAMBA, attn_layer_indices=[1]),
+    "granitemoehybrid": dict(_MAMBA, layer_types=["linear_attention", "full_attention"]),
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
                   mamba_dt_rank=8, use_mamba_kernels=False),
     "zamba": dict(attn_layer_period=2, attn_layer_offset=1, mamba_dt_rank=8, use_mamba_kernels=False),
@@ -152,6 +153,10 @@ NOT_BUILT: dict[str, str] = {
     "blt": "BltConfig is per component (patcher, local encoder/decoder, global transformer) with no "
            "num_hidden_layers to shrink",
     "dbrx": "DbrxConfig's attn_config / ffn_config sub-configs do not rebuild from shrunk fields (rope_theta)",
+    "cohere_compass_text": "its rotary embedding looks up rope_parameters['full_attention'], which the text "
+                           "config's defaults do not have",
+    "gemma4_assistant": "a drafting model: its text sub-config rejects the shrunk per-layer inputs",
+    "gemma4_unified_assistant": "a drafting model: its forward needs the target model's shared_kv_states",
     "dory": "its config derives the layer count from the layer schedule; no 2-layer schedule validates",
     "gemma3n": "Gemma3nForConditionalGeneration's vision tower needs timm, which is not installed",
     "kolibri1_1": "its NVFP4 KV rounding and index heads need head_dim >= 16 and more query heads per key head "
