@@ -11,10 +11,14 @@ Shift: hidden state ``t`` predicts token ``t + 1``, so a ``[B, L]`` sequence giv
 come from the attention mask (``cumsum(attention_mask) - 1``, as Hugging Face ``generate`` and
 ``remax_kernels.generate_pairs`` compute them), so left-padded prompts get the positions they were generated with.
 
-Logit post-processing: families that scale their logits (Cohere ``logit_scale``, Granite ``logits_scaling``,
-Falcon-H1 ``lm_head_multiplier``) are handled by folding the scale into the temperature, which is exact; families
-that soft-cap them (Gemma 2/3 ``final_logit_softcapping``) are refused with a ValueError, because a soft-cap is
-not a linear map of the hidden state. Other post-processing inside a family's ``forward`` is not detected.
+Logit post-processing and heads: the config fields by which families transform their logits are one table,
+``LOGIT_TRANSFORMS`` (scales folded into the temperature, soft-caps through the fused ops' ``softcap=``, a muP
+width multiplier on the hidden states, an unpadded vocabulary as the head's first rows); a logit-looking field the
+model's code names but the table lacks refuses the model. Heads with a per-token transform before the output
+embedding (BERT/RoBERTa-style dense + activation + LayerNorm, Electra, ModernBert-decoder) run it first; peft LoRA
+on the lm-head is one widened linear map, ``modules_to_save`` uses the active trained copy; heads that are not
+"transform, then one linear map" (ProphetNet's n-gram stream, Musicgen's per-codebook heads, unknown extra modules)
+are refused before any work. README.md's "Model families" lists what each class of transformers does.
 """
 
 from __future__ import annotations

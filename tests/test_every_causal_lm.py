@@ -169,3 +169,18 @@ def test_the_tables_name_only_installed_classes():
     for table in (NOT_BUILT, HF_REFUSED, ROLLOUT_REFUSED, NO_OWN_GRADIENTS):
         assert set(table) <= installed, f"stale entries: {set(table) - installed}"
     assert len(installed) > 100, "the causal-LM mapping looks empty"
+
+
+def test_readme_lists_the_families_as_the_tables_say():
+    import os
+
+    from tests.helpers.every_causal_lm import OPEN_FAILURES, README_BEGIN, README_END, readme_section
+
+    readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+    with open(readme) as fh:
+        text = fh.read()
+    start, end = text.find(README_BEGIN), text.find(README_END)
+    assert 0 <= start < end, "README.md has no generated model-families section"
+    assert text[start:end + len(README_END)] == readme_section(), (
+        "README.md's model-families section is stale: paste `python -m tests.helpers.every_causal_lm`")
+    assert set(OPEN_FAILURES) <= {mt for mt, _ in classes()}
