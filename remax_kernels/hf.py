@@ -302,9 +302,22 @@ def _unwrapped(model):
     return base() if callable(base) and isinstance(model, torch.nn.Module) else model
 
 
+def _check_causal(model) -> None:
+    """Refuse configs under which one forward lets a position see later tokens: its logits are then not the
+    next-token distributions a rollout samples from."""
+    config = model.config
+    if type(model).__name__ == "XLNetLMHeadModel" and getattr(config, "attn_type", "uni") != "uni":
+        raise ValueError(f"model: XLNetLMHeadModel with attn_type={config.attn_type!r} attends to later tokens in "
+                         "one forward, so its logits are not next-token predictions; set config.attn_type='uni'")
+    if type(model).__name__ == "XLMWithLMHeadModel" and not getattr(config, "causal", False):
+        raise ValueError("model: XLMWithLMHeadModel with causal=False is a masked LM (attends to later tokens); "
+                         "set config.causal=True for a causal LM")
+
+
 def _lm_head(model) -> _Head:
     """The model's head as ``_Head``; raises before any work for a head the fused op cannot reproduce exactly."""
     name = type(model).__name__
+    _check_causal(model)
     if name in _REFUSED_HEADS:
         raise ValueError(f"model: {name} {_REFUSED_HEADS[name]}; the fused log-probs need logits = one linear map "
                          "of the last hidden state: compute them from model(...).logits")
