@@ -18,6 +18,7 @@ import inspect
 
 import pytest
 import torch
+import transformers
 
 from remax_kernels import generate_pairs, policy_loss
 from remax_kernels.hf import _backbone, causal_lm_logprobs, causal_lm_policy_loss
@@ -112,9 +113,14 @@ def _check_rollout(model, *, recompute: bool = True, full_forward: bool = True):
     eos = VOCAB + 1  # never emitted: every row runs MAX_NEW steps, as model.generate does
     out = generate_pairs(model, ids, mask, max_new_tokens=MAX_NEW, temperature=TEMPERATURE, eos_token_id=eos,
                          pad_token_id=0, seed=5)
+    # A bare generation config: plain greedy decoding, without the logits processors a family's defaults switch on
+    # (BART's forced_eos_token_id, no_repeat_ngram_size...), which generate_pairs does not apply.
+    # (generate merges the model's own generation_config into the one passed, so the model's is replaced.)
+    model.generation_config = transformers.GenerationConfig(
+        do_sample=False, max_new_tokens=MAX_NEW, eos_token_id=eos, pad_token_id=0, output_logits=True,
+        return_dict_in_generate=True)
     with torch.no_grad():
-        hf = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=MAX_NEW, eos_token_id=eos,
-                            pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        hf = model.generate(ids, attention_mask=mask)
     assert torch.equal(out.greedy_ids, hf.sequences), "greedy tokens differ from model.generate(do_sample=False)"
     hf_logp = torch.stack([
         torch.log_softmax(step.double() / TEMPERATURE, -1).gather(-1, token[:, None]).squeeze(-1)

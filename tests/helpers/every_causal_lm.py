@@ -191,9 +191,6 @@ ROLLOUT_REFUSED: dict[str, tuple[type, str]] = {}
 # Classes whose numbers differ today (the parametrized test fails for them; they are not marked xfail). Listed here
 # for README.md only, with what differs; each belongs to generate_pairs' decode loop (remax_kernels/generation.py).
 OPEN_FAILURES: dict[str, str] = {
-    **{mt: "generate_pairs' greedy tokens differ from model.generate(do_sample=False) (decoder of an "
-           "encoder-decoder family, built as a standalone causal LM)"
-       for mt in ("bart", "blenderbot", "blenderbot-small", "marian", "mbart", "pegasus", "plbart")},
     **{mt: "the rollout's sampled log-probs differ from a full forward of the sampled sequences (also without "
            "padding)"
        for mt in ("cpmant", "prophetnet", "xlm")},
