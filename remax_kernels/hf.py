@@ -254,7 +254,7 @@ def _modules_to_save_head(head):
     return head.original_module
 
 
-def _lora_head(head, training: bool):
+def _lora_head(head):
     """peft LoRA on the lm-head: ``W x + b + sum_a s_a B_a A_a dropout_a(x)`` as ONE linear map of the widened hidden
     state ``[x, s_a A_a dropout_a(x), ...]`` with the weight ``[W, B_a, ...]`` ([V, H + r]): gradients reach W, A
     and B, and the ``[N, V]`` product is never formed (the widened weight is one copy of the head, V (H + r))."""
@@ -327,7 +327,7 @@ def _lm_head(model) -> _Head:
         head = _modules_to_save_head(head)
     prepare = None
     if hasattr(head, "base_layer") and hasattr(head, "lora_A"):
-        weight, bias, prepare = _lora_head(head, model.training)
+        weight, bias, prepare = _lora_head(head)
     else:
         linear = _plain_linear("output embedding", head)
         weight, bias = linear.weight, linear.bias

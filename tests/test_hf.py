@@ -272,3 +272,22 @@ def test_an_unknown_logit_transform_named_by_the_models_code_is_refused(monkeypa
     monkeypatch.setattr(hf, "LOGIT_TRANSFORMS", known)
     with pytest.raises(ValueError, match="config.logit_scale=0.5, which looks like a logit transform"):
         causal_lm_logprobs(model, ids, mask)
+
+
+def test_lora_dropout_on_the_lm_head_is_applied_in_train_mode():
+    # lora_dropout=1.0 drops the whole low-rank input in train mode: the log-probs are the base head's; in eval mode
+    # dropout is off and the adapter counts.
+    model = _peft_llama(target_modules=["lm_head"])
+    model.base_model.model.lm_head.lora_dropout["default"] = torch.nn.Dropout(1.0)
+    model.eval()
+    ids, mask = left_padded_prompts([6, 4], seed=3)
+    with torch.no_grad():
+        with model.disable_adapter():
+            base, _ = _eager_logprobs(model, ids, mask, TEMPERATURE)
+        adapted, _ = _eager_logprobs(model, ids, mask, TEMPERATURE)
+        eval_logp = causal_lm_logprobs(model, ids, mask, temperature=TEMPERATURE)
+        model.train()
+        train_logp = causal_lm_logprobs(model, ids, mask, temperature=TEMPERATURE)
+    assert_rel_close(eval_logp, adapted, torch.float32, name="eval mode", scale=10)
+    assert_rel_close(train_logp, base, torch.float32, name="train mode, everything dropped", scale=10)
+    assert not torch.allclose(base, adapted, atol=1e-3), "the adapter must change the log-probs"
