@@ -121,6 +121,12 @@ _SHAREABLE_KWARGS = frozenset(
 )
 
 
+# Models whose forward mixes the rows of a batch: transformers' RWKV (5.25) adds its one-token step's ``[rows, H]``
+# shift state to the ``[rows, 1, H]`` hidden states, broadcasting to ``[rows, rows, H]`` (its logits_to_keep then hides
+# the shape), so every batched decode step is wrong, in model.generate too.
+_MIXES_BATCH_ROWS = frozenset({"RwkvForCausalLM"})
+
+
 @dataclass(frozen=True)
 class _Stepper:
     """How the model's own ``generate`` prepares each forward, found once per rollout.
@@ -272,6 +278,11 @@ def _new_cache(stepper: _Stepper, *, static: bool, max_cache_len: int):
                 f"{type(owner).__name__} keeps its own (its generate builds no Cache); use 'dynamic'"
             )
         return None
+    if static and not getattr(owner, "_can_compile_fullgraph", True):
+        raise ValueError(
+            f"cache_implementation: 'static' needs a model transformers runs on a static cache; "
+            f"{type(owner).__name__} is not one (_can_compile_fullgraph is False); use 'dynamic'"
+        )
     config = owner.config.get_text_config(decoder=True) if hasattr(owner.config, "get_text_config") else owner.config
     if static:
         return StaticCache(config=config, max_cache_len=max_cache_len)
@@ -684,6 +695,12 @@ def _decode(
     rows, device = copies * batch, input_ids.device
     max_cache_len = prompt_length + max_new_tokens
     stepper = _stepper(model)
+    if rows > 1 and type(stepper.owner).__name__ in _MIXES_BATCH_ROWS:
+        raise ValueError(
+            f"model: {type(stepper.owner).__name__}'s forward mixes the rows of a batch on one-token steps (its "
+            f"state broadcasts across the batch), so a rollout of {rows} rows would be wrong; decode one prompt at a "
+            "time with generate_samples"
+        )
     generation_config = getattr(stepper.owner, "generation_config", None)
     use_cache = static or getattr(generation_config, "use_cache", True) is not False
     ids, mask = input_ids.long(), attention_mask.long()
@@ -691,12 +708,16 @@ def _decode(
     before = _module_tensors(model, batch)
     logits, model_kwargs = _prefill(model, stepper, ids, mask, static=static, max_cache_len=max_cache_len,
                                     use_cache=use_cache)
-    after = _module_tensors(model, batch)
-    module_state = any(before.get(key) is not value for key, value in after.items())
+    changed = [value for key, value in _module_tensors(model, batch).items() if before.get(key) is not value]
     if static:
-        _check_static_state(stepper, model_kwargs, module_state)
-    if copies > 1:
-        shared = None if module_state else _shared_prefill(stepper, model_kwargs, batch, copies)
+        _check_static_state(stepper, model_kwargs, bool(changed))
+    if changed:
+        # State kept on modules outlives a call: that prefill started from the last call's (RecurrentGemma reads
+        # it at padded slots). Start again from zeros, the state a fresh model sets up, with all the rows.
+        for value in changed:
+            value.zero_()
+    if changed or copies > 1:
+        shared = None if changed else _shared_prefill(stepper, model_kwargs, batch, copies)
         if shared is not None:
             logits, model_kwargs = logits.repeat(copies, 1), shared
         else:
