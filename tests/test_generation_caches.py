@@ -114,10 +114,13 @@ def _model(family: str, seed: int = 0):
 def _positions(model, mask):
     """The positions rollout and training give the model: ``cumsum(mask) - 1``, where its forward (or the decoder
     behind its ``**kwargs``) takes them."""
-    from remax_kernels.generation import _stepper
+    import inspect
+
     from remax_kernels.hf import position_ids_from_attention_mask
 
-    return {"position_ids": position_ids_from_attention_mask(mask)} if _stepper(model).position_ids else {}
+    takes = "position_ids" in inspect.signature(model.forward).parameters or isinstance(
+        model, transformers.WhisperForCausalLM)
+    return {"position_ids": position_ids_from_attention_mask(mask)} if takes else {}
 
 
 def _hf_greedy(family, model, ids, mask, eos):
