@@ -221,3 +221,27 @@ def test_rwkv_state_reaches_the_model_and_a_batch_that_would_mix_rows_is_refused
         generate_samples(model, ids.repeat(2, 1), mask.repeat(2, 1), **kwargs)
     with pytest.raises(ValueError, match="cache_implementation: 'static'"):
         generate_samples(model, ids, mask, cache_implementation="static", **kwargs)
+
+
+def test_graph_path_refills_the_held_static_cache_in_place():
+    """``use_cuda_graph`` keeps one StaticCache per model (its tensors are a captured graph's addresses): a second
+    rollout of the same shape copies its prefill's state into that cache, linear-attention conv and recurrent states
+    included, and decodes exactly as a rollout on a fresh cache. (The step is run eagerly here: no GPU on CI.)"""
+    from remax_kernels import generation
+
+    model = _model("qwen3_next", seed=6)
+    common = dict(max_new_tokens=4, temperature=0.9, top_k=0, top_p=1.0, min_p=0.0, eos_ids=[VOCAB + 1],
+                  pad=PAD_TOKEN_ID, seeds=7, static=True, check_every=2)
+    graph_like = dict(step_compiler=lambda step: step, **common)
+    first_ids, first_mask = left_padded_prompts(PROMPT_LENGTHS, seed=7)
+    ids, mask = left_padded_prompts([4, 6, 2], seed=8)
+    with torch.no_grad():
+        generation._decode(model, first_ids, first_mask, **graph_like)
+        held = generation._GRAPH_CACHES[model][1]
+        refilled = generation._decode(model, ids, mask, **graph_like)
+        assert generation._GRAPH_CACHES[model][1] is held, "the held cache was replaced, not refilled"
+        # The graph path left-pads prompts to PROMPT_BUCKET tokens; the same padding on the plain static path.
+        padded = generation._bucketed(ids, mask, PAD_TOKEN_ID)
+        fresh = generation._decode(model, *padded, step_compiler=None, **common)
+    for got, want in zip(refilled, fresh, strict=True):
+        assert torch.equal(got, want)
