@@ -2,9 +2,13 @@
 
 ``generate_pairs(model, input_ids, attention_mask, max_new_tokens=...)`` reads top to bottom:
 
-1. prefill: the ``B`` prompts go through the model once, filling a ``DynamicCache``;
-2. expand: the cache is duplicated along the batch, so rows ``[0, B)`` continue with sampling and rows ``[B, 2B)``
-   greedily (the two halves share nothing after this point);
+1. prefill: the ``B`` prompts go through the model once, filling the cache ``model.generate`` would make (a
+   ``DynamicCache`` or ``StaticCache`` from the model's config, so each layer gets its own class: full or sliding
+   attention, linear attention, conv/SSM state; or none, for models that build their own state);
+2. expand: the state is duplicated along the batch (``Cache.reorder_cache``), so rows ``[0, B)`` continue with
+   sampling and rows ``[B, 2B)`` greedily (the two halves share nothing after this point). A model with state
+   outside a transformers Cache (RWKV ``state``, XLNet ``mems``, tensors on its modules as in RecurrentGemma)
+   prefills the ``2B`` rows instead;
 3. decode: ``_decode_step``, one ``2B``-row forward per new token, then ``sample_and_greedy`` picks every row's
    next token in one kernel (rows ``[B, 2B)`` greedy), seeded by ``(seed, step)`` so a rollout is reproducible,
    and the EOS bookkeeping; the sampling options are parsed once per rollout (``_Sampler``) and the step is a
@@ -12,17 +16,20 @@
 4. finish: a row stops at its EOS token, later tokens are ``pad_token_id``; the loop ends when every row has
    finished (the host looks every ``check_every`` steps: one device sync each) or after ``max_new_tokens``.
 
-Positions follow Hugging Face ``generate``: ``position_ids = cumsum(attention_mask) - 1`` for left-padded prompts,
-then one more per new token. With ``cache_implementation="static"`` the decode step reads a preallocated
-``StaticCache`` (fixed shapes, no per-step reallocation) and with ``use_cuda_graph=True`` the whole step is
-compiled with ``torch.compile(mode="reduce-overhead", fullgraph=True)`` (CUDA graphs), gpt-fast style. The
-compiled step's shapes are ``(2B, P_bucket + max_new_tokens)`` (``B`` rows for ``generate_samples``), with
-prompts left-padded to a multiple of ``PROMPT_BUCKET`` tokens: batches whose longest prompts fall in the same
-bucket reuse its graphs.
+Each forward's inputs are prepared as ``model.generate`` prepares them, by the model's own
+``prepare_inputs_for_generation`` and ``_update_model_kwargs_for_generation`` (``_Stepper``): the cache keyword,
+one-token steps or a full re-forward (models without a cache), the attention mask some models drop on one-token
+steps (Mamba), the 4-D mask of a static cache, recurrent state. Positions are ``cumsum(attention_mask) - 1`` for
+left-padded prompts, then one more per new token, as in training (``remax_kernels.hf``), also for decoders that take
+them only through ``**kwargs`` (WhisperForCausalLM). With ``cache_implementation="static"`` the decode step reads a
+preallocated ``StaticCache`` (fixed shapes, no per-step reallocation; models transformers runs on one) and with
+``use_cuda_graph=True`` the model's forward and the sampling are compiled with
+``torch.compile(mode="reduce-overhead", fullgraph=True)`` (CUDA graphs), gpt-fast style. The compiled step's
+shapes are ``(2B, P_bucket + max_new_tokens)`` (``B`` rows for ``generate_samples``), with prompts left-padded to
+a multiple of ``PROMPT_BUCKET`` tokens: batches whose longest prompts fall in the same bucket reuse its graphs.
 
-Needs transformers >= 4.56 (the ``Cache.layers`` API); tested with 4.57, 5.17 and 5.24. What changed between
-them is picked from the model's ``forward`` signature: the cache keyword (``cache`` since 5.24, ``past_key_values``
-before) and ``cache_position`` (passed only where ``forward`` still takes it, i.e. before 5).
+Written against the generation API of transformers 5 (``next_sequence_length``, the ``cache`` keyword; tested with
+5.25); on 4.56+ the ``past_key_values`` keyword and ``cache_position`` are passed instead (not tested here).
 """
 
 from __future__ import annotations
@@ -428,7 +435,8 @@ def generate_pairs(
         cache_implementation: ``"dynamic"`` (transformers' DynamicCache: grows by concatenation each step) or
             ``"static"`` (a preallocated StaticCache of ``P + max_new_tokens`` slots; attention then spans all
             slots every step, masked). Default: ``"static"`` with ``use_cuda_graph``, else ``"dynamic"``.
-            ``"static"`` needs prompts shorter than a sliding-window model's window.
+            ``"static"`` is refused (ValueError, before any decode step) for models transformers does not run on a
+            static cache or whose state is not all in one (Mamba, RWKV, XLNet, RecurrentGemma, ...).
         use_cuda_graph: compile the whole decode step (forward, sampling, EOS bookkeeping) with
             ``torch.compile(mode="reduce-overhead", fullgraph=True)``: CUDA graphs over a static cache; CUDA only.
             The compiled step and its cache are kept per model and reused while ``(B, P_bucket, max_new_tokens)``
