@@ -312,11 +312,12 @@ def _module_tensors(model: torch.nn.Module, batch: int) -> dict:
 
 def _shared_prefill(stepper: _Stepper, model_kwargs: dict, batch: int, copies: int) -> dict | None:
     """The prefill's state repeated for ``copies * batch`` rows (row ``i`` of copy ``c`` is row ``c * batch + i``),
-    or None when some of it is not a transformers Cache or a per-row mask/position tensor."""
-    from transformers import Cache
+    or None when some of it is not a DynamicCache / StaticCache or a per-row mask/position tensor (a model's own
+    Cache subclass, MiniMax's, may keep state its reorder_cache does not move)."""
+    from transformers import DynamicCache, StaticCache
 
     cache = model_kwargs.get(stepper.cache_key)
-    if set(model_kwargs) - _SHAREABLE_KWARGS or (cache is not None and not isinstance(cache, Cache)):
+    if set(model_kwargs) - _SHAREABLE_KWARGS or (cache is not None and type(cache) not in (DynamicCache, StaticCache)):
         return None
     rows = copies * batch
     index = torch.arange(rows, device=model_kwargs["attention_mask"].device) % batch

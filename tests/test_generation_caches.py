@@ -1,7 +1,8 @@
 """generate_pairs / generate_samples on models whose state is not a plain key/value cache.
 
 One tiny model (built from its config, seeded) per kind of state the decode loop has to carry: linear attention
-(Qwen3-Next), hybrid attention + SSM (Jamba, Bamba), SSMs (Mamba, FalconMamba, Mamba2), RWKV's ``state``, state kept
+(Qwen3-Next, Qwen3.5, MiniMax's own cache class), conv state (LFM2), hybrid attention + SSM (Jamba, Bamba,
+Nemotron-H, GraniteMoeHybrid, Falcon-H1, Zamba2), SSMs (Mamba, FalconMamba, Mamba2), RWKV's ``state``, state kept
 on the modules (RecurrentGemma), no cache at all (OpenAI-GPT: a full re-forward each step), XLNet's ``mems``,
 CpmAnt, a decoder that takes positions only through ``**kwargs`` (WhisperForCausalLM), sliding-window layers with
 soft-capping (Gemma-2), and Llama as the baseline. For each, on left-padded prompts:
@@ -50,6 +51,32 @@ def _config(family: str):
         return transformers.BambaConfig(
             **_LLAMA_LIKE, attn_layer_indices=[1], mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8,
             mamba_chunk_size=8)
+    if family == "qwen3_5":  # Qwen3.5: gated delta-rule linear attention, then full attention
+        return transformers.Qwen3_5TextConfig(
+            **_LLAMA_LIKE, layer_types=["linear_attention", "full_attention"], head_dim=8, linear_num_value_heads=4,
+            linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8)
+    if family == "lfm2":  # a short-conv layer (conv state only), then attention
+        return transformers.Lfm2Config(**_LLAMA_LIKE, layer_types=["conv", "full_attention"], block_ff_dim=64,
+                                       block_auto_adjust_ff_dim=False)
+    if family == "nemotron_h":
+        return transformers.NemotronHConfig(
+            **_LLAMA_LIKE, layers_block_type=["mamba", "attention"], mamba_num_heads=4, mamba_head_dim=16,
+            ssm_state_size=8, n_groups=1, chunk_size=8, head_dim=8)
+    if family == "granitemoehybrid":
+        return transformers.GraniteMoeHybridConfig(
+            **_LLAMA_LIKE, layer_types=["mamba", "attention"], mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8,
+            mamba_chunk_size=8, num_local_experts=2, num_experts_per_tok=1)
+    if family == "falcon_h1":  # attention and Mamba2 in parallel in every layer
+        return transformers.FalconH1Config(**_LLAMA_LIKE, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8,
+                                           mamba_chunk_size=8, mamba_d_ssm=64, head_dim=8)
+    if family == "zamba2":
+        return transformers.Zamba2Config(
+            **{**_LLAMA_LIKE, "num_hidden_layers": 4}, layers_block_type=["mamba", "hybrid", "mamba", "hybrid"],
+            hybrid_layer_ids=[1, 3], mamba_headdim=16, mamba_d_state=8, n_mamba_heads=4, chunk_size=8,
+            attention_head_dim=8)
+    if family == "minimax":  # lightning (linear) attention in its own cache class, then full attention
+        return transformers.MiniMaxConfig(**_LLAMA_LIKE, layer_types=["linear_attention", "full_attention"],
+                                          num_local_experts=2, num_experts_per_tok=1, head_dim=8)
     if family in ("mamba", "falcon_mamba"):
         config_class = transformers.MambaConfig if family == "mamba" else transformers.FalconMambaConfig
         return config_class(hidden_size=32, num_hidden_layers=2, state_size=4, expand=2, **_COMMON)
@@ -83,12 +110,14 @@ def _config(family: str):
 # family -> whether its state is a transformers Cache the static path can carry
 FAMILIES = {
     "llama": True, "qwen3_next": True, "jamba": True, "bamba": True, "mamba2": True, "gemma2": True, "whisper": True,
+    "qwen3_5": True, "lfm2": True, "nemotron_h": True, "granitemoehybrid": True,
     # transformers runs these on a static cache only without torch.compile (_can_compile_fullgraph is False)
-    "mamba": False, "falcon_mamba": False,
+    "mamba": False, "falcon_mamba": False, "falcon_h1": False, "zamba2": False, "minimax": False,
     "rwkv": False, "recurrent_gemma": False, "openai": False, "xlnet": False, "cpmant": False,
 }
-# CpmAnt ignores the attention mask (left padding is read as tokens): prompts of one length.
-NO_PADDING = {"cpmant"}
+# CpmAnt ignores the attention mask (left padding is read as tokens); MiniMax's own generate and full forward
+# differ on left-padded rows (log-probs ~4e-2 apart; equal without padding): prompts of one length.
+NO_PADDING = {"cpmant", "minimax"}
 # XLNet is bidirectional without a permutation mask: a plain full forward is not its generation distribution.
 # CpmAnt's own generate differs from its full forward (logits up to ~9 apart on one unpadded prompt, transformers
 # 5.25); the rollout follows its generate.
