@@ -418,7 +418,11 @@ def generate_pairs(
     flash-attn is installed and the model is on CUDA).
 
     Args:
-        model: a Hugging Face causal LM (``*ForCausalLM``; Llama, Qwen2, Mistral, GPT-2 and their relatives).
+        model: a Hugging Face causal LM (``*ForCausalLM``): attention models, linear-attention and hybrid SSM
+            models (Qwen3.5, Qwen3-Next, Jamba, Bamba, Nemotron-H, ...), SSMs (Mamba), models with their own
+            state (XLNet ``mems``, RecurrentGemma) or none (OpenAI-GPT); each step's inputs are the ones its
+            ``generate`` would give. RWKV decodes one prompt at a time only (a batch is refused: transformers'
+            RWKV mixes batch rows on one-token steps).
         input_ids: ``[B, P]`` int64/int32 prompt tokens, left-padded, on the model's device.
         attention_mask: ``[B, P]`` 0/1 (int or bool), 0 at left padding.
         max_new_tokens: the most tokens to generate per response (>= 1).
