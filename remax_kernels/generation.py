@@ -2,9 +2,13 @@
 
 ``generate_pairs(model, input_ids, attention_mask, max_new_tokens=...)`` reads top to bottom:
 
-1. prefill: the ``B`` prompts go through the model once, filling a ``DynamicCache``;
-2. expand: the cache is duplicated along the batch, so rows ``[0, B)`` continue with sampling and rows ``[B, 2B)``
-   greedily (the two halves share nothing after this point);
+1. prefill: the ``B`` prompts go through the model once, filling the cache ``model.generate`` would make (a
+   ``DynamicCache`` or ``StaticCache`` from the model's config, so each layer gets its own class: full or sliding
+   attention, linear attention, conv/SSM state; or none, for models that build their own state);
+2. expand: the state is duplicated along the batch (``Cache.reorder_cache``), so rows ``[0, B)`` continue with
+   sampling and rows ``[B, 2B)`` greedily (the two halves share nothing after this point). A model with state
+   outside a transformers Cache (RWKV ``state``, XLNet ``mems``, tensors on its modules as in RecurrentGemma)
+   prefills the ``2B`` rows instead;
 3. decode: ``_decode_step``, one ``2B``-row forward per new token, then ``sample_and_greedy`` picks every row's
    next token in one kernel (rows ``[B, 2B)`` greedy), seeded by ``(seed, step)`` so a rollout is reproducible,
    and the EOS bookkeeping; the sampling options are parsed once per rollout (``_Sampler``) and the step is a
@@ -12,17 +16,20 @@
 4. finish: a row stops at its EOS token, later tokens are ``pad_token_id``; the loop ends when every row has
    finished (the host looks every ``check_every`` steps: one device sync each) or after ``max_new_tokens``.
 
-Positions follow Hugging Face ``generate``: ``position_ids = cumsum(attention_mask) - 1`` for left-padded prompts,
-then one more per new token. With ``cache_implementation="static"`` the decode step reads a preallocated
-``StaticCache`` (fixed shapes, no per-step reallocation) and with ``use_cuda_graph=True`` the whole step is
-compiled with ``torch.compile(mode="reduce-overhead", fullgraph=True)`` (CUDA graphs), gpt-fast style. The
-compiled step's shapes are ``(2B, P_bucket + max_new_tokens)`` (``B`` rows for ``generate_samples``), with
-prompts left-padded to a multiple of ``PROMPT_BUCKET`` tokens: batches whose longest prompts fall in the same
-bucket reuse its graphs.
+Each forward's inputs are prepared as ``model.generate`` prepares them, by the model's own
+``prepare_inputs_for_generation`` and ``_update_model_kwargs_for_generation`` (``_Stepper``): the cache keyword,
+one-token steps or a full re-forward (models without a cache), the attention mask some models drop on one-token
+steps (Mamba), the 4-D mask of a static cache, recurrent state. Positions are ``cumsum(attention_mask) - 1`` for
+left-padded prompts, then one more per new token, as in training (``remax_kernels.hf``), also for decoders that take
+them only through ``**kwargs`` (WhisperForCausalLM). With ``cache_implementation="static"`` the decode step reads a
+preallocated ``StaticCache`` (fixed shapes, no per-step reallocation; models transformers runs on one) and with
+``use_cuda_graph=True`` the model's forward and the sampling are compiled with
+``torch.compile(mode="reduce-overhead", fullgraph=True)`` (CUDA graphs), gpt-fast style. The compiled step's
+shapes are ``(2B, P_bucket + max_new_tokens)`` (``B`` rows for ``generate_samples``), with prompts left-padded to
+a multiple of ``PROMPT_BUCKET`` tokens: batches whose longest prompts fall in the same bucket reuse its graphs.
 
-Needs transformers >= 4.56 (the ``Cache.layers`` API); tested with 4.57, 5.17 and 5.24. What changed between
-them is picked from the model's ``forward`` signature: the cache keyword (``cache`` since 5.24, ``past_key_values``
-before) and ``cache_position`` (passed only where ``forward`` still takes it, i.e. before 5).
+Written against the generation API of transformers 5 (``next_sequence_length``, the ``cache`` keyword; tested with
+5.25); on 4.56+ the ``past_key_values`` keyword and ``cache_position`` are passed instead (not tested here).
 """
 
 from __future__ import annotations
@@ -119,6 +126,12 @@ class SampledRollout:
 _SHAREABLE_KWARGS = frozenset(
     {"attention_mask", "position_ids", "cache", "past_key_values", "use_cache", "logits_to_keep", "cache_position"}
 )
+
+
+# Models whose forward mixes the rows of a batch: transformers' RWKV (5.25) adds its one-token step's ``[rows, H]``
+# shift state to the ``[rows, 1, H]`` hidden states, broadcasting to ``[rows, rows, H]`` (its logits_to_keep then hides
+# the shape), so every batched decode step is wrong, in model.generate too.
+_MIXES_BATCH_ROWS = frozenset({"RwkvForCausalLM"})
 
 
 @dataclass(frozen=True)
@@ -272,6 +285,11 @@ def _new_cache(stepper: _Stepper, *, static: bool, max_cache_len: int):
                 f"{type(owner).__name__} keeps its own (its generate builds no Cache); use 'dynamic'"
             )
         return None
+    if static and not getattr(owner, "_can_compile_fullgraph", True):
+        raise ValueError(
+            f"cache_implementation: 'static' needs a model transformers runs on a static cache; "
+            f"{type(owner).__name__} is not one (_can_compile_fullgraph is False); use 'dynamic'"
+        )
     config = owner.config.get_text_config(decoder=True) if hasattr(owner.config, "get_text_config") else owner.config
     if static:
         return StaticCache(config=config, max_cache_len=max_cache_len)
@@ -294,11 +312,12 @@ def _module_tensors(model: torch.nn.Module, batch: int) -> dict:
 
 def _shared_prefill(stepper: _Stepper, model_kwargs: dict, batch: int, copies: int) -> dict | None:
     """The prefill's state repeated for ``copies * batch`` rows (row ``i`` of copy ``c`` is row ``c * batch + i``),
-    or None when some of it is not a transformers Cache or a per-row mask/position tensor."""
-    from transformers import Cache
+    or None when some of it is not a DynamicCache / StaticCache or a per-row mask/position tensor (a model's own
+    Cache subclass, MiniMax's, may keep state its reorder_cache does not move)."""
+    from transformers import DynamicCache, StaticCache
 
     cache = model_kwargs.get(stepper.cache_key)
-    if set(model_kwargs) - _SHAREABLE_KWARGS or (cache is not None and not isinstance(cache, Cache)):
+    if set(model_kwargs) - _SHAREABLE_KWARGS or (cache is not None and type(cache) not in (DynamicCache, StaticCache)):
         return None
     rows = copies * batch
     index = torch.arange(rows, device=model_kwargs["attention_mask"].device) % batch
@@ -399,7 +418,11 @@ def generate_pairs(
     flash-attn is installed and the model is on CUDA).
 
     Args:
-        model: a Hugging Face causal LM (``*ForCausalLM``; Llama, Qwen2, Mistral, GPT-2 and their relatives).
+        model: a Hugging Face causal LM (``*ForCausalLM``): attention models, linear-attention and hybrid SSM
+            models (Qwen3.5, Qwen3-Next, Jamba, Bamba, Nemotron-H, ...), SSMs (Mamba), models with their own
+            state (XLNet ``mems``, RecurrentGemma) or none (OpenAI-GPT); each step's inputs are the ones its
+            ``generate`` would give. RWKV decodes one prompt at a time only (a batch is refused: transformers'
+            RWKV mixes batch rows on one-token steps).
         input_ids: ``[B, P]`` int64/int32 prompt tokens, left-padded, on the model's device.
         attention_mask: ``[B, P]`` 0/1 (int or bool), 0 at left padding.
         max_new_tokens: the most tokens to generate per response (>= 1).
@@ -417,7 +440,8 @@ def generate_pairs(
         cache_implementation: ``"dynamic"`` (transformers' DynamicCache: grows by concatenation each step) or
             ``"static"`` (a preallocated StaticCache of ``P + max_new_tokens`` slots; attention then spans all
             slots every step, masked). Default: ``"static"`` with ``use_cuda_graph``, else ``"dynamic"``.
-            ``"static"`` needs prompts shorter than a sliding-window model's window.
+            ``"static"`` is refused (ValueError, before any decode step) for models transformers does not run on a
+            static cache or whose state is not all in one (Mamba, RWKV, XLNet, RecurrentGemma, ...).
         use_cuda_graph: compile the whole decode step (forward, sampling, EOS bookkeeping) with
             ``torch.compile(mode="reduce-overhead", fullgraph=True)``: CUDA graphs over a static cache; CUDA only.
             The compiled step and its cache are kept per model and reused while ``(B, P_bucket, max_new_tokens)``
@@ -684,6 +708,12 @@ def _decode(
     rows, device = copies * batch, input_ids.device
     max_cache_len = prompt_length + max_new_tokens
     stepper = _stepper(model)
+    if rows > 1 and type(stepper.owner).__name__ in _MIXES_BATCH_ROWS:
+        raise ValueError(
+            f"model: {type(stepper.owner).__name__}'s forward mixes the rows of a batch on one-token steps (its "
+            f"state broadcasts across the batch), so a rollout of {rows} rows would be wrong; decode one prompt at a "
+            "time with generate_samples"
+        )
     generation_config = getattr(stepper.owner, "generation_config", None)
     use_cache = static or getattr(generation_config, "use_cache", True) is not False
     ids, mask = input_ids.long(), attention_mask.long()
@@ -691,12 +721,16 @@ def _decode(
     before = _module_tensors(model, batch)
     logits, model_kwargs = _prefill(model, stepper, ids, mask, static=static, max_cache_len=max_cache_len,
                                     use_cache=use_cache)
-    after = _module_tensors(model, batch)
-    module_state = any(before.get(key) is not value for key, value in after.items())
+    changed = [value for key, value in _module_tensors(model, batch).items() if before.get(key) is not value]
     if static:
-        _check_static_state(stepper, model_kwargs, module_state)
-    if copies > 1:
-        shared = None if module_state else _shared_prefill(stepper, model_kwargs, batch, copies)
+        _check_static_state(stepper, model_kwargs, bool(changed))
+    if changed:
+        # State kept on modules outlives a call: that prefill started from the last call's (RecurrentGemma reads
+        # it at padded slots). Start again from zeros, the state a fresh model sets up, with all the rows.
+        for value in changed:
+            value.zero_()
+    if changed or copies > 1:
+        shared = None if changed else _shared_prefill(stepper, model_kwargs, batch, copies)
         if shared is not None:
             logits, model_kwargs = logits.repeat(copies, 1), shared
         else:
