@@ -166,7 +166,8 @@ NOT_BUILT: dict[str, str] = {
                   "than a tiny model has",
     "qwen4_exp": "its QSA indexer's token_budget / compress_ratio default to None",
     "reformer": "its LSH / local attention needs sequence lengths that are multiples of the chunk length",
-    "xlstm": "the mLSTM recurrent step rejects the shrunk head sizes (its matC shape check)",
+    "xlstm": "its mLSTM state and value head sizes disagree at every tiny size tried (matC shape check; with "
+             "embedding_dim shrunk too, a factor of 2 in the chunkwise kernel)",
     "zamba": "a 2-layer schedule breaks its shared-transformer weight tying (tie_weights_keys)",
 }
 # Classes causal_lm_logprobs / causal_lm_policy_loss refuse: (exception type, message pattern).
