@@ -225,6 +225,8 @@ def _backbone(model) -> torch.nn.Module:
     )
 
 
+# Linear heads (no bias) whose forward multiplies each vocabulary entry's logit by a learned scale.
+_ROW_SCALED_HEADS = frozenset({"DoryLMHead"})
 # Linear subclasses whose forward is still hidden @ weight.T (+ bias), accumulated in fp32 as the fused op does.
 _LINEAR_LIKE = frozenset({"ErgoLinearWithFP32Output"})
 
@@ -328,6 +330,10 @@ def _lm_head(model) -> _Head:
     prepare = None
     if hasattr(head, "base_layer") and hasattr(head, "lora_A"):
         weight, bias, prepare = _lora_head(head)
+    elif type(head).__name__ in _ROW_SCALED_HEADS:
+        # Dory: logits * (logit_scale * factor), a learned scale per vocabulary row = the weight's rows scaled: one
+        # [V, H] product, differentiable in both, instead of the [N, V] logits.
+        weight, bias = head.weight * (head.logit_scale * head.logit_scale_factor).to(head.weight.dtype)[:, None], None
     else:
         linear = _plain_linear("output embedding", head)
         weight, bias = linear.weight, linear.bias

@@ -51,7 +51,8 @@ OVERRIDES = {
     "granitemoehybrid": dict(_MAMBA, layer_types=["linear_attention", "full_attention"]),
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
                   mamba_dt_rank=8, use_mamba_kernels=False),
-    "zamba": dict(attn_layer_period=2, attn_layer_offset=1, mamba_dt_rank=8, use_mamba_kernels=False),
+    "zamba": dict(attn_layer_period=2, attn_layer_offset=1, mamba_dt_rank=8, use_mamba_kernels=False,
+                  num_hidden_layers=4, layers_block_type=["linear_attention", "hybrid"] * 2),
     "zamba2": dict(mamba_headdim=16, n_mamba_heads=4, mamba_d_state=16, hybrid_layer_ids=[1],
                    use_mamba_kernels=False),
     "kolibri1_1": dict(head_dim=16, hidden_size=64),
@@ -59,6 +60,10 @@ OVERRIDES = {
     "mamba2": dict(head_dim=16, n_groups=1, state_size=16, chunk_size=16),
     "xlstm": dict(num_heads=2),
     "zaya": dict(num_experts_per_tok=1),
+    "dory": dict(layer_types=["sliding_attention", "full_attention"], num_hidden_layers=2, n_input_layers=1,
+                 n_output_layers=1),
+    "qwen4_exp": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=16,
+                      indexer_compress_ratio=4),
     "xlm": dict(causal=True),  # XLM is a masked LM unless causal
     "blt": dict(encoder_hash_byte_group_vocab=64),
     "roc_bert": dict(shape_vocab_size=32, pronunciation_vocab_size=32),
@@ -160,15 +165,12 @@ NOT_BUILT: dict[str, str] = {
                            "config's defaults do not have",
     "gemma4_assistant": "a drafting model: its text sub-config rejects the shrunk per-layer inputs",
     "gemma4_unified_assistant": "a drafting model: its forward needs the target model's shared_kv_states",
-    "dory": "its config derives the layer count from the layer schedule; no 2-layer schedule validates",
     "gemma3n": "Gemma3nForConditionalGeneration's vision tower needs timm, which is not installed",
     "kolibri1_1": "its NVFP4 KV rounding and index heads need head_dim >= 16 and more query heads per key head "
                   "than a tiny model has",
-    "qwen4_exp": "its QSA indexer's token_budget / compress_ratio default to None",
     "reformer": "its LSH / local attention needs sequence lengths that are multiples of the chunk length",
     "xlstm": "its mLSTM state and value head sizes disagree at every tiny size tried (matC shape check; with "
              "embedding_dim shrunk too, a factor of 2 in the chunkwise kernel)",
-    "zamba": "a 2-layer schedule breaks its shared-transformer weight tying (tie_weights_keys)",
 }
 # Classes causal_lm_logprobs / causal_lm_policy_loss refuse: (exception type, message pattern).
 HF_REFUSED: dict[str, tuple[type, str]] = {
