@@ -291,3 +291,13 @@ def test_lora_dropout_on_the_lm_head_is_applied_in_train_mode():
     assert_rel_close(eval_logp, adapted, torch.float32, name="eval mode", scale=10)
     assert_rel_close(train_logp, base, torch.float32, name="train mode, everything dropped", scale=10)
     assert not torch.allclose(base, adapted, atol=1e-3), "the adapter must change the log-probs"
+
+
+def test_a_masked_lm_config_is_refused():
+    from tests.helpers.every_causal_lm import build
+
+    model = build("xlm", "XLMWithLMHeadModel")
+    model.config.causal = False
+    ids, mask = left_padded_prompts([4], seed=0)
+    with pytest.raises(ValueError, match="model: XLMWithLMHeadModel with causal=False is a masked LM"):
+        causal_lm_logprobs(model, ids, mask)
