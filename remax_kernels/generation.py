@@ -301,12 +301,14 @@ def _new_cache(stepper: _Stepper, *, static: bool, max_cache_len: int):
 
 def _module_tensors(model: torch.nn.Module, batch: int) -> dict:
     """Per-row tensors a model keeps on its modules outside parameters, buffers and caches (RecurrentGemma keeps
-    its recurrent and conv states there): a prefill that changes one leaves state the cache does not hold."""
+    its recurrent and conv states there): a prefill that changes one leaves state the cache does not hold.
+    Parameters and buffers (rotary tables among them) live in the modules' ``_parameters`` / ``_buffers``, not here."""
     return {
         (name, attr): value
         for name, module in model.named_modules()
         for attr, value in vars(module).items()
-        if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() >= 1
+        and value.shape[0] == batch
     }
 
 

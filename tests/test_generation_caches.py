@@ -274,3 +274,25 @@ def test_graph_path_refills_the_held_static_cache_in_place():
         fresh = generation._decode(model, *padded, step_compiler=None, **common)
     for got, want in zip(refilled, fresh, strict=True):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "jamba", "gemma2"])
+def test_whole_step_compiles_on_linear_attention_ssm_and_sliding_caches(family):
+    """The compiled decode step (``fullgraph=True``, as ``use_cuda_graph`` compiles it) over a StaticCache holding
+    linear-attention, Mamba or sliding-window layers gives the eager step's rollout."""
+    import functools
+
+    from remax_kernels import generation
+
+    model = _model(family, seed=1)
+    ids, mask = left_padded_prompts(PROMPT_LENGTHS, seed=3)
+    common = dict(max_new_tokens=4, temperature=0.9, top_k=0, top_p=0.9, min_p=0.0, eos_ids=[VOCAB + 1],
+                  pad=PAD_TOKEN_ID, seeds=torch.tensor([11, 12, 13]).repeat(2), static=True, check_every=2)
+    torch._dynamo.reset()
+    compiled = functools.partial(torch.compile, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        tokens, logprobs, alive = generation._decode(model, ids, mask, step_compiler=lambda step: step, **common)
+        tokens_c, logprobs_c, alive_c = generation._decode(model, ids, mask, step_compiler=compiled, **common)
+    assert torch.equal(tokens_c, tokens) and torch.equal(alive_c, alive)
+    # The compiled forward decomposes some ops (norms, attention), so its logits may round differently.
+    torch.testing.assert_close(logprobs_c, logprobs, rtol=1e-5, atol=1e-5)
