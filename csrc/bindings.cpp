@@ -64,7 +64,8 @@ void check_launch(cudaError_t err, const char* op) {
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> row_logprobs_fwd(const Tensor& logits, const Tensor& targets, int64_t t1,
                                                             int64_t s0, int64_t s1, double inv_temperature,
-                                                            int64_t ignore_index, bool need_entropy) {
+                                                            int64_t ignore_index, bool need_entropy,
+                                                            double softcap) {
   TORCH_CHECK(logits.is_cuda(), "logits: expected a CUDA tensor, got one on ", logits.device());
   const remax::DType dtype = dtype_of(logits, "logits");
   const int64_t n = targets.numel();
@@ -79,7 +80,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> row_logprobs_fwd(const Tensor& logits
                                       targets.data_ptr<int64_t>(), ignore_index,
                                       float(inv_temperature), logp.data_ptr<float>(),
                                       row_max.data_ptr<float>(),  log_norm.data_ptr<float>(),
-                                      need_entropy ? entropy.data_ptr<float>() : nullptr};
+                                      need_entropy ? entropy.data_ptr<float>() : nullptr,
+                                      float(softcap)};
   check_launch(remax::row_logprobs_forward(dtype, p, current_stream(logits)), "row_logprobs_fwd");
   return {logp, row_max, log_norm, entropy};
 }
@@ -88,7 +90,7 @@ void row_logprobs_bwd(const Tensor& logits, const Tensor& targets, const Tensor&
                       const std::optional<Tensor>& entropy, const std::optional<Tensor>& grad_logp,
                       const std::optional<Tensor>& grad_entropy, int64_t t1, int64_t s0, int64_t s1,
                       double inv_temperature, int64_t ignore_index, const Tensor& grad, int64_t g_t1, int64_t g_s0,
-                      int64_t g_s1) {
+                      int64_t g_s1, double softcap) {
   TORCH_CHECK(logits.is_cuda(), "logits: expected a CUDA tensor, got one on ", logits.device());
   const remax::DType dtype = dtype_of(logits, "logits");
   const int64_t n = targets.numel();
@@ -123,14 +125,15 @@ void row_logprobs_bwd(const Tensor& logits, const Tensor& targets, const Tensor&
       grad_logp ? grad_logp->data_ptr<float>() : nullptr,
       grad_entropy ? grad_entropy->data_ptr<float>() : nullptr,
       grad.data_ptr(),
-      remax::RowLayout{g_t1, g_s0, g_s1}};
+      remax::RowLayout{g_t1, g_s0, g_s1},
+      float(softcap)};
   check_launch(remax::row_logprobs_backward(dtype, p, current_stream(logits)), "row_logprobs_bwd");
 }
 
 std::tuple<Tensor, Tensor> sample_and_greedy(const Tensor& logits, const Tensor& greedy, const Tensor& temperature,
                                              const Tensor& top_k, const Tensor& top_p, const Tensor& log_min_p,
                                              const Tensor& seeds, const Tensor& step, bool key_row,
-                                             bool truncate, bool raw) {
+                                             bool truncate, bool raw, double softcap) {
   TORCH_CHECK(logits.is_cuda(), "logits: expected a CUDA tensor, got one on ", logits.device());
   const remax::DType dtype = dtype_of(logits, "logits");
   TORCH_CHECK(logits.dim() == 2, "logits: expected [B, V], got ", logits.sizes());
@@ -166,7 +169,8 @@ std::tuple<Tensor, Tensor> sample_and_greedy(const Tensor& logits, const Tensor&
                               truncate,
                               raw,
                               tokens.data_ptr<int64_t>(),
-                              logprobs.data_ptr<float>()};
+                              logprobs.data_ptr<float>(),
+                              float(softcap)};
   check_launch(remax::sample_and_greedy(dtype, p, current_stream(logits)), "sample_and_greedy");
   return {tokens, logprobs};
 }
@@ -176,14 +180,15 @@ std::tuple<Tensor, Tensor> sample_and_greedy(const Tensor& logits, const Tensor&
 TORCH_LIBRARY(remax_cuda, m) {
   m.def(
       "row_logprobs_fwd(Tensor logits, Tensor targets, int t1, int s0, int s1, float inv_temperature, "
-      "int ignore_index, bool need_entropy) -> (Tensor, Tensor, Tensor, Tensor)");
+      "int ignore_index, bool need_entropy, float softcap=0.0) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "row_logprobs_bwd(Tensor logits, Tensor targets, Tensor row_max, Tensor log_norm, Tensor? entropy, "
       "Tensor? grad_logp, Tensor? grad_entropy, int t1, int s0, int s1, float inv_temperature, int ignore_index, "
-      "Tensor(a!) grad, int g_t1, int g_s0, int g_s1) -> ()");
+      "Tensor(a!) grad, int g_t1, int g_s0, int g_s1, float softcap=0.0) -> ()");
   m.def(
       "sample_and_greedy(Tensor logits, Tensor greedy, Tensor temperature, Tensor top_k, Tensor top_p, "
-      "Tensor log_min_p, Tensor seeds, Tensor step, bool key_row, bool truncate, bool raw) -> (Tensor, Tensor)");
+      "Tensor log_min_p, Tensor seeds, Tensor step, bool key_row, bool truncate, bool raw, float softcap=0.0) -> "
+      "(Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(remax_cuda, CUDA, m) {

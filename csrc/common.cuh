@@ -115,20 +115,42 @@ RK_DEVICE int64_t head_to_alignment(const T* row, int64_t V) {
   return head < V ? head : V;
 }
 
+// Logit soft-capping x -> cap * tanh(x / cap) (Gemma-2/3's final_logit_softcapping), applied to each value as it is
+// loaded (for_each_chunk's `load`); ON = false is the identity, so the no-cap kernels compile as without it.
+// tanh(u) = 1 - 2 / (exp(2u) + 1): one fast exp and one fast division (MUFU ex2 + rcp), exact limits +-1 where the exp
+// overflows to inf or underflows to 0; the absolute error, a few ulps of 1 times cap, is what the logits need
+// (softmax is shift-invariant). -inf stays -inf (masked tokens stay masked), NaN stays NaN. The same formula as the
+// Triton kernels' `soft_cap_logits`.
+RK_DEVICE float tanh_fast(float u) { return 1.0f - __fdividef(2.0f, __expf(2.0f * u) + 1.0f); }
+
+template <bool ON>
+struct SoftCap {
+  float cap, inv_cap;
+  RK_DEVICE float operator()(float x) const {
+    if constexpr (!ON) {
+      return x;
+    } else {
+      return x == neg_inf() ? x : cap * tanh_fast(x * inv_cap);
+    }
+  }
+};
+using NoCap = SoftCap<false>;
+
 // Walks the part of a row of V elements owned by thread `tid` of `nthreads`, in increasing index order, calling
-// f(xs, count, first) with fp32 values xs[0..count) of elements first..first+count-1: a scalar head up to the first
-// 16-byte boundary, then N-element vectors (one 16-byte load each; UNROLL of them issued before any is used, to keep
-// several loads in flight), then a scalar tail. Vector j of the row goes to thread j % nthreads, so each warp's
-// loads are contiguous 512-byte segments.
-template <typename T, int UNROLL, typename F>
-RK_DEVICE void for_each_chunk(const T* __restrict__ row, int64_t V, int tid, int nthreads, F&& f) {
+// f(xs, count, first) with fp32 values xs[0..count) = load(element) of elements first..first+count-1: a scalar head up
+// to the first 16-byte boundary, then N-element vectors (one 16-byte load each; UNROLL of them issued before any is
+// used, to keep several loads in flight), then a scalar tail. Vector j of the row goes to thread j % nthreads, so each
+// warp's loads are contiguous 512-byte segments. `load` maps each upcast value (the soft-cap, or the identity).
+template <typename T, int UNROLL, typename F, typename Load = NoCap>
+RK_DEVICE void for_each_chunk(const T* __restrict__ row, int64_t V, int tid, int nthreads, F&& f,
+                              const Load load = Load{}) {
   constexpr int N = Vec16<T>::N;
   using V16 = Vec16<T>;
   float xs[N];
   const int64_t head = head_to_alignment(row, V);
   for (int64_t i = tid; i < head; i += nthreads) {
     RK_COVER(kCoverScalarHead);
-    xs[0] = to_float(row[i]);
+    xs[0] = load(to_float(row[i]));
     f(xs, 1, i);
   }
   const int64_t nvec = (V - head) / N;
@@ -141,19 +163,19 @@ RK_DEVICE void for_each_chunk(const T* __restrict__ row, int64_t V, int tid, int
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
 #pragma unroll
-      for (int e = 0; e < N; ++e) xs[e] = to_float(buf[u].v[e]);
+      for (int e = 0; e < N; ++e) xs[e] = load(to_float(buf[u].v[e]));
       f(xs, N, head + (j + int64_t(u) * nthreads) * N);
     }
   }
   for (; j < nvec; j += nthreads) {
     const V16 buf = vrow[j];
 #pragma unroll
-    for (int e = 0; e < N; ++e) xs[e] = to_float(buf.v[e]);
+    for (int e = 0; e < N; ++e) xs[e] = load(to_float(buf.v[e]));
     f(xs, N, head + j * N);
   }
   for (int64_t i = head + nvec * N + tid; i < V; i += nthreads) {
     RK_COVER(kCoverScalarTail);
-    xs[0] = to_float(row[i]);
+    xs[0] = load(to_float(row[i]));
     f(xs, 1, i);
   }
 }

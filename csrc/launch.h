@@ -25,7 +25,8 @@ struct RowLayout {
 // Per-token log-prob row pass (forward): for each row with target != ignore_index, with m = max(x),
 // d = (x - m) * inv_temperature, s = sum exp(d):
 //   logp = min(d[target] - log(s), 0), row_max = m, log_norm = log(s), entropy = max(log(s) - sum(exp(d) * d) / s, 0)
-// (the clamps keep NaN); ignored rows get 0 in all four outputs. All outputs are fp32 [n_rows].
+// (the clamps keep NaN); ignored rows get 0 in all four outputs. All outputs are fp32 [n_rows]. With softcap > 0, x is
+// the soft-capped logit softcap * tanh(logits / softcap) (computed as the row is read; 0 = off).
 struct RowLogprobsFwdParams {
   const void* logits;  // element type given by the DType argument
   RowLayout layout;
@@ -37,12 +38,14 @@ struct RowLogprobsFwdParams {
   float* row_max;
   float* log_norm;
   float* entropy;  // nullptr: entropy not computed
+  float softcap;   // > 0: soft-cap the logits as they are read; 0: off (last, so older initializers leave it off)
 };
 
 // Backward: grad[v] = (g_lp * (1[v == target] - p_v) - g_ent * p_v * (log p_v + H)) * inv_temperature with
 // log p_v = (x_v - row_max) * inv_temperature - log_norm, written in the logits' dtype; zero rows where ignored.
 // `grad` may be the logits themselves with the same layout (in place: each element is read before it is written,
-// by the same thread).
+// by the same thread). With softcap > 0, x_v is the capped logit and grad is w.r.t. the raw logits (the chain rule's
+// factor 1 - tanh(logits / softcap)^2 computed in the same pass).
 struct RowLogprobsBwdParams {
   const void* logits;
   RowLayout layout;
@@ -57,6 +60,7 @@ struct RowLogprobsBwdParams {
   const float* grad_entropy;  // nullptr: no entropy gradient
   void* grad;
   RowLayout grad_layout;
+  float softcap;  // as in the forward
 };
 
 cudaError_t row_logprobs_forward(DType dtype, const RowLogprobsFwdParams& p, cudaStream_t stream);
@@ -81,6 +85,7 @@ struct SampleParams {
   bool raw;       // log-probs of log_softmax(logits) instead of the processed distribution
   int64_t* tokens;   // [batch]
   float* logprobs;   // [batch]
+  float softcap;     // > 0: the logits are soft-capped (softcap * tanh(x / softcap)) as each pass reads them; 0: off
 };
 
 cudaError_t sample_and_greedy(DType dtype, const SampleParams& p, cudaStream_t stream);

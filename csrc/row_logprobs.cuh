@@ -13,6 +13,9 @@
 //             element. In place (grad == logits) the write goes over the row just read, by the same thread.
 // Both are bandwidth-bound on A100/H100 for E <= 4: ~3.3 TB/s on H100 allows ~1.6e12 bf16 elements/s, far below
 // the MUFU and FP32 rates at these op counts.
+//   soft-capping (SOFTCAP, Gemma-2/3): per element +1 exp and +1 fast division (2 MUFU) and ~4 FP32 ops, in the same
+//             passes (the backward recomputes the cap from the raw logit and multiplies by 1 - tanh^2): still under
+//             the MUFU rate (16 per SM per clock on H100: ~4e12 MUFU ops/s, 3 per element forward).
 #pragma once
 
 #include "common.cuh"
@@ -96,8 +99,11 @@ RK_DEVICE SoftmaxState row_merge(SoftmaxState st, float inv_t) {
   return st;
 }
 
-template <typename T, int BLOCK, int ROW_THREADS>
-__global__ void __launch_bounds__(BLOCK) forward_kernel(const RowLogprobsFwdParams p) {
+// SOFTCAP says "1 block per SM" to ptxas: without it, at 512 threads ptxas holds the fp32 capped variant to 40
+// registers (the no-cap kernel's count) and spills on sm_80; with it 44, no spill. 0 (no constraint) for the no-cap
+// kernel keeps its compilation as it was.
+template <typename T, int BLOCK, int ROW_THREADS, bool SOFTCAP>
+__global__ void __launch_bounds__(BLOCK, SOFTCAP ? 1 : 0) forward_kernel(const RowLogprobsFwdParams p) {
   constexpr int ROWS = BLOCK / ROW_THREADS;
   const int tid = int(threadIdx.x) % ROW_THREADS;
   const int64_t row = int64_t(blockIdx.x) * ROWS + int64_t(threadIdx.x) / ROW_THREADS;
@@ -107,22 +113,25 @@ __global__ void __launch_bounds__(BLOCK) forward_kernel(const RowLogprobsFwdPara
   const T* x = static_cast<const T*>(p.logits) + row_offset(p.layout, row);
   const float inv_t = p.inv_temperature;
   const bool entropy = p.entropy != nullptr;
+  const SoftCap<SOFTCAP> cap{p.softcap, SOFTCAP ? 1.0f / p.softcap : 0.0f};
 
   SoftmaxState st{neg_inf(), 0.0f, 0.0f};
   if (valid) {  // ignored rows skip the read (uniform within the row group)
     if (entropy) {
-      for_each_chunk<T, 2>(x, p.vocab, tid, ROW_THREADS,
-                           [&](const float* xs, int n, int64_t) { st.template add<true>(xs, n, inv_t); });
+      for_each_chunk<T, 2>(
+          x, p.vocab, tid, ROW_THREADS, [&](const float* xs, int n, int64_t) { st.template add<true>(xs, n, inv_t); },
+          cap);
     } else {
-      for_each_chunk<T, 2>(x, p.vocab, tid, ROW_THREADS,
-                           [&](const float* xs, int n, int64_t) { st.template add<false>(xs, n, inv_t); });
+      for_each_chunk<T, 2>(
+          x, p.vocab, tid, ROW_THREADS, [&](const float* xs, int n, int64_t) { st.template add<false>(xs, n, inv_t); },
+          cap);
     }
   }
   st = row_merge<BLOCK, ROW_THREADS>(st, inv_t);
   if (tid != 0) return;
   float logp = 0.0f, m = 0.0f, log_s = 0.0f, ent = 0.0f;
   if (valid) {
-    const float x_target = to_float(x[target]);
+    const float x_target = cap(to_float(x[target]));
     m = st.m;
     log_s = logf(st.s);
     logp = (x_target - m) * inv_t - log_s;
@@ -138,22 +147,30 @@ __global__ void __launch_bounds__(BLOCK) forward_kernel(const RowLogprobsFwdPara
   if (entropy) p.entropy[row] = ent;
 }
 
+template <bool SOFTCAP>
 struct GradContext {
-  float m, log_s, g_lp, g_ent, h, inv_t;
+  float m, log_s, g_lp, g_ent, h, inv_t, cap, inv_cap;
   int64_t target;
   bool valid, has_lp, has_ent;
+  // x: the raw logit. With SOFTCAP the softmax is that of y = cap * tanh(x / cap), and dy/dx = 1 - tanh^2.
   RK_DEVICE float grad(float x, int64_t v) const {
     if (!valid) return 0.0f;
+    float dy_dx = 1.0f;
+    if constexpr (SOFTCAP) {
+      const float th = tanh_fast(x * inv_cap);
+      dy_dx = 1.0f - th * th;
+      x = x == neg_inf() ? x : cap * th;
+    }
     const float log_p = (x - m) * inv_t - log_s;
     const float prob = __expf(log_p);
     float g = 0.0f;
     if (has_lp) g += g_lp * ((v == target ? 1.0f : 0.0f) - prob);
     if (has_ent) g -= g_ent * prob * (log_p + h);
-    return g * inv_t;
+    return SOFTCAP ? g * inv_t * dy_dx : g * inv_t;
   }
 };
 
-template <typename T, int BLOCK, int ROW_THREADS>
+template <typename T, int BLOCK, int ROW_THREADS, bool SOFTCAP>
 __global__ void __launch_bounds__(BLOCK) backward_kernel(const RowLogprobsBwdParams p) {
   constexpr int ROWS = BLOCK / ROW_THREADS;
   constexpr int N = Vec16<T>::N;
@@ -161,7 +178,9 @@ __global__ void __launch_bounds__(BLOCK) backward_kernel(const RowLogprobsBwdPar
   const int tid = int(threadIdx.x) % ROW_THREADS;
   const int64_t row = int64_t(blockIdx.x) * ROWS + int64_t(threadIdx.x) / ROW_THREADS;
   if (row >= p.n_rows) return;  // no barriers in this kernel
-  GradContext c;
+  GradContext<SOFTCAP> c;
+  c.cap = p.softcap;
+  c.inv_cap = SOFTCAP ? 1.0f / p.softcap : 0.0f;
   c.target = p.targets[row];
   c.valid = c.target != p.ignore_index;
   c.m = p.row_max[row];
@@ -200,17 +219,22 @@ __global__ void __launch_bounds__(BLOCK) backward_kernel(const RowLogprobsBwdPar
   }
 }
 
-// Launch with an explicit configuration (the emulation tests drive small ones; `run` below picks for the GPU).
+// Launch with an explicit configuration (the emulation tests drive small ones; `run` below picks for the GPU); the
+// soft-capping variant is its own instantiation, chosen from p.softcap on the host.
 template <typename T, int BLOCK, int ROW_THREADS>
 cudaError_t launch(const RowLogprobsFwdParams& p, cudaStream_t stream) {
   constexpr int ROWS = BLOCK / ROW_THREADS;
-  return launch_kernel(forward_kernel<T, BLOCK, ROW_THREADS>, (p.n_rows + ROWS - 1) / ROWS, BLOCK, p, stream);
+  const int64_t grid = (p.n_rows + ROWS - 1) / ROWS;
+  if (p.softcap > 0.0f) return launch_kernel(forward_kernel<T, BLOCK, ROW_THREADS, true>, grid, BLOCK, p, stream);
+  return launch_kernel(forward_kernel<T, BLOCK, ROW_THREADS, false>, grid, BLOCK, p, stream);
 }
 
 template <typename T, int BLOCK, int ROW_THREADS>
 cudaError_t launch(const RowLogprobsBwdParams& p, cudaStream_t stream) {
   constexpr int ROWS = BLOCK / ROW_THREADS;
-  return launch_kernel(backward_kernel<T, BLOCK, ROW_THREADS>, (p.n_rows + ROWS - 1) / ROWS, BLOCK, p, stream);
+  const int64_t grid = (p.n_rows + ROWS - 1) / ROWS;
+  if (p.softcap > 0.0f) return launch_kernel(backward_kernel<T, BLOCK, ROW_THREADS, true>, grid, BLOCK, p, stream);
+  return launch_kernel(backward_kernel<T, BLOCK, ROW_THREADS, false>, grid, BLOCK, p, stream);
 }
 
 // The configuration for a vocabulary, forward and backward alike: a warp per row up to 1024 entries (8 rows per

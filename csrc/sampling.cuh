@@ -9,6 +9,10 @@
 // Grid: one block of BLOCK threads per row; block-wide reductions by warp shuffles + shared memory. No global
 // atomics and no inter-block communication; results do not depend on scheduling (see "Determinism").
 //
+// Soft-capping (SampleParams::softcap > 0, Gemma-2/3): x is softcap * tanh(logit / softcap), computed by every pass as
+// it loads the row (common.cuh SoftCap: +2 MUFU ops and ~4 FP32 ops per element per pass, no extra pass); everything
+// below then reads x as the logits. A separate instantiation, so the kernel without it is unchanged.
+//
 // Passes over the row (each a read of V * E bytes; after the first, mostly from L2 for the rows in flight):
 //  * pass 1, always: greedy argmax, max and sum-exp of z (and of x for raw log-probs at T != 1), and, when no row of
 //    the batch truncates (SampleParams::truncate false), the Gumbel race itself: ONE pass for sampled rows.
@@ -199,20 +203,23 @@ RK_DEVICE U warp_range_sum(const U* arr, int j0, int j1) {
   return warp_sum(acc);
 }
 
-// The row as the kernel reads it: z = x / T, with no division at T == 1.
-template <typename T>
+// The row as the kernel reads it: x = cap(logit) (the soft-cap when SC, applied by every pass as it loads the row;
+// the identity otherwise), z = x / T, with no division at T == 1.
+template <typename T, bool SC>
 struct RowIn {
   const T* x;
   int64_t V;
   float t;
   bool unit_t;
+  SoftCap<SC> cap;
   RK_DEVICE float z(float xv) const { return unit_t ? xv : xv / t; }
+  RK_DEVICE float load(int64_t v) const { return cap(to_float(x[v])); }
 };
 
 // Pass 1: greedy argmax, online max / sum-exp of z (and of x when raw_sums), the finite range (truncate), and the
 // race itself for sampled rows without truncation. Returns the block-wide state in every thread.
-template <typename T, int BLOCK, int NB, int CAP>
-RK_DEVICE Pass1 pass1(Smem<BLOCK, NB, CAP>& sh, const RowIn<T>& r, bool raw_sums, bool truncate, bool race_now,
+template <typename T, bool SC, int BLOCK, int NB, int CAP>
+RK_DEVICE Pass1 pass1(Smem<BLOCK, NB, CAP>& sh, const RowIn<T, SC>& r, bool raw_sums, bool truncate, bool race_now,
                       Race& race) {
   constexpr int N = Vec16<T>::N;
   const int tid = int(threadIdx.x), lane = tid & 31, warp = tid >> 5;
@@ -254,7 +261,7 @@ RK_DEVICE Pass1 pass1(Smem<BLOCK, NB, CAP>& sh, const RowIn<T>& r, bool raw_sums
     if (race_now) {
       for (int i = 0; i < n; ++i) race.step(zs[i], int32_t(first + i));
     }
-  });
+  }, r.cap);
   st.race = race.best;
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) merge(st, shfl_xor(st, o));  // symmetric merges: all lanes agree
@@ -267,8 +274,8 @@ RK_DEVICE Pass1 pass1(Smem<BLOCK, NB, CAP>& sh, const RowIn<T>& r, bool raw_sums
 }
 
 // Histogram of the finite z of the row over NB bins: bin_of(z, key) returns the bin or -1 (not counted).
-template <typename T, int BLOCK, int NB, int CAP, typename BinOf>
-RK_DEVICE void histogram(Smem<BLOCK, NB, CAP>& sh, const RowIn<T>& r, float m, float scale, BinOf&& bin_of) {
+template <typename T, bool SC, int BLOCK, int NB, int CAP, typename BinOf>
+RK_DEVICE void histogram(Smem<BLOCK, NB, CAP>& sh, const RowIn<T, SC>& r, float m, float scale, BinOf&& bin_of) {
   const int tid = int(threadIdx.x);
   for (int j = tid; j < NB; j += BLOCK) {
     sh.count[j] = 0;
@@ -284,7 +291,7 @@ RK_DEVICE void histogram(Smem<BLOCK, NB, CAP>& sh, const RowIn<T>& r, float m, f
         atomicAdd(&sh.mass[b], fixed_mass(z, m, scale));
       }
     }
-  });
+  }, r.cap);
   __syncthreads();
 }
 
@@ -293,8 +300,8 @@ RK_DEVICE void histogram(Smem<BLOCK, NB, CAP>& sh, const RowIn<T>& r, float m, f
 // histograms the candidate interval [lo, hi] into NB bins of 2^shift keys (bin 0 = highest keys) and keeps the bin
 // where F crosses the target; it stops when that bin holds one element or one key. Writes sh.tau and sh.z_k = F(tau).
 // Not inlined: it is the rare path, and keeping it out of the kernel body keeps the hot passes' registers free.
-template <typename T, int BLOCK, int NB, int CAP>
-__device__ __noinline__ void fallback_search(Smem<BLOCK, NB, CAP>& sh, const RowIn<T> r, float m, float scale,
+template <typename T, bool SC, int BLOCK, int NB, int CAP>
+__device__ __noinline__ void fallback_search(Smem<BLOCK, NB, CAP>& sh, const RowIn<T, SC> r, float m, float scale,
                                              int32_t lo0, int32_t floor_key, bool by_mass, u64 target) {
   const int tid = int(threadIdx.x), lane = tid & 31, warp = tid >> 5;
   int log_nb = 0;
@@ -350,8 +357,8 @@ __device__ __noinline__ void fallback_search(Smem<BLOCK, NB, CAP>& sh, const Row
 
 // The kept set's key threshold for a sampled valid row with top-k and/or top-p active (see the header comment).
 // Returns tau; *all_in_list tells whether sh.list holds every candidate (sorted), so the race can run on it.
-template <typename T, int BLOCK, int NB, int CAP>
-RK_DEVICE int32_t thresholds(Smem<BLOCK, NB, CAP>& sh, const RowIn<T>& r, const Pass1& st, int32_t top_k, float top_p,
+template <typename T, bool SC, int BLOCK, int NB, int CAP>
+RK_DEVICE int32_t thresholds(Smem<BLOCK, NB, CAP>& sh, const RowIn<T, SC>& r, const Pass1& st, int32_t top_k, float top_p,
                              bool k_on, bool p_on, float scale, bool* all_in_list) {
   const int tid = int(threadIdx.x), lane = tid & 31, warp = tid >> 5;
   const float m = st.m;
@@ -434,7 +441,7 @@ RK_DEVICE int32_t thresholds(Smem<BLOCK, NB, CAP>& sh, const RowIn<T>& r, const 
       const float z = r.z(xs[i]);
       if (z > neg_inf() && gathered(value_bin(z))) sh.list[atomicAdd(&sh.list_n, 1u)] = pack(ordered_key(z), first + i);
     }
-  });
+  }, r.cap);
   __syncthreads();
   const int n = int(sh.list_n);
   int padded = 1;
@@ -512,7 +519,7 @@ RK_DEVICE int32_t thresholds(Smem<BLOCK, NB, CAP>& sh, const RowIn<T>& r, const 
   return sh.tau;
 }
 
-template <typename T, int BLOCK, int NB, int CAP>
+template <typename T, int BLOCK, int NB, int CAP, bool SOFTCAP>
 // Min 1 block per SM, said explicitly: without it ptxas may aim for 2 blocks of 512 threads (64 registers) on
 // sm_80 and spill (seen with nvcc 13.0); one block of 512 threads per SM is what the design assumes (see `run`).
 __global__ void __launch_bounds__(BLOCK, 1) sample_kernel(const SampleParams p) {
@@ -526,7 +533,8 @@ __global__ void __launch_bounds__(BLOCK, 1) sample_kernel(const SampleParams p) 
   const bool greedy = p.greedy[row] != 0;
   const float temp = p.temperature[row];
   const float t = temp > 0.0f ? temp : 1.0f;
-  const RowIn<T> r{static_cast<const T*>(p.logits) + row * p.row_stride, p.vocab, t, t == 1.0f};
+  const RowIn<T, SOFTCAP> r{static_cast<const T*>(p.logits) + row * p.row_stride, p.vocab, t, t == 1.0f,
+                            SoftCap<SOFTCAP>{p.softcap, SOFTCAP ? 1.0f / p.softcap : 0.0f}};
   const bool raw_sums = p.raw && !r.unit_t;  // at T == 1 the raw sums are the processed ones
 
   Race race;
@@ -579,7 +587,7 @@ __global__ void __launch_bounds__(BLOCK, 1) sample_kernel(const SampleParams p) 
             race.step(z, int32_t(first + i));
           }
         }
-      });
+      }, r.cap);
     }
     s_kept = warp_sum(s_kept);
     ArgMax w = warp_argmax(race.best);
@@ -604,7 +612,7 @@ __global__ void __launch_bounds__(BLOCK, 1) sample_kernel(const SampleParams p) 
     token = 0;
     logp = quiet_nan();
   } else {
-    const float x_tok = greedy ? st.greedy.value : to_float(r.x[token]);
+    const float x_tok = greedy ? st.greedy.value : r.load(token);
     if (p.raw) {
       logp = (x_tok - st.mr) - logf(st.sr);
     } else {
@@ -616,9 +624,11 @@ __global__ void __launch_bounds__(BLOCK, 1) sample_kernel(const SampleParams p) 
   p.logprobs[row] = logp;
 }
 
+// The soft-capping variant is its own instantiation, chosen from p.softcap on the host.
 template <typename T, int BLOCK, int NB, int CAP>
 cudaError_t launch(const SampleParams& p, cudaStream_t stream) {
-  return launch_kernel(sample_kernel<T, BLOCK, NB, CAP>, p.batch, BLOCK, p, stream);
+  if (p.softcap > 0.0f) return launch_kernel(sample_kernel<T, BLOCK, NB, CAP, true>, p.batch, BLOCK, p, stream);
+  return launch_kernel(sample_kernel<T, BLOCK, NB, CAP, false>, p.batch, BLOCK, p, stream);
 }
 
 // 512 threads per row, NB = 1024 value bins, CAP = 4096 list entries (12 KiB + 32 KiB of shared memory). At small

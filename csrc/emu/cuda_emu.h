@@ -192,6 +192,7 @@ inline T atomicAdd(T* address, T val) {
 // Math and bit intrinsics (libm stands in for the GPU's approximate versions; see the header comment)
 // ---------------------------------------------------------------------------------------------------------------------
 inline float __expf(float x) { return std::exp(x); }
+inline float __fdividef(float x, float y) { return x / y; }
 inline unsigned __umulhi(unsigned a, unsigned b) { return unsigned((uint64_t(a) * uint64_t(b)) >> 32); }
 inline int __float_as_int(float f) {
   int i;

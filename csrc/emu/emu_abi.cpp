@@ -47,9 +47,10 @@ extern "C" {
 
 int rk_emu_row_logprobs_fwd(int dtype, int config, const void* logits, int64_t t1, int64_t s0, int64_t s1,
                             int64_t n_rows, int64_t vocab, const int64_t* targets, int64_t ignore_index,
-                            float inv_temperature, float* logp, float* row_max, float* log_norm, float* entropy) {
+                            float inv_temperature, float* logp, float* row_max, float* log_norm, float* entropy,
+                            float softcap) {
   const RowLogprobsFwdParams p{logits, RowLayout{t1, s0, s1}, n_rows, vocab, targets, ignore_index,
-                               inv_temperature, logp, row_max, log_norm, entropy};
+                               inv_temperature, logp, row_max, log_norm, entropy, softcap};
   return with_element_type(DType(dtype), [&](auto t) { return row_config<typename decltype(t)::type>(config, p); });
 }
 
@@ -57,19 +58,19 @@ int rk_emu_row_logprobs_bwd(int dtype, int config, const void* logits, int64_t t
                             int64_t n_rows, int64_t vocab, const int64_t* targets, int64_t ignore_index,
                             float inv_temperature, const float* row_max, const float* log_norm,
                             const float* entropy, const float* grad_logp, const float* grad_entropy, void* grad,
-                            int64_t g_t1, int64_t g_s0, int64_t g_s1) {
+                            int64_t g_t1, int64_t g_s0, int64_t g_s1, float softcap) {
   const RowLogprobsBwdParams p{logits,   RowLayout{t1, s0, s1}, n_rows,    vocab,        targets,
                                ignore_index, inv_temperature,   row_max,   log_norm,     entropy,
-                               grad_logp, grad_entropy,         grad,      RowLayout{g_t1, g_s0, g_s1}};
+                               grad_logp, grad_entropy,         grad,      RowLayout{g_t1, g_s0, g_s1}, softcap};
   return with_element_type(DType(dtype), [&](auto t) { return row_config<typename decltype(t)::type>(config, p); });
 }
 
 int rk_emu_sample(int dtype, int config, const void* logits, int64_t row_stride, int64_t batch, int64_t vocab,
                   const uint8_t* greedy, const float* temperature, const int32_t* top_k, const float* top_p,
                   const float* log_min_p, const int64_t* seeds, const int64_t* step, bool key_row, bool truncate,
-                  bool raw, int64_t* tokens, float* logprobs) {
+                  bool raw, int64_t* tokens, float* logprobs, float softcap) {
   const SampleParams p{logits, row_stride, batch,    vocab, greedy,   temperature, top_k, top_p,
-                       log_min_p, seeds,   step,     key_row, truncate, raw,       tokens, logprobs};
+                       log_min_p, seeds,   step,     key_row, truncate, raw,       tokens, logprobs, softcap};
   return with_element_type(DType(dtype), [&](auto t) { return sample_config<typename decltype(t)::type>(config, p); });
 }
 

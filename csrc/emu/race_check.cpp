@@ -34,9 +34,12 @@ int sampler_cases() {
     int k;
     float p, log_min_p;
     bool raw;
+    float softcap;  // > 0: the soft-capping instantiation
   };
-  const Options options[] = {{0, 1.0f, -INFINITY, false}, {5, 1.0f, -INFINITY, false}, {0, 0.9f, -INFINITY, true},
-                             {10, 1.0f, -INFINITY, false}, {150, 0.5f, -INFINITY, false}, {0, 1.0f, -2.0f, false}};
+  const Options options[] = {{0, 1.0f, -INFINITY, false, 0.0f},  {5, 1.0f, -INFINITY, false, 0.0f},
+                             {0, 0.9f, -INFINITY, true, 0.0f},   {10, 1.0f, -INFINITY, false, 0.0f},
+                             {150, 0.5f, -INFINITY, false, 0.0f}, {0, 1.0f, -2.0f, false, 0.0f},
+                             {0, 1.0f, -INFINITY, false, 3.0f},  {10, 0.9f, -INFINITY, false, 3.0f}};
   const int64_t step = 1;
   for (int config : {1, 2, 3, 0}) {
     for (const Options& o : options) {
@@ -46,7 +49,7 @@ int sampler_cases() {
       const bool truncate = o.k > 0 || o.p < 1.0f || o.log_min_p > -INFINITY;
       const int rc = rk_emu_sample(0, config, logits.data(), V, B, V, greedy.data(), temperature.data(), top_k.data(),
                                    top_p.data(), log_min_p.data(), seeds.data(), &step, true, truncate, o.raw,
-                                   tokens.data(), logprobs.data());
+                                   tokens.data(), logprobs.data(), o.softcap);
       if (rc != 0) return rc;
       if (config == 0) break;  // the production configuration (512 threads) once: it is slow under the sanitizer
     }
@@ -63,14 +66,16 @@ int row_cases() {
   std::vector<int64_t> targets(n);
   for (int i = 0; i < n; ++i) targets[i] = i == 3 ? -100 : (i * 5) % V;
   std::vector<float> logp(n), row_max(n), log_norm(n), entropy(n), g_logp(n, 1.0f), g_entropy(n, 0.5f);
-  for (int config : {1, 2, 0}) {
-    int rc = rk_emu_row_logprobs_fwd(0, config, x.data() + 1, n, 0, stride, n, V, targets.data(), -100, 1.3f,
-                                     logp.data(), row_max.data(), log_norm.data(), entropy.data());
-    if (rc != 0) return rc;
-    rc = rk_emu_row_logprobs_bwd(0, config, x.data() + 1, n, 0, stride, n, V, targets.data(), -100, 1.3f,
-                                 row_max.data(), log_norm.data(), entropy.data(), g_logp.data(), g_entropy.data(),
-                                 x.data() + 1, n, 0, stride);
-    if (rc != 0) return rc;
+  for (float softcap : {0.0f, 2.0f}) {  // without and with the soft-capping instantiation
+    for (int config : {1, 2, 0}) {
+      int rc = rk_emu_row_logprobs_fwd(0, config, x.data() + 1, n, 0, stride, n, V, targets.data(), -100, 1.3f,
+                                       logp.data(), row_max.data(), log_norm.data(), entropy.data(), softcap);
+      if (rc != 0) return rc;
+      rc = rk_emu_row_logprobs_bwd(0, config, x.data() + 1, n, 0, stride, n, V, targets.data(), -100, 1.3f,
+                                   row_max.data(), log_norm.data(), entropy.data(), g_logp.data(), g_entropy.data(),
+                                   x.data() + 1, n, 0, stride, softcap);
+      if (rc != 0) return rc;
+    }
   }
   return 0;
 }

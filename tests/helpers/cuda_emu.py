@@ -97,13 +97,15 @@ def race_check() -> subprocess.CompletedProcess:
 
 def _declare(lib: ctypes.CDLL) -> None:
     i32, i64, f32, ptr = ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
-    lib.rk_emu_row_logprobs_fwd.argtypes = [i32, i32, ptr, i64, i64, i64, i64, i64, ptr, i64, f32, ptr, ptr, ptr, ptr]
+    lib.rk_emu_row_logprobs_fwd.argtypes = [
+        i32, i32, ptr, i64, i64, i64, i64, i64, ptr, i64, f32, ptr, ptr, ptr, ptr, f32,
+    ]
     lib.rk_emu_row_logprobs_bwd.argtypes = [
-        i32, i32, ptr, i64, i64, i64, i64, i64, ptr, i64, f32, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64,
+        i32, i32, ptr, i64, i64, i64, i64, i64, ptr, i64, f32, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, f32,
     ]
     lib.rk_emu_sample.argtypes = [
         i32, i32, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_bool, ctypes.c_bool,
-        ctypes.c_bool, ptr, ptr,
+        ctypes.c_bool, ptr, ptr, f32,
     ]
     for fn in (lib.rk_emu_row_logprobs_fwd, lib.rk_emu_row_logprobs_bwd, lib.rk_emu_sample):
         fn.restype = i32
@@ -127,8 +129,8 @@ def _check(rc: int, what: str) -> None:
         raise RuntimeError(f"{what}: emulated launch returned {rc}")
 
 
-def row_logprobs_forward(logits, targets, inv_temperature, ignore_index, need_entropy, *, config=0):
-    """-> fp32 (logp, row_max, log_norm, entropy or None), each ``logits.shape[:-1]`` flattened."""
+def row_logprobs_forward(logits, targets, inv_temperature, ignore_index, need_entropy, *, config=0, softcap=0.0):
+    """-> fp32 (logp, row_max, log_norm, entropy or None), each ``logits.shape[:-1]`` flattened (``softcap`` 0: off)."""
     assert logits.stride(-1) == 1
     n, vocab = logits.shape[:-1].numel(), logits.shape[-1]
     targets = targets.reshape(-1).to(torch.int64).contiguous()
@@ -137,14 +139,14 @@ def row_logprobs_forward(logits, targets, inv_temperature, ignore_index, need_en
     t1, s0, s1 = row_layout(logits)
     rc = library().rk_emu_row_logprobs_fwd(
         DTYPE_CODES[logits.dtype], config, _ptr(logits), t1, s0, s1, n, vocab, _ptr(targets), ignore_index,
-        inv_temperature, _ptr(logp), _ptr(row_max), _ptr(log_norm), _ptr(entropy),
+        inv_temperature, _ptr(logp), _ptr(row_max), _ptr(log_norm), _ptr(entropy), softcap,
     )
     _check(rc, "row_logprobs_forward")
     return logp, row_max, log_norm, entropy
 
 
 def row_logprobs_backward(logits, targets, row_max, log_norm, entropy, grad_logp, grad_entropy, inv_temperature,
-                          ignore_index, out, *, config=0):
+                          ignore_index, out, *, config=0, softcap=0.0):
     """Writes the gradient into ``out`` (same shape as ``logits``; may be ``logits`` itself) and returns it."""
     n, vocab = logits.shape[:-1].numel(), logits.shape[-1]
     targets = targets.reshape(-1).to(torch.int64).contiguous()
@@ -153,14 +155,14 @@ def row_logprobs_backward(logits, targets, row_max, log_norm, entropy, grad_logp
     rc = library().rk_emu_row_logprobs_bwd(
         DTYPE_CODES[logits.dtype], config, _ptr(logits), t1, s0, s1, n, vocab, _ptr(targets), ignore_index,
         inv_temperature, _ptr(row_max), _ptr(log_norm), _ptr(entropy), _ptr(grad_logp), _ptr(grad_entropy),
-        _ptr(out), g1, g0, gs,
+        _ptr(out), g1, g0, gs, softcap,
     )
     _check(rc, "row_logprobs_backward")
     return out
 
 
 def sample_and_greedy(logits, greedy, temperature, top_k, top_p, log_min_p, seeds, step, key_row, truncate, raw,
-                      *, config=0):
+                      *, config=0, softcap=0.0):
     """The CUDA decoding step on CPU tensors; per-row arguments as ``sampling.parse_options`` returns them."""
     batch, vocab = logits.shape
     tokens = torch.full((batch,), -1, dtype=torch.int64)
@@ -170,7 +172,7 @@ def sample_and_greedy(logits, greedy, temperature, top_k, top_p, log_min_p, seed
                                       torch.as_tensor(step, dtype=torch.int64).reshape(1))]
     rc = library().rk_emu_sample(
         DTYPE_CODES[logits.dtype], config, _ptr(logits), logits.stride(0), batch, vocab, *(_ptr(a) for a in args),
-        key_row, truncate, raw, _ptr(tokens), _ptr(logprobs),
+        key_row, truncate, raw, _ptr(tokens), _ptr(logprobs), softcap,
     )
     _check(rc, "sample_and_greedy")
     return tokens, logprobs
