@@ -133,6 +133,18 @@ _SHAREABLE_KWARGS = frozenset(
 # the shape), so every batched decode step is wrong, in model.generate too.
 _MIXES_BATCH_ROWS = frozenset({"RwkvForCausalLM"})
 
+# Models whose rollout cannot equal both their own model.generate and the full forward that training recomputes
+# (measured with tiny random models in tests/test_every_causal_lm.py, transformers 5.25): refused before any work.
+_MULTI_CODEBOOK = "it emits one token per audio codebook (one lm-head each), not one token per step"
+_ROLLOUT_REFUSED = {
+    "CpmAntForCausalLM": "its cached one-token steps disagree with its own full forward (so does its model.generate)",
+    "ProphetNetForCausalLM": "its decoder predicts an n-gram stream; cached steps disagree with its full forward",
+    "XLMWithLMHeadModel": "its cached steps disagree with its own full forward of the sampled sequences",
+    "MptForCausalLM": "its cached greedy steps do not reproduce its own model.generate(do_sample=False)",
+    "MusicgenForCausalLM": _MULTI_CODEBOOK,
+    "MusicgenMelodyForCausalLM": _MULTI_CODEBOOK,
+}
+
 
 @dataclass(frozen=True)
 class _Stepper:
@@ -715,6 +727,12 @@ def _decode(
             f"model: {type(stepper.owner).__name__}'s forward mixes the rows of a batch on one-token steps (its "
             f"state broadcasts across the batch), so a rollout of {rows} rows would be wrong; decode one prompt at a "
             "time with generate_samples"
+        )
+    refused = _ROLLOUT_REFUSED.get(type(stepper.owner).__name__)
+    if refused is not None:
+        raise ValueError(
+            f"model: {type(stepper.owner).__name__} is not supported by generate_pairs / generate_samples: {refused}; "
+            "use model.generate"
         )
     generation_config = getattr(stepper.owner, "generation_config", None)
     use_cache = static or getattr(generation_config, "use_cache", True) is not False

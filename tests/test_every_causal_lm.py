@@ -28,6 +28,7 @@ from tests.helpers.every_causal_lm import (
     NO_OWN_GRADIENTS,
     NOT_BUILT,
     NOT_CAUSAL_IN_ONE_FORWARD,
+    POSITIONS_FROM_MASK,
     ROLLOUT_REFUSED,
     TOKEN_HIGH,
     TOKEN_LOW,
@@ -108,8 +109,8 @@ def _check_hf(model, *, gradients: bool = True):
         assert_rel_close(got, ref, torch.float32, name=f"grad {name}", scale=SCALE)
 
 
-def _check_rollout(model, *, recompute: bool = True, full_forward: bool = True):
-    ids, mask = _batch([5, 3], left=True, seed=4)
+def _check_rollout(model, *, recompute: bool = True, full_forward: bool = True, padded: bool = True):
+    ids, mask = _batch([5, 3] if padded else [5, 5], left=True, seed=4)
     eos = VOCAB + 1  # never emitted: every row runs MAX_NEW steps, as model.generate does
     out = generate_pairs(model, ids, mask, max_new_tokens=MAX_NEW, temperature=TEMPERATURE, eos_token_id=eos,
                          pad_token_id=0, seed=5)
@@ -170,12 +171,14 @@ def test_numbers_equal_the_models_own_or_a_clear_refusal(model_type, class_name)
         _expect_refusal(ROLLOUT_REFUSED, model_type, _rollout_call, model)
     else:
         _check_rollout(model, recompute=model_type not in HF_REFUSED,
-                       full_forward=model_type not in NOT_CAUSAL_IN_ONE_FORWARD)
+                       full_forward=model_type not in NOT_CAUSAL_IN_ONE_FORWARD,
+                       padded=model_type not in POSITIONS_FROM_MASK)
 
 
 def test_the_tables_name_only_installed_classes():
     installed = {mt for mt, _ in classes()}
-    for table in (NOT_BUILT, HF_REFUSED, ROLLOUT_REFUSED, NO_OWN_GRADIENTS, NOT_CAUSAL_IN_ONE_FORWARD):
+    for table in (NOT_BUILT, HF_REFUSED, ROLLOUT_REFUSED, POSITIONS_FROM_MASK, NO_OWN_GRADIENTS,
+                  NOT_CAUSAL_IN_ONE_FORWARD):
         assert set(table) <= installed, f"stale entries: {set(table) - installed}"
     assert len(installed) > 100, "the causal-LM mapping looks empty"
 

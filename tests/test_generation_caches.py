@@ -4,7 +4,7 @@ One tiny model (built from its config, seeded) per kind of state the decode loop
 (Qwen3-Next, Qwen3.5, MiniMax's own cache class), conv state (LFM2), hybrid attention + SSM (Jamba, Bamba,
 Nemotron-H, GraniteMoeHybrid, Falcon-H1, Zamba2), SSMs (Mamba, FalconMamba, Mamba2), RWKV's ``state``, state kept
 on the modules (RecurrentGemma), no cache at all (OpenAI-GPT: a full re-forward each step), XLNet's ``mems``,
-CpmAnt, a decoder that takes positions only through ``**kwargs`` (WhisperForCausalLM), sliding-window layers with
+a decoder that takes positions only through ``**kwargs`` (WhisperForCausalLM), sliding-window layers with
 soft-capping (Gemma-2), and Llama as the baseline. For each, on left-padded prompts:
 
 - the greedy half equals ``model.generate(do_sample=False)`` token for token, EOS and padding included;
@@ -94,9 +94,6 @@ def _config(family: str):
         return transformers.OpenAIGPTConfig(n_embd=32, n_layer=2, n_head=4, n_positions=64, **_COMMON)
     if family == "xlnet":
         return transformers.XLNetConfig(d_model=32, n_layer=2, n_head=4, d_inner=64, **_COMMON)
-    if family == "cpmant":
-        return transformers.CpmAntConfig(hidden_size=32, dim_ff=64, num_hidden_layers=2, num_attention_heads=4,
-                                         dim_head=8, prompt_length=4, **_COMMON)
     if family == "whisper":  # equal layer counts: DynamicCache(config) sizes itself from the encoder's
         return transformers.WhisperConfig(
             d_model=32, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=64, encoder_layers=2,
@@ -113,15 +110,13 @@ FAMILIES = {
     "qwen3_5": True, "lfm2": True, "nemotron_h": True, "granitemoehybrid": True,
     # transformers runs these on a static cache only without torch.compile (_can_compile_fullgraph is False)
     "mamba": False, "falcon_mamba": False, "falcon_h1": False, "zamba2": False, "minimax": False,
-    "rwkv": False, "recurrent_gemma": False, "openai": False, "xlnet": False, "cpmant": False,
+    "rwkv": False, "recurrent_gemma": False, "openai": False, "xlnet": False,
 }
-# CpmAnt ignores the attention mask (left padding is read as tokens); MiniMax's own generate and full forward
-# differ on left-padded rows (log-probs ~4e-2 apart; equal without padding): prompts of one length.
-NO_PADDING = {"cpmant", "minimax"}
+# MiniMax's own generate and full forward differ on left-padded rows (log-probs ~4e-2 apart; equal without
+# padding): prompts of one length.
+NO_PADDING = {"minimax"}
 # XLNet is bidirectional without a permutation mask: a plain full forward is not its generation distribution.
-# CpmAnt's own generate differs from its full forward (logits up to ~9 apart on one unpadded prompt, transformers
-# 5.25); the rollout follows its generate.
-NO_FULL_FORWARD = {"xlnet", "cpmant"}
+NO_FULL_FORWARD = {"xlnet"}
 
 
 def _model(family: str, seed: int = 0):

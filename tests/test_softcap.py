@@ -173,8 +173,9 @@ def test_greedy_ties_created_by_the_cap(backend, device):
 @pytest.mark.parametrize("opts", [dict(temperature=0.7), dict(temperature=1.1, top_k=12, top_p=0.9)])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sampled_frequencies(backend, opts, device):
-    """Frequencies of 6000 draws from one row against softmax(cap * tanh(x / cap) / T) over the kept set."""
-    vocab, n_draws = 40, 6000
+    """Frequencies of draws from one row against softmax(cap * tanh(x / cap) / T) over the kept set (fewer draws
+    through the Triton interpreter, whose per-row cost dominates the suite's time; still far above the uncapped gap)."""
+    vocab, n_draws = 40, 6000 if backend == "torch" else 2000
     row = torch.linspace(-4 * CAP, 4 * CAP, vocab)[torch.randperm(vocab, generator=torch.Generator().manual_seed(0))]
     logits = row.to(device).expand(n_draws, vocab).contiguous()
     greedy = torch.zeros(n_draws, dtype=torch.bool, device=device)
