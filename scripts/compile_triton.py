@@ -117,7 +117,8 @@ def sampling_specs() -> list[Spec]:
         for block_v, search_block_v, warps in sorted({sampling.sample_launch_config("cuda", v) for v in VOCABS}):
             specs.append(Spec("sampling", sampling._sample_kernel, sig, {
                 "KEY_ROW": False, "TRUNCATE": truncate, "RAW": raw, "BLOCK_V": block_v,
-                "SEARCH_BLOCK_V": search_block_v, "NUM_PIVOTS": sampling._NUM_PIVOTS, "SOFTCAP": softcap},
+                "SEARCH_BLOCK_V": sampling.softcap_search_block(search_block_v, softcap),
+                "NUM_PIVOTS": sampling._NUM_PIVOTS, "SOFTCAP": softcap},
                 warps, dtype=dt))
     for dt, torch_dtype in DTYPES.items():
         fused_configs = {}
