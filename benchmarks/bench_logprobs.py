@@ -30,6 +30,9 @@ SHAPES = {
     "full": {"token_n": 8192, "token_vocabs": (32000, 128256, 151936), "linear": (8192, 4096, 128256)},
     "smoke": {"token_n": 16, "token_vocabs": (300,), "linear": (16, 32, 300)},
 }
+# Gemma-2/3's final_logit_softcapping: one fused lm-head case (fwd+bwd) with the cap on, against the same op without
+# it (its cost must stay in the row passes: within a few percent of the uncapped case).
+SOFTCAP = 30.0
 MODES = ("fwd", "fwd+bwd")
 
 
@@ -54,6 +57,7 @@ class LinearInputs:
     targets: torch.Tensor  # [N]
     grad_out: torch.Tensor  # [N] float32
     backward: bool
+    softcap: float | None = None  # the soft-capping case
 
     def runner(self, logprob_fn):
         """One call of ``logprob_fn(hidden, weight, targets)``, with both gradients in fwd+bwd."""
@@ -129,7 +133,10 @@ def _four_matmuls(s: hz.Settings, x: LinearInputs):
 
 # The columns of the fused_linear_logprobs cases, "ours" first, in measuring order (see hz.ProviderFactory).
 LINEAR_PROVIDERS: dict[str, hz.ProviderFactory] = {
-    "ours": lambda s, x: x.runner(lambda h, w, t: rk.fused_linear_logprobs(h, w, t, backend=s.backend)),
+    "ours": lambda s, x: x.runner(lambda h, w, t: rk.fused_linear_logprobs(h, w, t, softcap=x.softcap,
+                                                                            backend=s.backend)),
+    "ours_no_softcap": lambda s, x: (x.runner(lambda h, w, t: rk.fused_linear_logprobs(h, w, t, backend=s.backend))
+                                     if x.softcap else "the reference column of the softcap case"),
     "eager": lambda s, x: x.runner(bl.eager_fused_linear_logprobs),
     "compile": lambda s, x: x.runner(bl.compiled(bl.eager_fused_linear_logprobs, s.compile_backend)),
     "liger": _fwd_bwd_only(bl.liger_fused_linear_ce),
@@ -142,8 +149,8 @@ def token_case_name(mode: str, n: int, vocab: int) -> str:
     return f"token_logprobs {mode} N={n} V={vocab}"
 
 
-def linear_case_name(mode: str, n: int, hidden: int, vocab: int) -> str:
-    return f"fused_linear_logprobs {mode} N={n} H={hidden} V={vocab}"
+def linear_case_name(mode: str, n: int, hidden: int, vocab: int, softcap: float | None = None) -> str:
+    return f"fused_linear_logprobs {mode} N={n} H={hidden} V={vocab}" + (f" softcap={softcap:g}" if softcap else "")
 
 
 def specs(size: str) -> list[hz.CaseSpec]:
@@ -160,10 +167,16 @@ def specs(size: str) -> list[hz.CaseSpec]:
     out += [
         hz.CaseSpec(family=FAMILY, size=size, name=linear_case_name(mode, n, hidden_size, vocab),
                     op="fused_linear_logprobs", mode=mode, shape={"N": n, "H": hidden_size, "V": vocab},
-                    providers=tuple(LINEAR_PROVIDERS),
+                    providers=_linear_providers(None),
                     build=functools.partial(_build_linear, mode=mode, n=n, hidden_size=hidden_size, vocab=vocab))
         for mode in MODES
     ]
+    out.append(hz.CaseSpec(
+        family=FAMILY, size=size, name=linear_case_name("fwd+bwd", n, hidden_size, vocab, SOFTCAP),
+        op="fused_linear_logprobs", mode="fwd+bwd", shape={"N": n, "H": hidden_size, "V": vocab, "softcap": SOFTCAP},
+        providers=_linear_providers(SOFTCAP),
+        build=functools.partial(_build_linear, mode="fwd+bwd", n=n, hidden_size=hidden_size, vocab=vocab,
+                                softcap=SOFTCAP)))
     return out
 
 
@@ -185,19 +198,33 @@ def _build_token(s: hz.Settings, *, mode: str, n: int, vocab: int) -> hz.Case:
     )
 
 
-def _build_linear(s: hz.Settings, *, mode: str, n: int, hidden_size: int, vocab: int) -> hz.Case:
+def _linear_providers(softcap: float | None) -> tuple[str, ...]:
+    """The softcap case is timed against the same op without the cap (the peers have no cap); the others skip that
+    column."""
+    if softcap:
+        return ("ours", "ours_no_softcap")
+    return tuple(p for p in LINEAR_PROVIDERS if p != "ours_no_softcap")
+
+
+def _build_linear(s: hz.Settings, *, mode: str, n: int, hidden_size: int, vocab: int,
+                  softcap: float | None = None) -> hz.Case:
     backward = mode == "fwd+bwd"
     hidden = torch.randn(n, hidden_size, device=s.device, dtype=s.dtype).requires_grad_(backward)
     # std H^-1/2 makes logits ~ N(0, 1) like a trained lm-head on normalized hidden states.
     weight = (torch.randn(vocab, hidden_size, device=s.device, dtype=s.dtype) * hidden_size**-0.5)
     weight.requires_grad_(backward)
     x = LinearInputs(hidden, weight, torch.randint(0, vocab, (n,), device=s.device), torch.randn(n, device=s.device),
-                     backward)
-    ours = lambda: rk.fused_linear_logprobs(hidden, weight, x.targets, backend=s.backend)
-    diff = hz.check(lambda: hz.max_abs_diff(ours(), bl.eager_fused_linear_logprobs(hidden, weight, x.targets)))
+                     backward, softcap)
+    ours = lambda: rk.fused_linear_logprobs(hidden, weight, x.targets, softcap=softcap, backend=s.backend)
+    # The eager reference with the cap: torch's tanh on the materialized logits (what Gemma's forward computes).
+    eager_capped = lambda: torch.log_softmax(
+        softcap * torch.tanh((hidden @ weight.T).float() / softcap), -1).gather(-1, x.targets[:, None])[:, 0]
+    reference = eager_capped if softcap else lambda: bl.eager_fused_linear_logprobs(hidden, weight, x.targets)
+    diff = hz.check(lambda: hz.max_abs_diff(ours(), reference()))
     grads = hz.tensor_bytes(hidden, weight) if backward else 0
     return hz.Case(
-        calls=hz.provider_calls(LINEAR_PROVIDERS, s, x), flops=2 * n * hidden_size * vocab * (3 if backward else 1),
+        calls=hz.provider_calls({p: LINEAR_PROVIDERS[p] for p in _linear_providers(softcap)}, s, x),
+        flops=2 * n * hidden_size * vocab * (3 if backward else 1),
         inputs_grads_bytes=hz.tensor_bytes(hidden, weight, x.targets, x.grad_out) + grads,
         extra={"max_abs_diff_logprobs_vs_eager": diff,
                "flops_counted": "model flops: 1 matmul forward, 3 forward+backward (recomputation not counted)"},

@@ -27,6 +27,9 @@ SHAPES = {
              "sweep_B": (1, 8, 64, 1024), "sweep_V": (32000, 128256, 151936)},
     "smoke": {"B": 4, "V": (300,), "top_p": (1.0, 0.9), "sweep_B": (1,), "sweep_V": (300,)},
 }
+# Gemma-2/3's final_logit_softcapping: one case (the main batch, the first vocabulary, top-p 0.9) with the cap on,
+# against the same op without it.
+SOFTCAP = 30.0
 
 
 @dataclasses.dataclass
@@ -35,6 +38,7 @@ class Inputs:
     greedy_mask: torch.Tensor  # [B] bool, the second half of the rows
     top_p: float
     sweep: bool = False  # a batch-sweep case
+    softcap: float | None = None  # the soft-capping case
 
 
 def _compiled(s: hz.Settings, x: Inputs):
@@ -49,7 +53,7 @@ def _ours_cuda(s: hz.Settings, x: Inputs):
     if reason := hz.cuda_extension_only(s):
         return reason
     return lambda: rk.sample_and_greedy(x.logits, x.greedy_mask, temperature=1.0, top_p=x.top_p, seed=0, step=0,
-                                        backend="cuda")
+                                        softcap=x.softcap, backend="cuda")
 
 
 def _flashinfer(s: hz.Settings, x: Inputs):
@@ -65,7 +69,10 @@ def _flashinfer(s: hz.Settings, x: Inputs):
 # The columns of every case, "ours" first (see hz.ProviderFactory): one entry per backend, baseline or peer.
 PROVIDERS: dict[str, hz.ProviderFactory] = {
     "ours": lambda s, x: lambda: rk.sample_and_greedy(x.logits, x.greedy_mask, temperature=1.0, top_p=x.top_p,
-                                                      seed=0, step=0, backend=s.backend),
+                                                      seed=0, step=0, softcap=x.softcap, backend=s.backend),
+    "ours_no_softcap": lambda s, x: (lambda: rk.sample_and_greedy(x.logits, x.greedy_mask, temperature=1.0,
+                                                                  top_p=x.top_p, seed=0, step=0, backend=s.backend))
+    if x.softcap else "the reference column of the softcap case",
     "eager": lambda s, x: lambda: bl.eager_sample_and_greedy(x.logits, x.greedy_mask, temperature=1.0,
                                                              top_p=x.top_p),
     "compile": _compiled,
@@ -74,15 +81,26 @@ PROVIDERS: dict[str, hz.ProviderFactory] = {
 }
 
 
-def case_name(batch: int, vocab: int, top_p: float) -> str:
-    return f"sample_and_greedy B={batch} V={vocab} top_p={top_p:g}"
+def _providers(softcap: float | None) -> tuple[str, ...]:
+    """The softcap case is timed against the same op without the cap (the peers have no cap); the others skip that
+    column."""
+    if softcap:
+        return ("ours", "ours_no_softcap", "ours_cuda")
+    return tuple(p for p in PROVIDERS if p != "ours_no_softcap")
 
 
-def _spec(size: str, batch: int, vocab: int, top_p: float, sweep: bool) -> hz.CaseSpec:
-    return hz.CaseSpec(family=FAMILY, size=size, name=case_name(batch, vocab, top_p), op="sample_and_greedy",
-                       mode="step", shape={"B": batch, "V": vocab, "top_p": top_p, "greedy_rows": batch - batch // 2},
-                       providers=tuple(PROVIDERS),
-                       build=functools.partial(_build, batch=batch, vocab=vocab, top_p=top_p, sweep=sweep))
+def case_name(batch: int, vocab: int, top_p: float, softcap: float | None = None) -> str:
+    return f"sample_and_greedy B={batch} V={vocab} top_p={top_p:g}" + (f" softcap={softcap:g}" if softcap else "")
+
+
+def _spec(size: str, batch: int, vocab: int, top_p: float, sweep: bool, softcap: float | None = None) -> hz.CaseSpec:
+    shape = {"B": batch, "V": vocab, "top_p": top_p, "greedy_rows": batch - batch // 2}
+    if softcap:
+        shape["softcap"] = softcap
+    return hz.CaseSpec(family=FAMILY, size=size, name=case_name(batch, vocab, top_p, softcap), op="sample_and_greedy",
+                       mode="step", shape=shape, providers=_providers(softcap),
+                       build=functools.partial(_build, batch=batch, vocab=vocab, top_p=top_p, sweep=sweep,
+                                               softcap=softcap))
 
 
 def specs(size: str) -> list[hz.CaseSpec]:
@@ -91,14 +109,16 @@ def specs(size: str) -> list[hz.CaseSpec]:
     sweep = [(batch, vocab, top_p) for batch in shapes["sweep_B"] for vocab in shapes["sweep_V"]
              for top_p in shapes["top_p"]]
     return ([_spec(size, *c, sweep=False) for c in main]
-            + [_spec(size, *c, sweep=True) for c in sweep if c not in main])
+            + [_spec(size, *c, sweep=True) for c in sweep if c not in main]
+            + [_spec(size, shapes["B"], shapes["V"][0], 0.9, sweep=False, softcap=SOFTCAP)])
 
 
-def _build(s: hz.Settings, *, batch: int, vocab: int, top_p: float, sweep: bool) -> hz.Case:
+def _build(s: hz.Settings, *, batch: int, vocab: int, top_p: float, sweep: bool,
+           softcap: float | None = None) -> hz.Case:
     # Scale 3: top-p 0.9 then keeps ~4% of the vocabulary (the mass sits in the tail above ~1.7 sigma).
     logits = 3.0 * torch.randn(batch, vocab, device=s.device, dtype=s.dtype)
-    x = Inputs(logits, torch.arange(batch, device=s.device) >= batch // 2, top_p, sweep)
-    calls = hz.provider_calls(PROVIDERS, s, x)
+    x = Inputs(logits, torch.arange(batch, device=s.device) >= batch // 2, top_p, sweep, softcap)
+    calls = hz.provider_calls({p: PROVIDERS[p] for p in _providers(softcap)}, s, x)
 
     def checks():
         tokens, logprobs = calls["ours"]()

@@ -12,7 +12,11 @@ cases the benchmarks time) it prints:
 - floor: the least any implementation must do (token ops: the logits read once per direction and the gradient
   written; lm-head ops: the GEMMs the issue targets, 4 for log-probs with any downstream loss, 3 for a scalar loss);
 - the time each implies at the device's ceilings (``time = flops / matmul peak + bytes / copy bandwidth``, a
-  serial sum: optimistic for both, as ceilings are), and design / floor.
+  serial sum: optimistic for both, as ceilings are), and design / floor;
+- for the soft-capping cases (``shape["softcap"]``), the cap's special-function work: ``cap * tanh(x / cap)`` costs
+  one exp and one reciprocal per logit per row pass (``SOFTCAP_SFU_PER_ELEMENT``, the kernels' ``1 - 2 / (exp(2u) +
+  1)``), counted as ``sfu`` ops and timed against the SFU rate (``sfu_tops``) as the larger of that and the pass's
+  memory time: the cap stays inside the passes (no extra bytes), so it costs time only where the SFU is the limit.
 
 The sampling search passes are not a constant: they are counted by replaying the op's multi-pivot search
 (``remax_kernels.ops.sampling._threshold_search``) in numpy on rows drawn like the benchmark's (``3 * N(0, 1)``).
@@ -36,6 +40,10 @@ from remax_kernels.ops import fused_linear_logprobs as flp
 from remax_kernels.ops import sampling
 
 ASSUMED_CEILINGS = {"copy_gbps": 4300.0, "matmul_tflops": 790.0, "source": "assumed: H200 figures of TOOLCHAIN.md"}
+# SFU (MUFU) throughput: 16 ops per SM per clock (sm_90) x 132 SMs x ~1.98 GHz, on top of the exp and log the row
+# passes already use (those are not counted here; the soft-cap's extra ops are).
+SFU_TOPS = 4.2
+SOFTCAP_SFU_PER_ELEMENT = 2  # exp + reciprocal (the tanh) per logit per row pass
 BF16 = 2  # bytes per element of the benchmarks' dtype
 # The policy-loss benchmark draws response lengths uniformly in [T/2, T]: 75% of the rows are response tokens.
 RESPONSE_FRACTION = 0.75
@@ -50,6 +58,14 @@ def _grad_weight_bytes(n_valid: int, h: int, v: int) -> float:
     cast to the weight's dtype."""
     chunks = math.ceil(n_valid / flp.chunk_rows(n_valid, v, torch.bfloat16, torch.device("cuda")))
     return 4.0 * v * h * (1 + 2 * (chunks - 1)) + (4.0 + BF16) * v * h
+
+
+def _with_softcap(cost: dict, shape: dict, elements_per_pass: float, passes: float) -> dict:
+    """Adds the soft-cap's SFU ops (``shape["softcap"]`` set) to the design side: per logit per row pass."""
+    if shape.get("softcap"):
+        cost["design"]["sfu"] = SOFTCAP_SFU_PER_ELEMENT * elements_per_pass * passes
+        cost["design"]["what"] += f"; soft-cap: {SOFTCAP_SFU_PER_ELEMENT} SFU ops per logit, {passes:g} row pass(es)"
+    return cost
 
 
 def token_logprobs(shape: dict, mode: str) -> dict:
@@ -68,9 +84,10 @@ def fused_linear_logprobs(shape: dict, mode: str) -> dict:
         return {"design": {"gemms": 1, "bytes": 2 * logits + operands, "what": "GEMM; logits written + read once"},
                 "floor": {"gemms": 1, "bytes": operands, "what": "1 GEMM, row pass fused on chip"}}
     design_bytes = 5 * logits + 3 * operands + _grad_weight_bytes(n, h, v)
-    return {"design": {"gemms": 4, "bytes": design_bytes,
+    cost = {"design": {"gemms": 4, "bytes": design_bytes,
                        "what": "fwd GEMM + recompute + 2 grad GEMMs; logits written, read; rewritten, read + written"},
             "floor": {"gemms": 4, "bytes": 3 * operands, "what": "the issue's 4 GEMMs (logits recomputed)"}}
+    return _with_softcap(cost, shape, n * v, 2)  # the forward row pass and the backward row pass
 
 
 def fused_linear_policy_loss(shape: dict, mode: str) -> dict:
@@ -79,10 +96,11 @@ def fused_linear_policy_loss(shape: dict, mode: str) -> dict:
     logits = n_valid * v * BF16
     operands = (n_valid * h + v * h) * BF16
     design_bytes = 4 * logits + 3 * operands + _grad_weight_bytes(n_valid, h, v)
-    return {"design": {"gemms": 3 * n_valid / n, "bytes": design_bytes,
+    return _with_softcap({"design": {"gemms": 3 * n_valid / n, "bytes": design_bytes,
                        "what": f"3 GEMMs over the {RESPONSE_FRACTION:.0%} response rows; logits written, read, "
                                "read + written in place"},
-            "floor": {"gemms": 3, "bytes": (n * h + v * h) * BF16 * 3, "what": "3 GEMMs of N H V (all rows)"}}
+            "floor": {"gemms": 3, "bytes": (n * h + v * h) * BF16 * 3, "what": "3 GEMMs of N H V (all rows)"}},
+        shape, n_valid * v, 2)
 
 
 def _ordered_keys(z: np.ndarray) -> np.ndarray:
@@ -131,10 +149,12 @@ def sample_and_greedy(shape: dict, mode: str, *, rows: int = 8) -> dict:
     rng = np.random.default_rng(0)
     searches = [top_p_search_passes(3.0 * rng.standard_normal(v).astype(np.float32), top_p) for _ in range(rows)]
     per_sampled_row = 2 + float(np.mean(searches))  # statistics pass + search passes + sampling pass
-    return {"design": {"gemms": 0, "bytes": (sampled * per_sampled_row + (b - sampled)) * logits,
+    cost = {"design": {"gemms": 0, "bytes": (sampled * per_sampled_row + (b - sampled)) * logits,
                        "what": f"sampled rows {per_sampled_row:.1f} passes (search {min(searches)}-{max(searches)}),"
                                " greedy rows 1"},
             "floor": {"gemms": 0, "bytes": b * logits, "what": "logits read once"}}
+    # Every pass caps what it reads: the row-passes per row, averaged over sampled and greedy rows.
+    return _with_softcap(cost, shape, v, sampled * per_sampled_row + (b - sampled))
 
 
 MODELS = {"token_logprobs": token_logprobs, "fused_linear_logprobs": fused_linear_logprobs,
@@ -143,7 +163,10 @@ MODELS = {"token_logprobs": token_logprobs, "fused_linear_logprobs": fused_linea
 
 def implied_ms(cost: dict, shape: dict, ceilings: dict) -> float:
     flops = cost["gemms"] * _gemm(shape.get("N", 0), shape.get("H", 0), shape.get("V", 0))
-    return 1e3 * (flops / (ceilings["matmul_tflops"] * 1e12) + cost["bytes"] / (ceilings["copy_gbps"] * 1e9))
+    memory_s = cost["bytes"] / (ceilings["copy_gbps"] * 1e9)
+    # The soft-cap's SFU work overlaps the passes' memory traffic: it adds time only beyond it.
+    sfu_s = cost.get("sfu", 0.0) / (ceilings.get("sfu_tops", SFU_TOPS) * 1e12)
+    return 1e3 * (flops / (ceilings["matmul_tflops"] * 1e12) + max(memory_s, sfu_s))
 
 
 def model_cases(ceilings: dict) -> list[dict]:

@@ -89,51 +89,56 @@ def token_logprobs_specs() -> list[Spec]:
         fwd = _signature(token_logprobs._token_logprobs_fwd_kernel, {
             "logits_ptr": f"*{dt}", "targets_ptr": "*i64", "logp_ptr": "*fp32", "row_max_ptr": "*fp32",
             "log_norm_ptr": "*fp32", "entropy_ptr": "*fp32", "V": "i32", "T1": "i32", "stride_0": "i32",
-            "stride_1": "i32", "temperature": "fp32", "ignore_index": "i32"})
-        for entropy in (False, True):
+            "stride_1": "i32", "temperature": "fp32", "ignore_index": "i32", "softcap": "fp32"})
+        # SOFTCAP (Gemma-2/3 logit soft-capping) doubles the variants: it must not spill either.
+        for entropy, softcap in itertools.product((False, True), (False, True)):
             specs.append(Spec("token_logprobs", token_logprobs._token_logprobs_fwd_kernel, fwd,
-                              {"BLOCK_V": block_v, "COMPUTE_ENTROPY": entropy}, warps, dtype=dt))
+                              {"BLOCK_V": block_v, "COMPUTE_ENTROPY": entropy, "SOFTCAP": softcap}, warps, dtype=dt))
         bwd = _signature(token_logprobs._token_logprobs_bwd_kernel, {
             "logits_ptr": f"*{dt}", "targets_ptr": "*i64", "row_max_ptr": "*fp32", "log_norm_ptr": "*fp32",
             "entropy_ptr": "*fp32", "grad_logp_ptr": "*fp32", "grad_entropy_ptr": "*fp32", "grad_ptr": f"*{dt}",
             "V": "i32", "T1": "i32", "stride_0": "i32", "stride_1": "i32", "grad_T1": "i32", "grad_stride_0": "i32",
-            "grad_stride_1": "i32", "temperature": "fp32", "ignore_index": "i32"})
-        for g_logp, g_entropy in ((True, False), (True, True), (False, True)):
+            "grad_stride_1": "i32", "temperature": "fp32", "ignore_index": "i32", "softcap": "fp32"})
+        for (g_logp, g_entropy), softcap in itertools.product(((True, False), (True, True), (False, True)),
+                                                              (False, True)):
             specs.append(Spec("token_logprobs", token_logprobs._token_logprobs_bwd_kernel, bwd,
-                              {"BLOCK_V": block_v, "HAS_GRAD_LOGP": g_logp, "HAS_GRAD_ENTROPY": g_entropy},
-                              warps, dtype=dt))
+                              {"BLOCK_V": block_v, "HAS_GRAD_LOGP": g_logp, "HAS_GRAD_ENTROPY": g_entropy,
+                               "SOFTCAP": softcap}, warps, dtype=dt))
     return specs
 
 
 def sampling_specs() -> list[Spec]:
     specs = []
-    for truncate, raw, dt in itertools.product((False, True), (False, True), DTYPES):
+    for truncate, raw, softcap, dt in itertools.product((False, True), (False, True), (False, True), DTYPES):
         sig = _signature(sampling._sample_kernel, {
             "logits_ptr": f"*{dt}", "stride_row": "i32", "greedy_ptr": "*u8", "temp_ptr": "*fp32",
             "top_k_ptr": "*i32", "top_p_ptr": "*fp32", "log_min_p_ptr": "*fp32", "seed_ptr": "*i64",
-            "tokens_ptr": "*i64", "logprobs_ptr": "*fp32", "V": "i32", "step_ptr": "*i64"})
+            "tokens_ptr": "*i64", "logprobs_ptr": "*fp32", "V": "i32", "step_ptr": "*i64", "softcap": "fp32"})
         for block_v, search_block_v, warps in sorted({sampling.sample_launch_config("cuda", v) for v in VOCABS}):
             specs.append(Spec("sampling", sampling._sample_kernel, sig, {
                 "KEY_ROW": False, "TRUNCATE": truncate, "RAW": raw, "BLOCK_V": block_v,
-                "SEARCH_BLOCK_V": search_block_v, "NUM_PIVOTS": sampling._NUM_PIVOTS}, warps, dtype=dt))
+                "SEARCH_BLOCK_V": sampling.softcap_search_block(search_block_v, softcap),
+                "NUM_PIVOTS": sampling._NUM_PIVOTS, "SOFTCAP": softcap},
+                warps, dtype=dt))
     for dt, torch_dtype in DTYPES.items():
         fused_configs = {}
         for batch in DECODE_BATCHES:
             cfg = sampling.fused_sample_launch_config("cuda", 2 * batch, 151936, 132, torch_dtype)
             fused_configs[tuple(v for k, v in cfg.items() if k not in ("v_per_split", "n_splits"))] = cfg
-        for cfg in fused_configs.values():
-            specs.append(_fused_sample_spec(cfg, dt))
+        for cfg, softcap in itertools.product(fused_configs.values(), (False, True)):
+            specs.append(_fused_sample_spec(cfg, dt, softcap))
     return specs
 
 
-def _fused_sample_spec(cfg: dict, dt: str) -> Spec:
+def _fused_sample_spec(cfg: dict, dt: str, softcap: bool) -> Spec:
     sig = _signature(sampling._fused_sample_kernel, {
         "hidden_ptr": f"*{dt}", "weight_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "temp_ptr": "*fp32",
         "seed_ptr": "*i64", "part_f_ptr": "*fp32", "part_i_ptr": "*i32", "B": "i32", "V": "i32", "H": "i32",
-        "stride_hb": "i32", "stride_wv": "i32", "step_ptr": "*i64", "v_per_split": "i32", "n_splits": "i32"})
+        "stride_hb": "i32", "stride_wv": "i32", "step_ptr": "*i64", "v_per_split": "i32", "n_splits": "i32",
+        "softcap": "fp32"})
     return Spec("sampling", sampling._fused_sample_kernel, sig, {
         "HAS_BIAS": False, "KEY_ROW": False, "RAW": False, "INPUT_PRECISION": "ieee" if dt == "fp32" else None,
-        "BLOCK_B": cfg["BLOCK_B"], "BLOCK_V": cfg["BLOCK_V"], "BLOCK_H": cfg["BLOCK_H"]},
+        "BLOCK_B": cfg["BLOCK_B"], "BLOCK_V": cfg["BLOCK_V"], "BLOCK_H": cfg["BLOCK_H"], "SOFTCAP": softcap},
         cfg["num_warps"], cfg["num_stages"], uses_dot=True, dtype=dt)
 
 

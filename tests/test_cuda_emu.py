@@ -390,3 +390,52 @@ def test_emulated_kernels_have_no_data_races():
         raise
     assert "ThreadSanitizer" not in proc.stderr, proc.stderr[-6000:]
     assert proc.returncode == 0 and "every case ran" in proc.stdout, (proc.returncode, proc.stdout, proc.stderr[-2000:])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Logit soft-capping (softcap > 0: the SOFTCAP instantiations)
+# ----------------------------------------------------------------------------------------------------------------------
+
+SOFTCAP = 8.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("config", [0, 1, 2])
+def test_row_kernel_softcap_matches_reference(config, dtype):
+    # |logits| up to 4-5 caps: the cap bends them; values and the gradient w.r.t. the raw logits, in place too.
+    n, vocab, temperature = 5, (1003, 1000, 300)[config], 0.8
+    logits = _logits((n, vocab), dtype, scale=1.5 * SOFTCAP, seed=config)
+    targets = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(config))
+    targets[1] = IGNORE
+    g_logp, g_entropy = torch.randn(n), torch.randn(n)
+    inv_t = 1.0 / temperature
+    for inplace in (False, True):
+        logp, row_max, log_norm, entropy = emu.row_logprobs_forward(logits, targets, inv_t, IGNORE, True,
+                                                                    config=config, softcap=SOFTCAP)
+        work = logits.clone()
+        out = work if inplace else torch.full_like(logits, float("nan"))
+        grad = emu.row_logprobs_backward(work, targets, row_max, log_norm, entropy, g_logp, g_entropy, inv_t,
+                                         IGNORE, out, config=config, softcap=SOFTCAP)
+        x = logits.double().requires_grad_(True)
+        ref_logp, ref_entropy = ref_token_logprobs(x, targets, temperature=temperature, ignore_index=IGNORE,
+                                                   softcap=SOFTCAP)
+        ((ref_logp * g_logp.double()).sum() + (ref_entropy * g_entropy.double()).sum()).backward()
+        assert_rel_close(logp, ref_logp, torch.float32, name="logp", scale=4.0)
+        assert_rel_close(entropy, ref_entropy, torch.float32, name="entropy", scale=4.0)
+        assert_rel_close(grad, x.grad, dtype, name=f"grad (inplace={inplace})", scale=4.0)
+
+
+@pytest.mark.parametrize("name", ["plain", "combined", "per_row"])
+def test_sampler_softcap_matches_reference_stream(name):
+    from tests.helpers.ref_logprobs import ref_soft_cap
+
+    batch, vocab = 8, 257
+    logits = _logits((batch, vocab), torch.float32, scale=1.5 * SOFTCAP, seed=5)
+    greedy = torch.tensor([True, False, False, True, False, False, True, False])
+    opts = sampling_options(name, batch, vocab, greedy, "cpu")
+    temp, k, p, log_min_p, seeds, greedy_mask, key_row, truncate = parse_options(
+        batch, vocab, logits.device, greedy, opts.get("temperature", 1.0), opts.get("top_k", 0), opts.get("top_p", 1.0),
+        opts.get("min_p", 0.0), 77, "processed")
+    tokens, logprobs = emu.sample_and_greedy(logits, greedy_mask, temp, k, p, log_min_p, seeds, 9, key_row, truncate,
+                                             False, config=1, softcap=SOFTCAP)
+    check_against_reference(ref_soft_cap(logits, SOFTCAP), greedy, tokens, logprobs, opts, seed=77, step=9)

@@ -228,3 +228,31 @@ def test_bad_softcap_is_refused(value, error):
     for call in calls:
         with pytest.raises(error, match="softcap"):
             call()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_with_softcap(backend, device):
+    """The custom ops' schemas carry softcap (a trailing float, default 0 = off): schema, fake tensors, autograd."""
+    from remax_kernels.ops.sampling import parse_options, step_tensor
+
+    ops = torch.ops.remax_kernels
+    logits = _capped_scale_logits((6, 67), device=device).requires_grad_()
+    targets = torch.randint(0, 67, (6,), device=device)
+    hidden, weight, bias, t2 = _lm_head(device, B=2, T=3, H=8, V=67)
+    flat_h, w = hidden.reshape(6, 8).requires_grad_(), weight.clone().requires_grad_()
+    greedy = torch.arange(6, device=device) % 2 == 0
+    temp, k, p, log_min_p, seeds, greedy, key_row, truncate = parse_options(
+        6, 67, device, greedy, 0.8, 5, 0.9, 0.0, 3, "processed")
+    step = step_tensor(1, device)
+    cases = [
+        (ops.token_logprobs.default, (logits, targets, 0.9, -100, True, backend, CAP), True),
+        (ops.fused_linear_logprobs.default, (flat_h, w, None, t2.reshape(-1), -100, 0.8, True, torch.float32,
+                                             backend, CAP), True),
+        (ops.sample_and_greedy.default, (logits.detach(), greedy, temp, k, p, log_min_p, seeds, key_row, step,
+                                         truncate, False, backend, CAP), False),
+        (ops.fused_linear_sample_and_greedy.default, (flat_h.detach(), weight, bias, greedy, temp, seeds, key_row,
+                                                      step, False, backend, CAP), False),
+    ]
+    for op, args, autograd in cases:
+        tests = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+        torch.library.opcheck(op, args, test_utils=tests + (("test_autograd_registration",) if autograd else ()))

@@ -862,6 +862,16 @@ def fused_sample_launch_config(device_type: str, batch: int, vocab: int, sm_coun
                 v_per_split=v_per_split, n_splits=triton.cdiv(vocab, v_per_split))
 
 
+# With SOFTCAP the threshold search's [NUM_PIVOTS, SEARCH_BLOCK_V] tiles also hold the capped values: at 256 columns
+# ptxas spills the fp16/bf16 truncating raw-log-prob variant on sm_90a (scripts/compile_triton.py), at 128 it does not.
+_SOFTCAP_SEARCH_BLOCK_V = 128
+
+
+def softcap_search_block(search_block_v: int, softcap: bool) -> int:
+    """``SEARCH_BLOCK_V`` of ``_sample_kernel`` for a launch with (``softcap=True``) or without soft-capping."""
+    return min(search_block_v, _SOFTCAP_SEARCH_BLOCK_V) if softcap else search_block_v
+
+
 @torch.library.custom_op("remax_kernels::sample_and_greedy", mutates_args=())
 def _sample_op(
     logits: torch.Tensor, greedy_mask: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
@@ -891,6 +901,8 @@ def _sample_impl(logits, greedy_mask, temperature, top_k, top_p, log_min_p, seed
     tokens = torch.empty(batch, dtype=torch.int64, device=device)
     out_logprobs = torch.empty(batch, dtype=torch.float32, device=device)
     block_v, search_block_v, num_warps = sample_launch_config(device.type, vocab)
+    if device.type == "cuda":
+        search_block_v = softcap_search_block(search_block_v, softcap > 0)
     _sample_kernel[(batch,)](
         logits, logits.stride(0), greedy_mask.view(torch.uint8), temperature, top_k, top_p, log_min_p, seeds,
         tokens, out_logprobs, vocab, step, softcap,

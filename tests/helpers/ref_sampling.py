@@ -204,8 +204,11 @@ def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
     expected = (n * probs[order].double()).tolist()
     observed = counts[order].double().tolist()
     while len(expected) > 1 and expected[0] < 5:
-        expected[1] += expected.pop(0)
-        observed[1] += observed.pop(0)
+        # Pop first, then add: `expected[1] += expected.pop(0)` would add into the element after the next one (the
+        # target's index is taken before the pop shifts the list) and fail once two bins are left.
+        smallest_e, smallest_o = expected.pop(0), observed.pop(0)
+        expected[0] += smallest_e
+        observed[0] += smallest_o
         order_pairs = sorted(zip(expected, observed, strict=True))
         expected, observed = [e for e, _ in order_pairs], [o for _, o in order_pairs]
     assert len(expected) >= 2, "test design: need at least two bins"
