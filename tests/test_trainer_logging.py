@@ -26,7 +26,8 @@ def _trainer(tmp_path, *, quiet=False, **changes):
 
 
 def test_levels_and_quiet(tmp_path, capsys):
-    _trainer(tmp_path / "a", log_level="debug", eval_size=32).train()
+    # warmup_steps 1: the default 50 outlasts these 2-step runs, which warns (test_trainer's warm-up test).
+    _trainer(tmp_path / "a", log_level="debug", eval_size=32, warmup_steps=1).train()
     out = capsys.readouterr().out
     assert "prompts: 64 for training, 32 held out" in out and "eval @ step 0: greedy reward" in out
     assert "step 1: reward sampled" in out and "step 2: reward sampled" in out  # one line per step at debug
@@ -36,12 +37,12 @@ def test_levels_and_quiet(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "eval @ step 0" in out and "step 1: reward sampled" not in out
 
-    _trainer(tmp_path / "c", log_level="warning").train()
+    _trainer(tmp_path / "c", log_level="warning", warmup_steps=1).train()
     out = capsys.readouterr().out
     assert out.startswith("warning: only 8 held-out prompt(s)") and "eval @" not in out and "before RL" not in out
 
     # quiet: no progress bar, no messages; warnings still show.
-    _trainer(tmp_path / "d", quiet=True, progress=True).train()
+    _trainer(tmp_path / "d", quiet=True, progress=True, warmup_steps=1).train()
     out, err = capsys.readouterr()
     assert out.startswith("warning: only 8 held-out") and len(out.strip().splitlines()) == 1 and "remax:" not in err
 
