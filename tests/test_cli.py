@@ -375,3 +375,31 @@ def test_default_experiment_is_wired(tmp_path, capsys):
     assert "warm-start" in out and "before RL" in out and "prompts: 4096 for training, 256 held out" in out
     with open(os.path.join(run, "config.yaml")) as fh:
         assert "estimator: remax" in fh.read()
+
+
+def test_negative_numbers_are_values_not_options(capsys):
+    """`--lr -1e-3` read as a flag gave "expected one argument"; now it gets the check `--lr=-1e-3` gets, for every
+    numeric option."""
+    from remax.config import parse_overrides
+
+    assert main(["train", "--lr=-1e-3"]) == 2
+    joined = _one_line_error(capsys, "lr: must be > 0, got -0.001")
+    assert main(["train", "--lr", "-1e-3"]) == 2
+    assert _one_line_error(capsys, "lr: must be > 0, got -0.001") == joined
+    assert main(["train", "--task.sft_lr", "-.5E+2"]) == 2
+    _one_line_error(capsys, "task.sft_lr: must be > 0, got -50.0")
+    assert parse_overrides(["--seed", "-3", "--min_p", "-0.0", "--clip_reward", "-inf", "--task.digits", "-2"]) == {
+        "seed": -3, "min_p": -0.0, "clip_reward": float("-inf"), "task": {"digits": -2}}
+    # A flag after a flag is still a missing value.
+    assert main(["train", "--lr", "--steps", "2"]) == 2
+    _one_line_error(capsys, "--lr: expected one argument")
+
+
+def test_compare_creates_the_parents_of_its_run_dir(user_model, tmp_path, capsys):
+    """`remax compare --run_dir runs/cmp` with no runs/ yet: FileNotFoundError from save_config before; now made,
+    parents included, as `remax train` does."""
+    root = tmp_path / "not" / "yet" / "cmp"
+    assert main(["compare", *_user_args(user_model), "--reward", f"{user_model / 'my_reward.py'}:ones",
+                 "--estimators", "remax", "--steps", "1", "--save_every", "0", "--run_dir", str(root)]) == 0
+    with open(root / "compare.json") as fh:
+        assert json.load(fh)["runs"]["remax"]["steps_run"] == 1
