@@ -13,7 +13,9 @@ Layout of ``RUN_DIR/checkpoints``::
 A checkpoint is written into ``.tmp-step_XXXXXXXX`` and renamed (``os.replace``) only when every file is on disk,
 then ``latest`` is swapped with another ``os.replace``. A crash or Ctrl-C at any point therefore leaves ``latest``
 naming the previous complete checkpoint; a left-over ``.tmp-*`` directory is never read and is removed by the next
-save. The run directory must be on a filesystem all ranks share.
+save. Old checkpoints are pruned the same way: renamed to ``.tmp-old-*`` first, then deleted. Every file is fsynced
+before the rename. ``tests/test_crash_safety.py`` kills (``kill -9``) runs at each point of a save and resumes them.
+The run directory must be on a filesystem all ranks share.
 
 World size: the model and optimizer states are saved as global tensors with their sharding described in
 ``.metadata`` (``torch.distributed.checkpoint``), and ``load_checkpoint`` reads them into whatever sharding the
@@ -29,6 +31,7 @@ import json
 import os
 import random
 import shutil
+import time
 import warnings
 
 import numpy as np
@@ -38,6 +41,22 @@ from remax.distributed import DistInfo, barrier
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
+
+# Fault injection for tests: REMAX_FAULT_PAUSE="point:n" makes the n-th arrival (default the first) at a named point of
+# a save write RUN_DIR/fault-paused (holding the point's name) and sleep, so that a test can kill the process there.
+FAULT_ENV = "REMAX_FAULT_PAUSE"
+FAULT_POINTS = ("tmp_made", "model_saved", "state_written", "renamed", "latest_written", "pruning")
+_fault_arrivals: dict[str, int] = {}
+
+
+def _fault_point(name: str, root: str) -> None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec or spec.partition(":")[0] != name:
+        return
+    _fault_arrivals[name] = _fault_arrivals.get(name, 0) + 1
+    if _fault_arrivals[name] == int(spec.partition(":")[2] or 1):
+        write_atomic(os.path.join(os.path.dirname(root), "fault-paused"), name)
+        time.sleep(600)
 
 
 def _step_name(step: int) -> str:
@@ -66,6 +85,15 @@ def write_atomic(path: str, text: str) -> None:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def _torch_save_synced(obj, path: str) -> None:
+    torch.save(obj, path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def rng_state() -> dict:
@@ -133,20 +161,23 @@ def save_checkpoint(
             if name.startswith(".tmp-"):
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
         os.makedirs(tmp)
+        _fault_point("tmp_made", root)
     barrier(info)
     with warnings.catch_warnings():
         # One process without a process group is intended here; DCP warns about it on every call.
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.save(_model_and_optim_state(model, optimizer, extra), checkpoint_id=tmp)
-    torch.save(rng_state(), os.path.join(tmp, f"rng_rank{info.rank}.pt"))
+    _torch_save_synced(rng_state(), os.path.join(tmp, f"rng_rank{info.rank}.pt"))
     barrier(info)
     if info.is_main:
-        torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+        _fault_point("model_saved", root)
+        _torch_save_synced(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
         for name, (_, _, part_scheduler) in extra.items():
-            torch.save(part_scheduler.state_dict(), os.path.join(tmp, f"scheduler_{name}.pt"))
+            _torch_save_synced(part_scheduler.state_dict(), os.path.join(tmp, f"scheduler_{name}.pt"))
         state = dict(trainer_state, step=step, world_size=info.world_size)
         write_atomic(os.path.join(tmp, STATE_FILE), json.dumps(state))
         _fsync_dir(tmp)
+        _fault_point("state_written", root)
         if os.path.exists(final):
             # Re-saving a step (a resumed run passing it again): move the old copy aside before the rename.
             trash = os.path.join(root, f".tmp-old-{_step_name(step)}")
@@ -156,7 +187,9 @@ def save_checkpoint(
         else:
             os.replace(tmp, final)
         _fsync_dir(root)
+        _fault_point("renamed", root)
         write_atomic(os.path.join(root, LATEST), _step_name(step))
+        _fault_point("latest_written", root)
         _prune(root, keep)
     barrier(info)
     return final
@@ -171,7 +204,12 @@ def _complete_checkpoints(root: str) -> list[str]:
 
 def _prune(root: str, keep: int) -> None:
     for name in _complete_checkpoints(root)[:-keep]:
-        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        # Renamed first: a process killed mid-delete leaves a .tmp- directory (never read, removed by the next save),
+        # not a step_* directory whose trainer_state.json outlived its weights.
+        trash = os.path.join(root, f".tmp-old-{name}")
+        os.replace(os.path.join(root, name), trash)
+        _fault_point("pruning", root)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def latest_checkpoint(run_dir: str) -> str | None:

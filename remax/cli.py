@@ -23,6 +23,7 @@ import dataclasses
 import datetime
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -51,7 +52,17 @@ class UsageError(Exception):
 
 
 class Interrupted(Exception):
-    """Ctrl-C; the message says what was saved and how to continue."""
+    """Ctrl-C or SIGTERM; the message says what was saved and how to continue. ``status``: the exit status (130 for
+    Ctrl-C; 0 for a SIGTERM that stopped training cleanly, as a scheduler's preemption expects)."""
+
+    def __init__(self, message: str, *, status: int = 130):
+        super().__init__(message)
+        self.status = status
+
+
+def _sigterm_as_ctrl_c(signum, frame):
+    """Outside ``Trainer.train`` (model loading, the warm-start), SIGTERM stops the command as Ctrl-C does."""
+    raise KeyboardInterrupt
 
 
 def _setup_errors(fn):
@@ -125,7 +136,6 @@ def build_experiment(config: TrainConfig, info, *, run_dir: str, adapter_base: s
         build_tiny_llama,
         load_causal_lm,
         load_tokenizer,
-        no_hf_progress_bars,
         pick_device,
         set_cpu_threads,
         sft_warmstart,
@@ -159,7 +169,7 @@ def build_experiment(config: TrainConfig, info, *, run_dir: str, adapter_base: s
     reward.probe(task["train_prompts"], tokenizer)
     init_dir = os.path.join(run_dir, "initial_policy")
     t0 = time.perf_counter()
-    if config.resume is not None and os.path.isdir(init_dir):
+    if config.resume is not None and os.path.isfile(os.path.join(init_dir, WARMSTART_FILE)):
         policy = load_causal_lm(init_dir, name="initial_policy")
         logger.info(f"warm-start: reusing the run's own ({init_dir})")
         warmstart_s = 0.0
@@ -180,11 +190,7 @@ def build_experiment(config: TrainConfig, info, *, run_dir: str, adapter_base: s
                               batch_size=task_config.sft_batch_size, seed=config.seed, device=device)
         broadcast_module(policy, info)
         if info.is_main:
-            os.makedirs(run_dir, exist_ok=True)
-            with no_hf_progress_bars():
-                policy.save_pretrained(init_dir)
-            with open(os.path.join(init_dir, WARMSTART_FILE), "w") as fh:
-                json.dump(warmstart_identity(config), fh, indent=2)
+            _save_warmstart(policy, config, init_dir)
         barrier(info)
         warmstart_s = 0.0 if config.init_from is not None else time.perf_counter() - t0
         if config.init_from is None and task_config.sft_steps:
@@ -194,6 +200,27 @@ def build_experiment(config: TrainConfig, info, *, run_dir: str, adapter_base: s
     policy.name_or_path = policy.config.name_or_path = os.path.abspath(init_dir)
     return dict(policy=policy, tokenizer=tokenizer, reward_fn=reward, ref_model=None, prompts=task["train_prompts"],
                 eval_prompts=task["eval_prompts"], warmstart_s=warmstart_s)
+
+
+def _save_warmstart(policy, config: TrainConfig, init_dir: str) -> None:
+    """``policy`` and its ``warmstart.json`` into ``init_dir``, atomically: written beside it and renamed, so a
+    process killed mid-save (``kill -9``) leaves either no warm-start or a complete one (a resume loads it)."""
+    import glob
+    import shutil
+
+    from remax.model import no_hf_progress_bars
+
+    for left_over in glob.glob(f"{glob.escape(init_dir)}.tmp-*"):  # of a process killed mid-save
+        shutil.rmtree(left_over, ignore_errors=True)
+    os.makedirs(os.path.dirname(init_dir), exist_ok=True)
+    tmp = f"{init_dir}.tmp-{os.getpid()}"
+    with no_hf_progress_bars():
+        policy.save_pretrained(tmp)
+    with open(os.path.join(tmp, WARMSTART_FILE), "w") as fh:
+        json.dump(warmstart_identity(config), fh, indent=2)
+    if os.path.exists(init_dir):  # an earlier run's, killed before its first checkpoint: replaced
+        shutil.rmtree(init_dir)
+    os.replace(tmp, init_dir)
 
 
 # --- train ---------------------------------------------------------------------------------------------------------
@@ -234,23 +261,30 @@ def _train_config(args) -> TrainConfig:
     return TrainConfig.from_dict(values, source=args.config or "config").with_task_defaults()
 
 
-def _interrupted_message(run_dir: str) -> str:
+def _interrupted_message(run_dir: str, what: str = "interrupted") -> str:
     from remax.checkpoint import latest_checkpoint, read_trainer_state
 
     path = latest_checkpoint(run_dir)
     if path is not None:
-        return (f"interrupted; {run_dir} holds a complete checkpoint at step {read_trainer_state(path)['step']}: "
+        return (f"{what}; {run_dir} holds a complete checkpoint at step {read_trainer_state(path)['step']}: "
                 f"continue with `remax train --resume {run_dir}`")
     if os.path.isfile(os.path.join(run_dir, "initial_policy", WARMSTART_FILE)):
-        return (f"interrupted before the first checkpoint; the warm-start is saved in {run_dir}/initial_policy: "
+        return (f"{what} before the first checkpoint; the warm-start is saved in {run_dir}/initial_policy: "
                 f"start a run from it with `remax train --init_from {run_dir}`")
-    return "interrupted before anything was saved"
+    return f"{what} before anything was saved"
+
+
+def _stopped(err, run_dir: str) -> Interrupted:
+    """``Interrupted`` for a ``TrainingStopped``: the checkpoint and the resume command; exit 0 for SIGTERM."""
+    what = f"stopped by {err.signal_name} after step {err.step}"
+    return Interrupted(_interrupted_message(run_dir, what), status=0 if err.signal_name == "SIGTERM" else 130)
 
 
 def cmd_train(args) -> dict:
     from remax.distributed import init_distributed, shutdown
     from remax.model import pick_device
     from remax.rewards import RewardError
+    from remax.stopping import TrainingStopped
     from remax.trainer import Trainer, check_run_dir, default_run_dir
 
     config = _setup_errors(lambda: _train_config(args))
@@ -269,13 +303,18 @@ def cmd_train(args) -> dict:
                               dist_info=info, **parts)
             return trainer, warmstart_s
 
+        previous = signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c)
         try:
             trainer, warmstart_s = _setup_errors(setup)
-            summary = trainer.train()
+            summary = trainer.train()  # handles SIGTERM and SIGINT itself (remax.stopping)
         except KeyboardInterrupt:
             raise Interrupted(_interrupted_message(run_dir)) from None
+        except TrainingStopped as err:
+            raise _stopped(err, run_dir) from None
         except RewardError as err:
             raise UsageError(str(err)) from None
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         wall = time.perf_counter() - t0
         logger.info(f"total wall time {wall:.1f} s" + (f" (warm-start {warmstart_s:.1f} s)" if warmstart_s else ""))
         return summary
@@ -398,6 +437,9 @@ def _run_isolated(run_config: TrainConfig, root: str) -> dict:
     rc = subprocess.run([sys.executable, "-m", "remax", "train", "--config", path]).returncode
     if rc == 130:
         raise KeyboardInterrupt
+    if rc == 0 and not os.path.isfile(os.path.join(run_config.run_dir, "summary.json")):
+        raise Interrupted(f"the {run_config.estimator} run was stopped by SIGTERM (its message is above); the "
+                          f"estimators' runs are in {root}/<estimator>", status=0)
     if rc != 0:
         raise UsageError(f"compare: the {run_config.estimator} run failed (exit status {rc}; its output is above, its "
                          f"run directory is {run_config.run_dir})")
@@ -420,6 +462,7 @@ def cmd_compare(args) -> dict:
     from remax.distributed import init_distributed, shutdown
     from remax.model import pick_device
     from remax.plotting import plot_compare
+    from remax.stopping import TrainingStopped
     from remax.trainer import Trainer, default_run_dir
 
     estimators = [e.strip() for e in args.estimators.split(",") if e.strip()]
@@ -444,6 +487,8 @@ def cmd_compare(args) -> dict:
     isolate = not info.enabled
     try:
         root = os.path.abspath(config.run_dir or default_run_dir(info, prefix="compare-"))
+        if info.is_main:
+            os.makedirs(root, exist_ok=True)  # its parents too, as `remax train` does
         try:
             parts = _setup_errors(lambda: build_experiment(config, info, run_dir=root))
             parts.pop("warmstart_s")
@@ -467,6 +512,9 @@ def cmd_compare(args) -> dict:
                 runs[e] = run_config.run_dir
         except KeyboardInterrupt:
             raise Interrupted(f"interrupted; the estimators' runs are in {root}/<estimator>") from None
+        except TrainingStopped as err:
+            raise Interrupted(f"{err}; the estimators' runs are in {root}/<estimator>",
+                              status=0 if err.signal_name == "SIGTERM" else 130) from None
         result = {"run_dir": root, "runs": summaries, "isolated": isolate}
         if info.is_main:
             from remax.plotting import read_metrics
@@ -641,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Interrupted as err:
         print(f"{prefix}: {err}", file=sys.stderr)
-        return 130
+        return err.status
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted", file=sys.stderr)
         return 130

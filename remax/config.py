@@ -40,6 +40,7 @@ ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 TASKS = ("addition",)
 REPORT_TO = ("none", "tensorboard")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+PROGRESS = ("auto", "true", "false")
 
 # Input paths, resolved against a YAML file's folder (see the module doc). ``reward`` is a path only in its
 # ``file.py:function`` and directory forms.
@@ -223,10 +224,14 @@ class TrainConfig:
                         choices=LOG_LEVELS)
     report_to: str = _f("none", "also write every metric to TensorBoard event files in RUN_DIR/tensorboard (needs "
                                 "the tensorboard package)", choices=REPORT_TO)
-    progress: bool = _f(True, "show a tqdm progress bar")
+    progress: str = _f("auto", "progress lines on stderr (the step bar; prompts done / total and tokens/s of the "
+                               "evaluations and rollouts): true, false, or auto = only when stderr is a terminal "
+                               "(logs written to a file stay free of them)", choices=PROGRESS)
     plot: bool = _f(True, "write reward_curves.png into the run directory at the end")
 
     def __post_init__(self) -> None:
+        if isinstance(self.progress, bool):  # progress=False, as before it had an "auto"
+            self.progress = str(self.progress).lower()
         if isinstance(self.task, dict):
             self.task = _build(TaskConfig, self.task, source="task", prefix="task.")
         if not isinstance(self.task, TaskConfig):
@@ -456,6 +461,9 @@ def _build(cls, values, *, source: str, prefix: str):
             typed[key] = value if isinstance(value, hints[key]) else _build(
                 hints[key], value, source=source, prefix=f"{prefix}{key}.")
         else:
+            choices = next(f.metadata.get("choices") for f in dataclasses.fields(cls) if f.name == key)
+            if isinstance(value, bool) and choices and "true" in choices:
+                value = str(value).lower()  # YAML reads `progress: false` as a bool
             typed[key] = _coerce(f"{prefix}{key}", value, hints[key], from_string=False)
     return cls(**typed)
 
@@ -604,13 +612,27 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(f"--{name}", **kwargs)
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def normalize_options(argv: list[str]) -> list[str]:
-    """``--run-dir x`` -> ``--run_dir x`` (both spellings are accepted; fields are named with underscores)."""
+    """``--run-dir x`` -> ``--run_dir x`` (both spellings are accepted; fields are named with underscores), and
+    ``--lr -1e-3`` -> ``--lr=-1e-3``: argparse takes a value that starts with ``-`` and is not a plain ``-1`` /
+    ``-0.5`` for an option (``expected one argument``); joined, a negative number reaches the field's own check."""
     out = []
     for token in argv:
         if token.startswith("--") and len(token) > 2:
             key, eq, value = token[2:].partition("=")
             token = "--" + key.replace("-", "_") + eq + value
+        if (token.startswith("-") and _is_number(token) and out and out[-1].startswith("--") and "=" not in out[-1]
+                and out[-1] != "--"):
+            out[-1] = f"{out[-1]}={token}"
+            continue
         out.append(token)
     return out
 

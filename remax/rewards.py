@@ -3,8 +3,8 @@ sequence-classification model with one label.
 
 Every reward the trainer calls goes through ``RewardFunction``, which checks the output (a float tensor ``[B]``,
 finite) and raises one clear error naming the reward otherwise (``RewardError`` for bad values, naming the first bad
-prompt and response). ``probe`` calls it once on two prompts before any heavy work, so a reward returning the wrong
-shape or NaN fails in seconds, not after the warm-start.
+prompt and response; and for an exception the reward raises, naming it). ``probe`` calls it once on two prompts
+before any heavy work, so a reward returning the wrong shape or NaN fails in seconds, not after the warm-start.
 
 A callable reward has the signature ``fn(prompts: list[str], responses: list[str]) -> Tensor[B] | list[float]``; if
 it also accepts ``prompt_ids`` / ``response_ids`` (or ``**kwargs``) it receives the token ids as lists of int lists.
@@ -25,7 +25,7 @@ FORMS = "'path/to/file.py:function', 'module:function' or a local reward-model d
 
 
 class RewardError(ValueError):
-    """A reward returned a value the trainer cannot use (wrong shape, NaN/inf)."""
+    """A reward returned a value the trainer cannot use (wrong shape, NaN/inf), or raised."""
 
 
 class RewardFunction:
@@ -43,10 +43,17 @@ class RewardFunction:
         self._takes_ids = any(p.kind == p.VAR_KEYWORD or p.name in ("prompt_ids", "response_ids") for p in params)
 
     def __call__(self, prompts: list[str], responses: list[str], *, prompt_ids=None, response_ids=None) -> torch.Tensor:
-        if self._takes_ids and prompt_ids is not None:
-            out = self.fn(prompts, responses, prompt_ids=prompt_ids, response_ids=response_ids)
-        else:
-            out = self.fn(prompts, responses)
+        try:
+            if self._takes_ids and prompt_ids is not None:
+                out = self.fn(prompts, responses, prompt_ids=prompt_ids, response_ids=response_ids)
+            else:
+                out = self.fn(prompts, responses)
+        except Exception as err:
+            # A reward that raises (a reward server going down) is treated as one that returns NaN: one line naming
+            # it, and the trainer checkpoints its last finished step. KeyboardInterrupt is not an Exception.
+            text = str(err).strip().splitlines()
+            raise RewardError(f"reward: {self.name} raised {type(err).__name__}" + (f": {text[0]}" if text else "")
+                              ) from err
         return check_reward_output(out, len(prompts), self.name, prompts=prompts, responses=responses)
 
     def probe(self, prompts: list[str], tokenizer=None) -> None:

@@ -28,6 +28,7 @@ continues at the final rate instead of restarting the cosine.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -35,12 +36,21 @@ import math
 import os
 import random
 import resource
+import sys
 import time
 
 import numpy as np
 import torch
 
-from remax.checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint, write_atomic
+from remax.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    read_trainer_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    write_atomic,
+)
 from remax.config import INPUT_PATHS, TrainConfig, save_config
 from remax.data import format_prompts, load_jsonl_prompts, tokenize_prompts, uses_chat_template
 from remax.distributed import (
@@ -64,6 +74,7 @@ from remax.model import (
     pick_device,
 )
 from remax.rewards import RewardFunction
+from remax.stopping import StopNow, StopSignals, TrainingStopped
 
 # Keys of a metrics record that measure the machine, not the run (excluded when comparing runs for equality).
 PERF_PREFIX = "perf/"
@@ -297,6 +308,8 @@ class Trainer:
         self.history: list[dict] = []
         self.run_dir: str | None = None
         self._writer = None  # TensorBoard, while train() runs with report_to="tensorboard"
+        self._signals: StopSignals | None = None  # SIGTERM/SIGINT handling, while train() runs
+        self._bar = None  # the steps' progress bar, while train() runs
         self._perms: dict[int, torch.Tensor] = {}
 
     # ------------------------------------------------------------------------------------------------------------
@@ -402,7 +415,8 @@ class Trainer:
         """Whether training rollouts decode the greedy response too (ReMax's baseline); evaluation always does."""
         return self.config.estimator == "remax"
 
-    def _generate(self, jobs: list[tuple[list[str], list[int], int]], *, greedy: bool = True) -> list[dict]:
+    def _generate(self, jobs: list[tuple[list[str], list[int], int]], *, greedy: bool = True,
+                  on_rows=None) -> list[dict]:
         """Rollouts for each job ``(texts, row_seeds, chunk_size)``, all in ONE runner call: paired (sampled and
         greedy, ``generate_pairs``), or with ``greedy=False`` the sampled responses alone (``generate_samples``,
         the same responses).
@@ -413,7 +427,8 @@ class Trainer:
         every rank whatever its amount of work (see ``remax.distributed``). Returns per job a dict of ``[B, ...]``
         tensors: prompt_ids/prompt_mask ``[B, P]``, ``{sampled,greedy}_ids`` / ``_attention_mask`` ``[B, P+R]``,
         ``_response_mask`` (bool) / ``_logprobs`` ``[B, R]``, ``_lengths`` ``[B]`` (``greedy_*`` only with
-        ``greedy``), and ``prompt_length`` P.
+        ``greedy``), and ``prompt_length`` P. ``on_rows(rows, tokens)``, if given, is called after every generate
+        call with its rows and generated tokens (progress lines; it reads the lengths, so a GPU waits for them).
         """
         from remax_kernels import generate_pairs, generate_samples
 
@@ -431,15 +446,18 @@ class Trainer:
             results = []
             with gathered_params(self.runner), torch.no_grad(), self._autocast():
                 for (ids, mask, seeds), (_, _, size) in zip(encoded, jobs, strict=True):
-                    outs = [
-                        generate(
+                    outs = []
+                    for i in range(0, ids.shape[0], size):
+                        out = generate(
                             model, ids[i : i + size], mask[i : i + size], max_new_tokens=cfg.response_budget,
                             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p,
                             eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
                             seed=seeds[i : i + size],
                         )
-                        for i in range(0, ids.shape[0], size)
-                    ]
+                        outs.append(out)
+                        if on_rows is not None:
+                            tokens = int(out.sampled_lengths.sum()) + (int(out.greedy_lengths.sum()) if greedy else 0)
+                            on_rows(out.sampled_lengths.shape[0], tokens)
                     results.append(self._merge_rollouts(outs, ids, mask, greedy=greedy))
             return results
 
@@ -563,10 +581,17 @@ class Trainer:
         first, n_local = self._local_rows(len(rows))
         texts = [self.prompts[i] for i in rows[first : first + n_local].tolist()]
         seeds = [derive_seed(cfg.seed, "rollout", step, row) for row in range(first, first + n_local)]
-        rollout = self._generate([(texts, seeds, cfg.rollout_batch_size or n_local)], greedy=self.needs_greedy)[0]
-        t_rollout = time.perf_counter()
-
-        r_sampled, r_greedy, _ = self._score(texts, rollout)
+        bar, advance = self._rows_progress(n_local, f"rollout, step {step + 1}")
+        # Nothing before the update changes the training state: a stop request may abandon the rollout and reward.
+        with self._abandonable():
+            try:
+                rollout = self._generate([(texts, seeds, cfg.rollout_batch_size or n_local)],
+                                         greedy=self.needs_greedy, on_rows=advance)[0]
+            finally:
+                if bar is not None:
+                    bar.close()
+            t_rollout = time.perf_counter()
+            r_sampled, r_greedy, _ = self._score(texts, rollout)
         t_reward = time.perf_counter()
 
         batch = self._prepare(rollout, r_sampled, r_greedy)
@@ -845,7 +870,14 @@ class Trainer:
                          len(rows)))
         stats = _Stats()
         samples = []
-        for job, rollout in zip(jobs, self._generate(jobs), strict=True):
+        bar, advance = self._rows_progress(sum(len(job[0]) for job in jobs),
+                                           f"eval @ step {self.step if step is None else step}")
+        try:
+            rollouts = self._generate(jobs, on_rows=advance)
+        finally:
+            if bar is not None:
+                bar.close()
+        for job, rollout in zip(jobs, rollouts, strict=True):
             r_s, r_g, responses = self._score(job[0], rollout)
             n = len(job[0])
             stats.add("eval/reward_sampled", float(r_s.sum()), n)
@@ -907,7 +939,8 @@ class Trainer:
             self._writer.flush()
 
     def _evaluate_and_record(self, step: int | None = None) -> None:
-        record = self.evaluate(step)
+        with self._abandonable():
+            record = self.evaluate(step)
         for line in self.eval_lines(record):
             self._info(line)
         self._append_metrics(record)
@@ -964,8 +997,11 @@ class Trainer:
         Writes into the run directory: ``config.yaml`` (updated on every resume), ``metrics.jsonl``,
         ``samples.jsonl``, checkpoints, ``final/`` (``save_final_model``), ``summary.json`` and
         ``reward_curves.png`` (``plot``).
+
+        SIGTERM or SIGINT (Ctrl-C) while it runs: a complete checkpoint of the last finished step, then
+        ``remax.stopping.TrainingStopped`` (see ``remax.stopping``). A reward that fails (raises, NaN, wrong shape):
+        the same checkpoint, then a ``RewardError`` saying where it is.
         """
-        from tqdm.auto import tqdm
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         from remax.rewards import RewardError
@@ -991,56 +1027,36 @@ class Trainer:
             self._write_records("metrics.jsonl", [])
             self._write_records("samples.jsonl", [])
         cfg = self.config
+        self._warn_long_warmup()
         if self.info.is_main:
             save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
         if self._tensorboard is not None and self.info.is_main:
             self._writer = self._tensorboard(log_dir=os.path.join(self.run_dir, "tensorboard"),
                                              purge_step=start + 1 if resumed else None)
-        bar = None
-        last_saved = self.step if resumed else -1
+        self._bar = None
+        self._last_saved = self.step if resumed else -1
+        self._signals = StopSignals(abandon=not self.info.enabled)
         try:
-            with logging_redirect_tqdm(loggers=[get_logger()]):
-                if not any(r["split"] == "eval" and r["step"] == 0 for r in self.history):
-                    self._evaluate_and_record(0)
-                elif resumed:
-                    last = self.history_eval()[-1]
-                    self._info(f"last held-out eval @ step {last['step']}: greedy reward "
-                               f"{last['eval/reward_greedy']:.4f}, sampled reward {last['eval/reward_sampled']:.4f}")
-                bar = tqdm(total=cfg.steps, initial=self.step, desc="remax", dynamic_ncols=True,
-                           disable=self.quiet or not (cfg.progress and self.info.is_main))
-                while self.step < cfg.steps:
-                    record = self.train_step(self.step)
-                    self.step += 1
-                    self._append_metrics(record)
-                    greedy = f", greedy {record['reward/greedy']:.4f}" if "reward/greedy" in record else ""
-                    logger.debug(f"step {self.step}: reward sampled {record['reward/sampled']:.4f}{greedy}, lr "
-                                 f"{record['lr']:.3g}, grad norm {record['grad_norm']:.3g}, "
-                                 f"{record['perf/step_time_s']:.3f} s")
-                    postfix = {"r_sampled": f"{record['reward/sampled']:.3f}"}
-                    if "reward/greedy" in record:
-                        postfix["r_greedy"] = f"{record['reward/greedy']:.3f}"
-                    if "loss/kl" in record:
-                        postfix["kl"] = f"{record['loss/kl']:.4f}"
-                    bar.set_postfix(postfix)
-                    bar.update(1)
-                    if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
-                        self._evaluate_and_record()
-                    if cfg.save_every > 0 and self.step % cfg.save_every == 0 and self.step < cfg.steps:
-                        self.save()
-                        last_saved = self.step
-                if not any(r["split"] == "eval" and r["step"] == self.step for r in self.history):
-                    self._evaluate_and_record()
+            with logging_redirect_tqdm(loggers=[get_logger()]), self._signals:
+                try:
+                    self._loop(resumed)
+                except StopNow:
+                    pass  # the phase was abandoned: the checkpoint is of the last finished step
+                if self._signals.received is not None:
+                    path = self._save_after_failure()
+                    raise TrainingStopped(self._signals.received, self.step, path)
         except RewardError as err:
-            path = latest_checkpoint(self.run_dir)
+            path = self._save_after_failure()
             where = (f"; {self.run_dir} holds a complete checkpoint at step {read_trainer_state(path)['step']}: fix "
-                     f"the reward and continue with --resume {self.run_dir}") if path else ""
+                     f"the reward and continue with `remax train --resume {self.run_dir}`") if path else ""
             raise RewardError(f"{err} (after {self.step} completed steps){where}") from None
         finally:
-            if bar is not None:
-                bar.close()
+            self._signals = None
+            if self._bar is not None:
+                self._bar.close()
             if self._writer is not None:
                 self._writer.close()
-        if last_saved != self.step and cfg.save_every >= 0:
+        if self._last_saved != self.step and cfg.save_every >= 0:
             self.save()  # the final checkpoint includes the final evaluation
         if cfg.save_final_model:
             self.save_final_model(os.path.join(self.run_dir, "final"))
@@ -1053,6 +1069,109 @@ class Trainer:
                 summary["plot"] = plot_run(self.run_dir)
             self._info(format_summary(summary))
         return summary
+
+    def _loop(self, resumed: bool) -> None:
+        """Steps to ``config.steps``, with the evaluations and checkpoints due at each step boundary; returns early
+        at a boundary where a stop was requested (``self._signals``)."""
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        if resumed and self._has_eval(self.step):
+            last = self.history_eval()[-1]
+            self._info(f"last held-out eval @ step {last['step']}: greedy reward {last['eval/reward_greedy']:.4f}, "
+                       f"sampled reward {last['eval/reward_sampled']:.4f}")
+        while True:
+            # Everything of the step boundary: what an abandoned evaluation or rollout restores before saving.
+            self._boundary_rng = rng_state()
+            if self._signals.requested(self.info):
+                return
+            if self._eval_due(self.step) and not self._has_eval(self.step):
+                self._evaluate_and_record()
+            if cfg.save_every > 0 and self.step % cfg.save_every == 0 and 0 < self.step < cfg.steps and (
+                    self._last_saved != self.step):
+                self.save()
+                self._last_saved = self.step
+            if self.step >= cfg.steps:
+                return
+            if self._bar is None:
+                self._bar = tqdm(total=cfg.steps, initial=self.step, desc="remax", dynamic_ncols=True,
+                                 disable=not self.show_progress)
+            if self._signals.requested(self.info):
+                return
+            record = self.train_step(self.step)
+            self.step += 1
+            self._append_metrics(record)
+            greedy = f", greedy {record['reward/greedy']:.4f}" if "reward/greedy" in record else ""
+            logger.debug(f"step {self.step}: reward sampled {record['reward/sampled']:.4f}{greedy}, lr "
+                         f"{record['lr']:.3g}, grad norm {record['grad_norm']:.3g}, "
+                         f"{record['perf/step_time_s']:.3f} s")
+            postfix = {"r_sampled": f"{record['reward/sampled']:.3f}"}
+            if "reward/greedy" in record:
+                postfix["r_greedy"] = f"{record['reward/greedy']:.3f}"
+            if "loss/kl" in record:
+                postfix["kl"] = f"{record['loss/kl']:.4f}"
+            postfix["tokens/s"] = f"{record['perf/tokens_per_s']:.0f}"
+            self._bar.set_postfix(postfix)
+            self._bar.update(1)
+
+    def _eval_due(self, step: int) -> bool:
+        """Evaluations run before training (step 0), every ``eval_every`` steps and after the last step."""
+        every = self.config.eval_every
+        return step == 0 or step == self.config.steps or bool(every) and step % every == 0
+
+    def _has_eval(self, step: int) -> bool:
+        return any(r["split"] == "eval" and r["step"] == step for r in self.history)
+
+    def _save_after_failure(self) -> str | None:
+        """After a stop request or a failed reward: a checkpoint of the last finished step (unless it has one, or
+        none is wanted: ``save_every -1``, step 0), with the RNG states of that step boundary; returns the latest
+        complete checkpoint (None if there is none). Under torchrun a failed reward may have reached one rank only,
+        so nothing new is saved there."""
+        boundary = getattr(self, "_boundary_rng", None)
+        if (self.step > 0 and self.config.save_every >= 0 and self._last_saved != self.step and not self.info.enabled
+                and boundary is not None):
+            set_rng_state(boundary)
+            self.save()
+            self._last_saved = self.step
+        return latest_checkpoint(self.run_dir)
+
+    def _abandonable(self):
+        """A phase that changes no training state: a stop request may cut it short (``remax.stopping``)."""
+        return self._signals.abandonable() if self._signals is not None else contextlib.nullcontext()
+
+    @property
+    def show_progress(self) -> bool:
+        """Progress lines on stderr: ``config.progress`` "true", or "auto" when stderr is a terminal; rank 0 only,
+        never with ``quiet``."""
+        wanted = self.config.progress == "true" or self.config.progress == "auto" and sys.stderr.isatty()
+        return wanted and self.info.is_main and not self.quiet
+
+    def _rows_progress(self, total: int, desc: str):
+        """``(bar, advance)`` for a rollout or an evaluation: ``advance(rows, tokens)`` after each generate call
+        shows prompts done / total and generated tokens/s; ``advance`` is None when progress is off."""
+        from tqdm.auto import tqdm
+
+        if not self.show_progress:
+            return None, None
+        # mininterval 0: a line per generate call (seconds apart on a real model), none skipped.
+        bar = tqdm(total=total, desc=desc, unit="prompt", leave=False, dynamic_ncols=True, mininterval=0)
+        t0, tokens = time.perf_counter(), [0]
+
+        def advance(rows: int, new_tokens: int) -> None:
+            tokens[0] += new_tokens
+            bar.set_postfix_str(f"{tokens[0] / max(time.perf_counter() - t0, 1e-9):.0f} tokens/s", refresh=False)
+            bar.update(rows)
+
+        return bar, advance
+
+    def _warn_long_warmup(self) -> None:
+        """One line when the warm-up outlasts the run: the learning rate then never reaches ``lr`` (not capped: the
+        schedule stays what the config says, and the summary states the peak reached)."""
+        cfg = self.config
+        if cfg.warmup_steps > cfg.steps:
+            logger.warning(f"warmup_steps {cfg.warmup_steps} > steps {cfg.steps}: the learning rate climbs to "
+                           f"{cfg.lr * cfg.steps / cfg.warmup_steps:.3g} at most and never reaches lr {cfg.lr:.3g} "
+                           f"(not capped); --warmup_steps {max(1, cfg.steps // 10)} reaches it")
 
     def _truncate_samples(self, step: int) -> None:
         """Drop samples.jsonl lines of evaluations after ``step`` (a resumed run repeats them)."""
@@ -1089,6 +1208,11 @@ class Trainer:
             "after": {"step": after["step"], "greedy": after["eval/reward_greedy"],
                       "sampled": after["eval/reward_sampled"]},
         }
+        lrs = [r["lr"] for r in self.history if r["split"] == "train"]
+        if lrs:
+            # The warm-up can outlast a short run (see _warn_long_warmup): say what the run actually reached.
+            out["lr"] = {"peak": float(max(lrs)), "configured": self.config.lr,
+                         "warmup_steps": self.config.warmup_steps}
         if train:
             out["rollout_mismatch"] = {
                 "logprob_abs_diff_mean": float(np.mean([r["mismatch/logprob_abs_diff"] for r in train])),
@@ -1205,6 +1329,12 @@ def format_summary(summary: dict) -> str:
         lines.append(f"model states {sum(sum(v.values()) for v in states.values()) / 2**20:.1f} MB ({parts}; "
                      f"parameters, gradients, optimizer), {params['trainable'] / 1e6:.3g}M trainable and "
                      f"{params['frozen'] / 1e6:.3g}M frozen parameters")
+    if "lr" in summary:
+        lr = summary["lr"]
+        short = lr["peak"] < lr["configured"] * (1 - 1e-6)
+        lines.append(f"learning rate: peak {lr['peak']:.3g}" + (
+            f", below lr {lr['configured']:.3g} (warmup_steps {lr['warmup_steps']} > steps {summary['step']})"
+            if short else ""))
     if "rollout_mismatch" in summary:
         mm = summary["rollout_mismatch"]
         lines.append(f"rollout vs training log-probs of the sampled tokens: mean |diff| "

@@ -46,6 +46,14 @@ def user_model(tmp_path_factory):
         "    return torch.tensor([float(r.count('1')) + 0.1 * len(ids) for r, ids in zip(responses, response_ids)])\n"
         "def bad(prompts, responses):\n"
         "    return torch.zeros(len(prompts), 2)\n"
+        "import os\n"
+        "DOWN_CALLS = [0]\n"
+        "def down_later(prompts, responses):\n"
+        "    DOWN_CALLS[0] += 1\n"
+        "    after = {'down': 4, 'down-now': 0}.get(os.environ.get('REWARD_SERVER'))\n"
+        "    if after is not None and DOWN_CALLS[0] > after:\n"
+        "        raise ConnectionError('reward server down\\nmore detail on a second line')\n"
+        "    return torch.ones(len(prompts))\n"
         "CALLS = [0]\n"
         "def nan_later(prompts, responses):\n"
         "    CALLS[0] += 1\n"
@@ -246,7 +254,31 @@ def test_bug7_nan_message_names_step_and_checkpoint(user_model, tmp_path, capsys
     # Calls: two probes (the command's, before loading the model; the Trainer's), eval @ 0, step 1, step 2 (NaN).
     err = _one_line_error(capsys, "returned 8 NaN/inf value(s) out of 8; first: prompt ")
     assert f"(after 1 completed steps); {run} holds a complete checkpoint at step 1" in err
-    assert f"continue with --resume {run}" in err
+    assert f"continue with `remax train --resume {run}`" in err
+
+
+def test_reward_exception_gets_a_line_a_checkpoint_and_the_resume_command(user_model, tmp_path, capsys,
+                                                                        monkeypatch):
+    """A reward that raises (a reward server going down) is treated as a NaN reward: one line naming the function and
+    the exception, a checkpoint of the last finished step (save_every 0: made for the failure), a resumable run."""
+    reward = f"{user_model / 'my_reward.py'}:down_later"
+    run = str(tmp_path / "run")
+    monkeypatch.setenv("REWARD_SERVER", "down")
+    args = [*_user_args(user_model), "--reward", reward, "--steps", "3", "--save_every", "0", "--run_dir", run]
+    assert main(["train", *args]) == 2
+    err = _one_line_error(capsys, f"reward: {reward} raised ConnectionError: reward server down (after 1 completed "
+                                  f"steps); {run} holds a complete checkpoint at step 1: fix the reward and continue "
+                                  f"with `remax train --resume {run}`")
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["latest", "step_00000001"], err
+    # The server is back: the run continues from step 1 to the end.
+    monkeypatch.delenv("REWARD_SERVER")
+    assert main(["train", "--resume", run]) == 0
+    assert [r["step"] for r in _records(run, "train")] == [1, 2, 3]
+    # Raising at the probe, before any model is loaded: the same line, nothing written.
+    monkeypatch.setenv("REWARD_SERVER", "down-now")
+    assert main(["train", *_user_args(user_model), "--reward", reward, "--run_dir", run + "2"]) == 2
+    _one_line_error(capsys, f"reward: {reward} raised ConnectionError: reward server down")
+    assert not os.path.exists(run + "2")
 
 
 def test_bug1_bug2_lora_run_evaluates_with_the_documented_forms(user_model, tmp_path, capsys, recwarn):
@@ -343,3 +375,31 @@ def test_default_experiment_is_wired(tmp_path, capsys):
     assert "warm-start" in out and "before RL" in out and "prompts: 4096 for training, 256 held out" in out
     with open(os.path.join(run, "config.yaml")) as fh:
         assert "estimator: remax" in fh.read()
+
+
+def test_negative_numbers_are_values_not_options(capsys):
+    """`--lr -1e-3` read as a flag gave "expected one argument"; now it gets the check `--lr=-1e-3` gets, for every
+    numeric option."""
+    from remax.config import parse_overrides
+
+    assert main(["train", "--lr=-1e-3"]) == 2
+    joined = _one_line_error(capsys, "lr: must be > 0, got -0.001")
+    assert main(["train", "--lr", "-1e-3"]) == 2
+    assert _one_line_error(capsys, "lr: must be > 0, got -0.001") == joined
+    assert main(["train", "--task.sft_lr", "-.5E+2"]) == 2
+    _one_line_error(capsys, "task.sft_lr: must be > 0, got -50.0")
+    assert parse_overrides(["--seed", "-3", "--min_p", "-0.0", "--clip_reward", "-inf", "--task.digits", "-2"]) == {
+        "seed": -3, "min_p": -0.0, "clip_reward": float("-inf"), "task": {"digits": -2}}
+    # A flag after a flag is still a missing value.
+    assert main(["train", "--lr", "--steps", "2"]) == 2
+    _one_line_error(capsys, "--lr: expected one argument")
+
+
+def test_compare_creates_the_parents_of_its_run_dir(user_model, tmp_path, capsys):
+    """`remax compare --run_dir runs/cmp` with no runs/ yet: FileNotFoundError from save_config before; now made,
+    parents included, as `remax train` does."""
+    root = tmp_path / "not" / "yet" / "cmp"
+    assert main(["compare", *_user_args(user_model), "--reward", f"{user_model / 'my_reward.py'}:ones",
+                 "--estimators", "remax", "--steps", "1", "--save_every", "0", "--run_dir", str(root)]) == 0
+    with open(root / "compare.json") as fh:
+        assert json.load(fh)["runs"]["remax"]["steps_run"] == 1

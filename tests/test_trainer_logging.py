@@ -26,7 +26,8 @@ def _trainer(tmp_path, *, quiet=False, **changes):
 
 
 def test_levels_and_quiet(tmp_path, capsys):
-    _trainer(tmp_path / "a", log_level="debug", eval_size=32).train()
+    # warmup_steps 1: the default 50 outlasts these 2-step runs, which warns (test_trainer's warm-up test).
+    _trainer(tmp_path / "a", log_level="debug", eval_size=32, warmup_steps=1).train()
     out = capsys.readouterr().out
     assert "prompts: 64 for training, 32 held out" in out and "eval @ step 0: greedy reward" in out
     assert "step 1: reward sampled" in out and "step 2: reward sampled" in out  # one line per step at debug
@@ -36,12 +37,12 @@ def test_levels_and_quiet(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "eval @ step 0" in out and "step 1: reward sampled" not in out
 
-    _trainer(tmp_path / "c", log_level="warning").train()
+    _trainer(tmp_path / "c", log_level="warning", warmup_steps=1).train()
     out = capsys.readouterr().out
     assert out.startswith("warning: only 8 held-out prompt(s)") and "eval @" not in out and "before RL" not in out
 
     # quiet: no progress bar, no messages; warnings still show.
-    _trainer(tmp_path / "d", quiet=True, progress=True).train()
+    _trainer(tmp_path / "d", quiet=True, progress=True, warmup_steps=1).train()
     out, err = capsys.readouterr()
     assert out.startswith("warning: only 8 held-out") and len(out.strip().splitlines()) == 1 and "remax:" not in err
 
@@ -162,3 +163,45 @@ def test_plots_name_what_they_show(tmp_path):
     for fig in figures:
         real_close(fig)
     assert os.path.getsize(os.path.join(config.run_dir, "reward_curves.png")) > 10_000
+
+
+def test_progress_lines_on_stderr_only_when_asked_or_on_a_terminal(tmp_path, capsys):
+    """progress "true": the evaluations' and rollouts' lines (prompts done / total, tokens/s) and the step bar on
+    stderr; "auto" (the default) under capture, where stderr is no terminal: none; stdout (the log) alike in both."""
+    _trainer(tmp_path / "on", progress="true", warmup_steps=1, eval_batch_size=4).train()
+    out_on, err = capsys.readouterr()
+    for needle in ("eval @ step 0: ", "4/8", "8/8", "tokens/s", "rollout, step 1", "rollout, step 2", "remax: "):
+        assert needle in err, (needle, err)
+    assert "\r" not in out_on
+    _trainer(tmp_path / "auto", progress="auto", warmup_steps=1, eval_batch_size=4).train()
+    out_auto, err = capsys.readouterr()
+    assert err == ""
+    assert len(out_auto.splitlines()) == len(out_on.splitlines())  # the same log lines either way
+
+
+def test_progress_option_values(tmp_path):
+    from remax.config import TrainConfig, parse_overrides
+
+    assert tiny_config(tmp_path).progress == "false"  # progress=False, the bool form, still works
+    assert TrainConfig.from_dict({"progress": True}).progress == "true"  # YAML's `progress: true`
+    assert TrainConfig().progress == "auto" and parse_overrides(["--progress", "auto"]) == {"progress": "auto"}
+    with pytest.raises(ValueError, match="progress"):
+        TrainConfig(progress="sometimes")
+
+
+def test_warmup_longer_than_the_run_warns_and_the_summary_states_the_peak_lr(tmp_path, capsys):
+    from remax.trainer import format_summary
+
+    summary = _trainer(tmp_path / "a", steps=3, warmup_steps=10, lr=1e-2, quiet=True).train()
+    out = capsys.readouterr().out
+    assert ("warning: warmup_steps 10 > steps 3: the learning rate climbs to 0.003 at most and never reaches lr 0.01 "
+            "(not capped); --warmup_steps 1 reaches it") in out
+    with open(os.path.join(summary["run_dir"], "metrics.jsonl")) as fh:
+        lrs = [r["lr"] for r in map(json.loads, fh) if r["split"] == "train"]
+    assert lrs == pytest.approx([1e-3, 2e-3, 3e-3]) and summary["lr"]["peak"] == max(lrs)
+    assert "learning rate: peak 0.003, below lr 0.01 (warmup_steps 10 > steps 3)" in format_summary(summary)
+
+    summary = _trainer(tmp_path / "b", steps=3, warmup_steps=3, lr=1e-2, quiet=True).train()
+    assert "warmup_steps" not in capsys.readouterr().out
+    assert summary["lr"]["peak"] == pytest.approx(1e-2)
+    assert "learning rate: peak 0.01\n" in format_summary(summary)
