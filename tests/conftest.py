@@ -19,7 +19,6 @@ import pytest  # noqa: E402
 
 from tests.helpers import triton_runs_on_cpu  # noqa: E402
 
-
 # The dispatcher's message when CPU tensors are sent to Triton without the interpreter (remax_kernels._dispatch).
 _NO_TRITON_ON_CPU = "backend='triton' was requested for tensors on cpu"
 _SKIP_TRITON_REASON = "backend='triton' on the device fixture's CPU tensors needs TRITON_INTERPRET=1 (it is off)"
