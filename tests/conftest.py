@@ -2,6 +2,8 @@
 
 TRITON_INTERPRET must be in the environment before triton is imported, so it is set here, at collection time,
 before any test module imports remax_kernels. On a CUDA machine it is left alone (unset = compiled kernels).
+With TRITON_INTERPRET=0 on a CPU machine (CI's rehearsal of the GPU machine's setting, interpreter off), the Triton
+cases of tests on the ``device`` fixture are skipped; any other test that needs the interpreter fails.
 """
 
 from __future__ import annotations
@@ -15,14 +17,52 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from tests.helpers import triton_runs_on_cpu  # noqa: E402
+
+# The dispatcher's message when CPU tensors are sent to Triton without the interpreter (remax_kernels._dispatch).
+_NO_TRITON_ON_CPU = "backend='triton' was requested for tensors on cpu"
+_SKIP_TRITON_REASON = "backend='triton' on the device fixture's CPU tensors needs TRITON_INTERPRET=1 (it is off)"
+
+
+def _interpreter_off_without_gpu() -> bool:
+    """CI's interpreter-off run (TRITON_INTERPRET=0, no GPU): where the GPU machine's setting is rehearsed."""
+    return not torch.cuda.is_available() and not triton_runs_on_cpu()
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
+    skip_triton = pytest.mark.skip(reason=_SKIP_TRITON_REASON)
+    interpreter_off = _interpreter_off_without_gpu()
     for item in items:
         if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
+        elif interpreter_off and _uses_device_fixture(item) and _param(item, "backend") == "triton":
+            item.add_marker(skip_triton)
+
+
+def _uses_device_fixture(item) -> bool:
+    return "device" in getattr(item, "fixturenames", ())
+
+
+def _param(item, name: str):
+    callspec = getattr(item, "callspec", None)
+    return callspec.params.get(name) if callspec is not None else None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Interpreter off, no GPU: a test on the ``device`` fixture's tensors that routes to Triton would run on CUDA
+    tensors on the GPU machine, so here it is skipped with the reason. A test that puts CPU tensors on the Triton
+    path by itself (no ``device`` fixture) still fails: it would fail on the GPU machine (interpreter off) too."""
+    outcome = yield
+    report = outcome.get_result()
+    if (call.when == "call" and report.failed and call.excinfo is not None
+            and call.excinfo.errisinstance(RuntimeError) and _NO_TRITON_ON_CPU in str(call.excinfo.value)
+            and _uses_device_fixture(item) and _interpreter_off_without_gpu()):
+        report.outcome = "skipped"
+        report.longrepr = (str(item.path), item.location[1] or 0, f"Skipped: {_SKIP_TRITON_REASON}")
 
 
 @pytest.fixture

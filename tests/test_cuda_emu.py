@@ -25,7 +25,7 @@ import torch
 
 from remax_kernels import sample_and_greedy, token_logprobs
 from remax_kernels.ops.sampling import parse_options
-from tests.helpers import assert_rel_close
+from tests.helpers import assert_rel_close, triton_runs_on_cpu
 from tests.helpers import cuda_emu as emu
 from tests.helpers.ref_logprobs import ref_token_logprobs
 from tests.helpers.ref_sampling import (
@@ -130,17 +130,30 @@ def test_row_kernel_matches_reference(config, dtype):
         assert_rel_close(grad, ref_grad, dtype, name=f"grad {name}", scale=2.0)
 
 
+def _triton_device() -> torch.device:
+    """Where the Triton side of a CUDA-vs-Triton comparison runs: CPU tensors through the interpreter, else the GPU
+    (the GPU machine runs with the interpreter off); skipped when neither is there."""
+    if triton_runs_on_cpu():
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    pytest.skip("the Triton side needs TRITON_INTERPRET=1 or a CUDA device (neither here)")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_row_kernel_matches_triton(dtype):
-    # Same inputs through token_logprobs(backend="triton") (the interpreter) and through the CUDA kernels.
+    # Same inputs through token_logprobs(backend="triton") (the interpreter, or the GPU) and through the CUDA kernels.
     n, vocab, temperature = 6, 777, 0.8
     logits = _logits((n, vocab), dtype, seed=3)
     targets = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(4))
     targets[2] = IGNORE
     g_logp, g_entropy = torch.randn(n), torch.randn(n)
-    x = logits.clone().requires_grad_(True)
-    t_logp, t_entropy = token_logprobs(x, targets, temperature=temperature, return_entropy=True, backend="triton")
-    (t_grad,) = torch.autograd.grad((t_logp * g_logp).sum() + (t_entropy * g_entropy).sum(), x)
+    dev = _triton_device()
+    x = logits.clone().to(dev).requires_grad_(True)
+    t_logp, t_entropy = token_logprobs(x, targets.to(dev), temperature=temperature, return_entropy=True,
+                                       backend="triton")
+    (t_grad,) = torch.autograd.grad((t_logp * g_logp.to(dev)).sum() + (t_entropy * g_entropy.to(dev)).sum(), x)
+    t_logp, t_entropy, t_grad = t_logp.cpu(), t_entropy.cpu(), t_grad.cpu()
     logp, _, _, entropy, grad = _run_rows(logits, targets, temperature, g_logp, g_entropy, config=1)
     assert_rel_close(logp, t_logp.detach(), torch.float32, name="logp vs triton", scale=2.0)
     assert_rel_close(entropy, t_entropy.detach(), torch.float32, name="entropy vs triton", scale=2.0)
@@ -246,12 +259,14 @@ def test_sampler_raw_logprobs_same_tokens():
 
 @pytest.mark.parametrize("truncate", [False, True])
 def test_sampler_matches_triton(truncate):
-    # Same inputs through sample_and_greedy(backend="triton") (the interpreter) and the CUDA kernel.
+    # Same inputs through sample_and_greedy(backend="triton") (the interpreter, or the GPU) and the CUDA kernel.
     batch, vocab = 10, 300
     logits = _logits((batch, vocab), torch.bfloat16, scale=2.0, seed=7)
     greedy = torch.arange(batch) % 3 == 0
     opts = dict(temperature=0.9, top_k=40, top_p=0.95) if truncate else dict(temperature=0.9)
-    tok_t, lp_t = sample_and_greedy(logits, greedy, seed=13, step=4, backend="triton", **opts)
+    dev = _triton_device()
+    tok_t, lp_t = sample_and_greedy(logits.to(dev), greedy.to(dev), seed=13, step=4, backend="triton", **opts)
+    tok_t, lp_t = tok_t.cpu(), lp_t.cpu()
     tok_c, lp_c = _cuda_sample(logits, greedy, config=1, seed=13, step=4, **opts)
     assert torch.equal(tok_t[greedy], tok_c[greedy])
     z, kept = ref_processed(logits, greedy, **opts)

@@ -18,17 +18,25 @@ import textwrap
 import warnings
 
 import huggingface_hub.constants
-import peft
 import pytest
 import torch
 import transformers
-import trl
-from datasets import Dataset
 
-import remax_kernels as rk
-import remax_kernels.integrations.trl as rk_trl
-from remax_kernels.hf import causal_lm_logprobs
-from remax_kernels.integrations.trl import ReMaxConfig, ReMaxTrainer, check_trl_version, use_remax_kernels
+# TRL, datasets and peft are optional (the `trl` extra); the GPU machine's image has none of them. Without them the
+# module is skipped with the reason, instead of stopping the whole collection.
+trl = pytest.importorskip("trl", reason="TRL is not installed (pip install 'remax-kernels[trl]')")
+Dataset = pytest.importorskip("datasets", reason="datasets is not installed (pip install 'remax-kernels[trl]')").Dataset
+peft = pytest.importorskip("peft", reason="peft is not installed (pip install peft)")
+
+import remax_kernels as rk  # noqa: E402
+import remax_kernels.integrations.trl as rk_trl  # noqa: E402
+from remax_kernels.hf import causal_lm_logprobs  # noqa: E402
+from remax_kernels.integrations.trl import (  # noqa: E402
+    ReMaxConfig,
+    ReMaxTrainer,
+    check_trl_version,
+    use_remax_kernels,
+)
 
 # TRL trainers send telemetry from their constructor unless the hub is offline; these tests must not reach the
 # network. The environment covers subprocesses, the constants this process (huggingface_hub read them at import).

@@ -13,6 +13,14 @@ REL_TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2, torch
 ABS_TOL = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3, torch.float64: 1e-12}
 
 
+def triton_runs_on_cpu() -> bool:
+    """True when CPU tensors can take the Triton path: triton is installed and its interpreter is on (the default
+    on a machine without a GPU, tests/conftest.py; off on the GPU machine)."""
+    from remax_kernels._dispatch import interpreter_enabled, triton_available
+
+    return triton_available() and interpreter_enabled()
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     out = out.detach().double().cpu()
     ref = ref.detach().double().cpu()
