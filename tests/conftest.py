@@ -19,8 +19,6 @@ import pytest  # noqa: E402
 
 from tests.helpers import triton_runs_on_cpu  # noqa: E402
 
-# The dispatcher's message when CPU tensors are sent to Triton without the interpreter (remax_kernels._dispatch).
-_NO_TRITON_ON_CPU = "backend='triton' was requested for tensors on cpu"
 _SKIP_TRITON_REASON = "backend='triton' on the device fixture's CPU tensors needs TRITON_INTERPRET=1 (it is off)"
 
 
@@ -49,20 +47,6 @@ def _uses_device_fixture(item) -> bool:
 def _param(item, name: str):
     callspec = getattr(item, "callspec", None)
     return callspec.params.get(name) if callspec is not None else None
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    """Interpreter off, no GPU: a test on the ``device`` fixture's tensors that routes to Triton would run on CUDA
-    tensors on the GPU machine, so here it is skipped with the reason. A test that puts CPU tensors on the Triton
-    path by itself (no ``device`` fixture) still fails: it would fail on the GPU machine (interpreter off) too."""
-    outcome = yield
-    report = outcome.get_result()
-    if (call.when == "call" and report.failed and call.excinfo is not None
-            and call.excinfo.errisinstance(RuntimeError) and _NO_TRITON_ON_CPU in str(call.excinfo.value)
-            and _uses_device_fixture(item) and _interpreter_off_without_gpu()):
-        report.outcome = "skipped"
-        report.longrepr = (str(item.path), item.location[1] or 0, f"Skipped: {_SKIP_TRITON_REASON}")
 
 
 @pytest.fixture
